@@ -1,0 +1,186 @@
+"""Command-line interface: `python -m app.cli compress|ask|reconstruct PATH ...`.
+
+Every error a user can cause prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from app.settings import MODES, POOLINGS, RATIOS
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app.cli", description="Compress documents into latent tokens, "
+                                     "ask questions over them, and see what the decoder can reconstruct.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, ratio_default: int | None = 16) -> None:
+        p.add_argument("path", help="document: .txt, .md, .html, .pdf, ...")
+        p.add_argument("--ratio", type=int, choices=RATIOS, default=None,
+                       help="encoder tokens per latent (default: 16, or the checkpoint's own)")
+        p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: mean, or the checkpoint's own")
+        p.add_argument("--checkpoint", default=None,
+                       help="LCLM directory in the published layout, or a hub id (default: the embedded model)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+        p.add_argument("--no-cache", action="store_true", help="neither read nor write the latent cache")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    common(sub.add_parser("compress", help="compress a document into latents"))
+    ask = sub.add_parser("ask", help="answer a question about a document")
+    common(ask)
+    ask.add_argument("--question", "-q", required=True)
+    ask.add_argument("--mode", choices=MODES, default="lclm",
+                     help="full: the decoder reads the raw text; lclm: it reads latents; expand: latents + EXPAND tool")
+    ask.add_argument("--max-new-tokens", type=int, default=None)
+    rec = sub.add_parser("reconstruct", help="let the decoder reproduce each chunk from its latents")
+    common(rec)
+    rec.add_argument("--max-chunks", type=int, default=None, help="reconstruct only the first K chunks")
+    return parser
+
+
+class Progress:
+    """tqdm bars on stderr, one per stage; silent when stderr is not a terminal and quiet is set."""
+
+    def __init__(self):
+        self.bars: dict[str, object] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if total == 0:  # a message, not a countable stage
+            print(f"... {stage}", file=sys.stderr, flush=True)
+            return
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    # Heavy imports here, so that `--help` and argument errors are instant.
+    from app.ingest import read_file
+    from app.service import Studio
+    from app.settings import Settings
+
+    settings = Settings.from_env(device=args.device)
+    studio = Studio(settings, checkpoint=args.checkpoint)
+    text = read_file(args.path)
+    progress = Progress()
+    use_cache = not args.no_cache
+    try:
+        if args.command == "compress":
+            result = studio.compress(text, args.ratio, args.pooling, use_cache=use_cache, progress=progress).result
+            out = result.to_dict()
+            if not result.trained:
+                from app.service import UNTRAINED_NOTE
+
+                out["note"] = UNTRAINED_NOTE
+            emit(args, out, compress_text)
+        elif args.command == "ask":
+            stream = not args.json and sys.stdout.isatty()
+            result = {}
+            for event in studio.ask(text, args.question, args.mode, args.ratio, args.pooling,
+                                    max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress):
+                if event.kind == "token" and stream:
+                    print(event.text, end="", flush=True)
+                elif event.kind == "done":
+                    result = event.result
+            if stream:
+                print()
+            emit(args, result, lambda r: ask_text(r, answer_printed=stream))
+        else:
+            result = studio.reconstruct(text, args.ratio, args.pooling, use_cache=use_cache,
+                                        max_chunks=args.max_chunks, progress=progress)
+            emit(args, result, reconstruct_text)
+    finally:
+        progress.close()
+    return 0
+
+
+def emit(args: argparse.Namespace, result: dict, as_text) -> None:
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(as_text(result))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def compress_text(r: dict) -> str:
+    lines = [
+        f"{r['tokens']:,} tokens -> {r['latents']:,} latents (1:{r['ratio']}, {r['pooling']} pooling, window {r['window']})",
+        f"compress: {r['compress_ms']:.1f} ms{' (cached)' if r['cached'] else ''}; "
+        f"{r['positions_saved']:,} decoder positions saved; {r['chunks']} chunks",
+        f"checkpoint: {r['checkpoint']}",
+    ]
+    if r.get("note"):
+        lines.append(f"NOTE: {r['note']}")
+    return "\n".join(lines)
+
+
+def ask_text(r: dict, answer_printed: bool = False) -> str:
+    lines = [] if answer_printed else [r["answer"], ""]
+    for rnd in r.get("rounds", []):
+        lines.append(f"round {rnd['round']}: {rnd['action']} {rnd['expanded'] or ''} "
+                     f"{'ignored ' + '; '.join(rnd['ignored']) if rnd['ignored'] else ''}".rstrip())
+    lines.append(
+        f"[{r['mode']}] TTFT {r['ttft_ms']:.1f} ms (compress {r['compress_ms']:.1f}, prefill {r['prefill_ms']:.1f}, "
+        f"first token {r['first_token_ms']:.1f}); {r['positions']:,} positions; KV cache {_mib(r['kv_cache_bytes'])}; "
+        f"peak memory {_mib(r['peak_mem_bytes'])}; {r['tokens_per_s']:.1f} tokens/s"
+    )
+    if r.get("note"):
+        lines.append(f"NOTE: {r['note']}")
+    return "\n".join(lines)
+
+
+def reconstruct_text(r: dict) -> str:
+    lines = []
+    for c in r["chunks"]:
+        lines += [f"--- chunk {c['index']}: token accuracy {c['token_accuracy']:.3f} ({c['reference_tokens']} tokens)",
+                  c["reconstructed"]]
+    lines.append(f"overall token accuracy {r['token_accuracy']:.3f} at 1:{r['ratio']} ({r['pooling']})")
+    if r.get("note"):
+        lines.append(f"NOTE: {r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from model.errors import UserError
+    except ImportError as err:  # pragma: no cover
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        print("error: out of memory; use a higher compression ratio or a shorter document", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # torch's out-of-memory errors are RuntimeErrors
+        if "out of memory" in str(err).lower():
+            print("error: out of memory; use a higher compression ratio or a shorter document", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The studio's services, shared by the CLI and the UI: compress, ask (full context, LCLM,
+LCLM + EXPAND) and reconstruct. Models and the latent cache are process-wide; a request
+carries only the document text and its choices."""
+
+from __future__ import annotations
+
+import difflib
+import threading
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
+from app.settings import MODES, POOLINGS, RATIOS, Settings
+from cache import LatentCache, document_sha256, latent_key
+from model.agent import Chunk, ExpandAgent, Round, make_chunks
+from model.errors import UserError
+from model.generation import Sampling, StreamingDetokenizer, decode, prefill, stop_token_ids
+from model.lclm import LCLM, DocumentTokens
+from model.loading import build_lclm, resolve
+from model.prompts import question_prompt, reconstruction_prompt
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+UNTRAINED_NOTE = "untrained: this LCLM's adapter is freshly initialised, so its latents carry no learned meaning"
+
+
+@dataclass
+class CompressResult:
+    tokens: int
+    latents: int
+    window: int
+    ratio: int
+    pooling: str
+    compress_ms: float
+    checkpoint: str
+    cached: bool
+    trained: bool
+    chunks: int
+    positions_saved: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Compressed:
+    """A document's latents with the bookkeeping every service needs."""
+
+    model: LCLM
+    document: DocumentTokens
+    latents: torch.Tensor  # [M, dec_hidden]
+    result: CompressResult
+
+
+@dataclass
+class AskEvent:
+    """One streamed piece of an answer: `kind` is "token", "round" or "done"."""
+
+    kind: str
+    text: str = ""
+    round: dict | None = None
+    result: dict | None = None
+
+
+@dataclass
+class ChunkReconstruction:
+    index: int
+    original: str
+    reconstructed: str
+    token_accuracy: float
+    reference_tokens: int
+
+
+class Studio:
+    """Process-wide state: loaded models (sharing weights between variants) and the latent cache."""
+
+    def __init__(self, settings: Settings | None = None, checkpoint: str | None = None):
+        self.settings = settings or Settings.from_env()
+        self.default_checkpoint = checkpoint
+        self._models: dict[tuple, LCLM] = {}
+        self._lock = threading.RLock()
+        self._cache: LatentCache | None = None
+
+    # ---- shared resources --------------------------------------------------------
+    @property
+    def cache(self) -> LatentCache:
+        with self._lock:
+            if self._cache is None:
+                self._cache = LatentCache(self.settings.cache_dir, self.settings.cache_size_mb * 2**20)
+            return self._cache
+
+    def model(self, checkpoint: str | None = None, ratio: int | None = None, pooling: str | None = None,
+              progress: ProgressFn | None = None) -> LCLM:
+        """The LCLM for this checkpoint and variant, loaded once per process."""
+        checkpoint = checkpoint if checkpoint is not None else self.default_checkpoint
+        validate_choice(ratio, pooling)
+        say = (lambda message: progress(message, 0, 0)) if progress else None
+        with self._lock:
+            parts = resolve(checkpoint, ratio=ratio, pooling=pooling, data_dir=self.settings.data_dir, progress=say)
+            key = (parts.checkpoint_id, self.settings.device)
+            if key not in self._models:
+                if say:
+                    say(f"loading {parts.checkpoint_id}")
+                self._models[key] = build_lclm(parts, device=self.settings.device, data_dir=self.settings.data_dir)
+            return self._models[key]
+
+    # ---- compress ----------------------------------------------------------------
+    def tokenize(self, model: LCLM, text: str) -> DocumentTokens:
+        if not text or not text.strip():
+            raise UserError("the document is empty or only whitespace")
+        document = model.tokenize_document(text)
+        limit = self.settings.max_document_tokens
+        if len(document) > limit:
+            raise UserError(
+                f"the document has {len(document):,} tokens; the limit is {limit:,} (set LCLM_STUDIO_MAX_TOKENS to change it)"
+            )
+        return document
+
+    def compress(self, text: str, ratio: int | None = None, pooling: str | None = None,
+                 checkpoint: str | None = None, use_cache: bool = True,
+                 progress: ProgressFn | None = None) -> Compressed:
+        model = self.model(checkpoint, ratio, pooling, progress)
+        document = self.tokenize(model, text)
+        config = model.config
+        key = latent_key(document_sha256(text), f"{model.checkpoint_id}@{model.dtype}", config.compression_ratio,
+                         config.pooling)
+        hit = self.cache.get(key) if use_cache else None
+        if hit is not None and hit.latents.shape[0] == model.count_latents(len(document)):
+            latents, compress_ms, cached = hit.latents.to(model.device, model.dtype), 0.0, True
+        else:
+            clock = Clock(model.device)
+            windows = progress and (lambda done, total: progress("encoding windows", done, total))
+            latents = model.compress(document.ids, progress=windows)
+            compress_ms, cached = clock.ms(), False
+            if use_cache:
+                self.cache.put(key, latents, {"tokens": len(document), "checkpoint": model.checkpoint_id})
+        chunks = self.chunks(model, len(document))
+        result = CompressResult(
+            tokens=len(document), latents=int(latents.shape[0]), window=config.encoder_window_size,
+            ratio=config.compression_ratio, pooling=config.pooling, compress_ms=round(compress_ms, 3),
+            checkpoint=model.checkpoint_id, cached=cached, trained=config.trained, chunks=len(chunks),
+            positions_saved=len(document) - int(latents.shape[0]),
+        )
+        return Compressed(model, document, latents, result)
+
+    def chunks(self, model: LCLM, num_tokens: int) -> list[Chunk]:
+        config = model.config
+        return make_chunks(num_tokens, self.settings.chunk_tokens, config.encoder_window_size, config.compression_ratio)
+
+    # ---- ask -----------------------------------------------------------------------
+    def ask(self, text: str, question: str, mode: str = "lclm", ratio: int | None = None,
+            pooling: str | None = None, checkpoint: str | None = None, max_new_tokens: int | None = None,
+            use_cache: bool = True, sampling: Sampling = Sampling(),
+            progress: ProgressFn | None = None) -> Iterator[AskEvent]:
+        """Stream an answer: "token" events, "round" events (EXPAND), then one "done" event."""
+        if mode not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not question or not question.strip():
+            raise UserError("the question is empty")
+        max_new_tokens = max_new_tokens or self.settings.max_new_tokens
+        if max_new_tokens < 1:
+            raise UserError("max new tokens must be at least 1")
+        model = self.model(checkpoint, ratio, pooling, progress)
+        measurement = Measurement(device=str(model.device))
+        clock = Clock(model.device)
+        with PeakMemory(model.device) as memory:
+            if mode == "full":
+                document = self.tokenize(model, text)
+                info = {"tokens": len(document), "latents": 0, "compress_ms": 0.0, "cached": False, "trained": True}
+                prompt = model.chat(question_prompt(text, question))
+                answer, _ = yield from self._generate(model, prompt, [], max_new_tokens, sampling, clock, measurement)
+                rounds = None
+            else:
+                compressed = self.compress(text, ratio, pooling, checkpoint, use_cache, progress)
+                measurement.compress_ms = compressed.result.compress_ms
+                info = {k: getattr(compressed.result, k) for k in ("tokens", "latents", "compress_ms", "cached", "trained")}
+                if mode == "lclm":
+                    prompt = model.chat(question_prompt(model.memory_region(info["latents"]), question))
+                    answer, _ = yield from self._generate(model, prompt, [compressed.latents], max_new_tokens,
+                                                          sampling, clock, measurement)
+                    rounds = None
+                else:
+                    answer, rounds = yield from self._expand(compressed, question, max_new_tokens, sampling, clock,
+                                                             measurement)
+        total_ms = clock.ms()
+        measurement.peak_mem_bytes = memory.peak
+        measurement.peak_mem_above_weights_bytes = memory.above_baseline
+        measurement.kv_cache_bytes = kv_cache_bytes(model.decoder.config, measurement.positions, model.dtype)
+        measurement.finish(total_ms)
+        result = {
+            "answer": answer.strip(), "mode": mode, "question": question,
+            "ratio": model.config.compression_ratio if mode != "full" else None,
+            "pooling": model.config.pooling if mode != "full" else None,
+            "checkpoint": model.checkpoint_id, **info, **measurement.to_dict(),
+        }
+        if not result["trained"]:
+            result["note"] = UNTRAINED_NOTE
+        if rounds is not None:
+            result["rounds"] = rounds
+        yield AskEvent("done", result=result)
+
+    def _generate(self, model: LCLM, prompt: str, regions: list[torch.Tensor], max_new_tokens: int,
+                  sampling: Sampling, clock: Clock, measurement: Measurement,
+                  prefix: str = "") -> Generator[AskEvent, None, tuple[str, int]]:
+        """Prefill + streamed decode of one reply; returns (reply text, positions). The first
+        reply of a request sets TTFT and its parts; every reply counts its tokens and positions."""
+        first_reply = measurement.ttft_ms == 0.0
+        start_ms = clock.ms()
+        prepared = model.prepare(prompt + prefix, regions)
+        if model.max_positions and prepared.positions + max_new_tokens > model.max_positions:
+            raise UserError(
+                f"the prompt needs {prepared.positions:,} decoder positions plus {max_new_tokens} new tokens; this decoder "
+                f"reads at most {model.max_positions:,} (use a higher compression ratio or a shorter document)"
+            )
+        state = prefill(model.decoder, prepared.inputs_embeds)
+        prefill_done_ms = clock.ms()
+        measurement.positions = max(measurement.positions, prepared.positions)
+        if first_reply:
+            measurement.prefill_ms = prefill_done_ms - start_ms
+        detok = StreamingDetokenizer(model.decoder_tokenizer)
+        stops = stop_token_ids(model.decoder_tokenizer, model.decoder)
+        for token in decode(model.decoder, state, max_new_tokens, stops, sampling):
+            piece = detok.push(token)
+            if first_reply and measurement.ttft_ms == 0.0:
+                measurement.ttft_ms = clock.ms()
+                measurement.first_token_ms = measurement.ttft_ms - prefill_done_ms
+            measurement.new_tokens += 1
+            if piece:
+                yield AskEvent("token", text=piece)
+        if first_reply and measurement.ttft_ms == 0.0:  # stopped at once: TTFT is the end of the prefill
+            measurement.ttft_ms = clock.ms()
+        return detok.text, prepared.positions
+
+    def _expand(self, compressed: Compressed, question: str, max_new_tokens: int, sampling: Sampling, clock: Clock,
+                measurement: Measurement) -> Generator[AskEvent, None, tuple[str, list[dict]]]:
+        model, document = compressed.model, compressed.document
+        chunks = self.chunks(model, len(document))
+        chunk_latents = [compressed.latents[c.latent_start:c.latent_end] for c in chunks]  # [M_i, D] each
+        chunk_texts = [document.text_of(c.start, c.end) for c in chunks]
+
+        def generate(prompt: str, regions: list[torch.Tensor], prefix: str):
+            return (yield from self._generate(model, model.chat(prompt), regions, max_new_tokens, sampling, clock,
+                                              measurement, prefix))
+
+        runner = ExpandAgent(self.settings.max_expand_rounds).run(question, chunk_latents, chunk_texts, generate)
+        rounds: list[dict] = []
+        while True:
+            try:
+                item = next(runner)
+            except StopIteration as stop:
+                return stop.value, rounds
+            if isinstance(item, Round):
+                rounds.append(item.to_dict())
+                yield AskEvent("round", round=item.to_dict())
+            else:
+                yield item
+
+    # ---- reconstruct -----------------------------------------------------------------
+    def reconstruct(self, text: str, ratio: int | None = None, pooling: str | None = None,
+                    checkpoint: str | None = None, use_cache: bool = True, max_chunks: int | None = None,
+                    progress: ProgressFn | None = None) -> dict:
+        """The decoder reproduces each chunk from its latents; token accuracy per chunk."""
+        compressed = self.compress(text, ratio, pooling, checkpoint, use_cache, progress)
+        model, document = compressed.model, compressed.document
+        chunks = self.chunks(model, len(document))[: max_chunks or None]
+        stops = stop_token_ids(model.decoder_tokenizer, model.decoder)
+        results: list[ChunkReconstruction] = []
+        for done, chunk in enumerate(chunks):
+            original = document.text_of(chunk.start, chunk.end)
+            reference = model.decoder_tokenizer(original, add_special_tokens=False)["input_ids"]
+            region = compressed.latents[chunk.latent_start:chunk.latent_end]
+            prompt = model.chat(reconstruction_prompt(model.memory_region(int(region.shape[0]))))
+            state = prefill(model.decoder, model.prepare(prompt, [region]).inputs_embeds)
+            generated = list(decode(model.decoder, state, len(reference) + 8, stops))
+            results.append(ChunkReconstruction(
+                index=chunk.index, original=original,
+                reconstructed=model.decoder_tokenizer.decode(generated, skip_special_tokens=True),
+                token_accuracy=round(token_accuracy(reference, generated), 4), reference_tokens=len(reference),
+            ))
+            if progress:
+                progress("reconstructing chunks", done + 1, len(chunks))
+        matched = sum(r.token_accuracy * r.reference_tokens for r in results)
+        total = sum(r.reference_tokens for r in results)
+        out = {**compressed.result.to_dict(), "token_accuracy": round(matched / total, 4) if total else 0.0,
+               "chunks": [asdict(r) for r in results]}
+        if not compressed.result.trained:
+            out["note"] = UNTRAINED_NOTE
+        return out
+
+
+def token_accuracy(reference: list[int], generated: list[int]) -> float:
+    """Share of reference tokens reproduced, in order: matched tokens of the longest
+    alignment (difflib, no junk heuristics) over the reference length."""
+    if not reference:
+        return 1.0 if not generated else 0.0
+    matcher = difflib.SequenceMatcher(a=reference, b=generated, autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks()) / len(reference)
+
+
+def validate_choice(ratio: int | None, pooling: str | None) -> None:
+    if ratio is not None and ratio not in RATIOS:
+        raise UserError(f"ratio must be one of {', '.join(map(str, RATIOS))}, got {ratio!r}")
+    if pooling is not None and pooling not in POOLINGS:
+        raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")

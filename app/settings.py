@@ -1,0 +1,63 @@
+"""Settings of the studio and the CLI, from defaults and environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.embedded import default_data_dir
+
+RATIOS = (4, 8, 16)
+POOLINGS = ("mean", "concat", "eos")
+MODES = ("full", "lclm", "expand")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+@dataclass
+class Settings:
+    """Everything configurable. Environment variables (read by `from_env`):
+    LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
+    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_DEVICE."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    cache_size_mb: int = 2048
+    max_document_tokens: int = 131072
+    chunk_tokens: int = 512
+    max_expand_rounds: int = 5
+    max_new_tokens: int = 128
+    device: str | None = None  # None: CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
+        if self.max_document_tokens < 1:
+            raise ValueError("max_document_tokens must be positive")
+        if self.chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be positive")
+        if self.max_expand_rounds < 2:
+            raise ValueError("max_expand_rounds must be at least 2 (one to expand, one to answer)")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "latent-cache"
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        values = dict(
+            data_dir=default_data_dir(),
+            cache_size_mb=_env_int("LCLM_STUDIO_CACHE_MB", cls.cache_size_mb),
+            max_document_tokens=_env_int("LCLM_STUDIO_MAX_TOKENS", cls.max_document_tokens),
+            chunk_tokens=_env_int("LCLM_STUDIO_CHUNK_TOKENS", cls.chunk_tokens),
+            device=os.environ.get("LCLM_STUDIO_DEVICE") or None,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,221 @@
+"""On-disk cache of document latents, backed by diskcache and stored as safetensors bytes.
+
+Each entry is one safetensors blob holding a single tensor named "latents" ([num_latents, dim],
+any float dtype) and two metadata strings: "meta" (the caller's JSON-encoded dict) and "sha256"
+(the hash of the raw tensor bytes, checked on every read). Nothing is ever pickled: the
+`BytesOnlyDisk` serialiser accepts only str keys and bytes values, and refuses to decode rows that
+another writer stored in pickle mode. Any entry that cannot be read back intact (garbage, truncated,
+tampered, its value file gone, pickled) is logged, deleted, and reported as a miss.
+
+Eviction is diskcache's: least-recently-used, checked on every `put`. When a put leaves the cache at
+or over its size limit, diskcache removes up to `cull_limit` (10) least-recently-used entries in the
+same transaction, so the volume can pass the limit by about one entry before it falls back. With
+10 entries or fewer, the one just written may be among those removed, so keep the limit well above
+ten entries' size; an entry larger than the whole limit is not stored at all.
+
+A `LatentCache` may be shared between threads (diskcache keeps one SQLite connection per thread and
+the class holds no other mutable state) and between processes using the same directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import diskcache
+import safetensors.torch
+import torch
+from diskcache.core import MODE_BINARY, MODE_RAW, UNKNOWN
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Bumped whenever the key layout or the stored format changes; old entries then simply miss."""
+
+TENSOR_NAME = "latents"
+
+
+class CorruptEntryError(Exception):
+    """A stored row or value cannot be decoded safely. Deliberately not an OSError: diskcache
+    swallows OSError from `Disk.fetch` as a plain miss, which would leave the bad row in place."""
+
+
+def document_sha256(text: str) -> str:
+    """Hex sha256 of the UTF-8 encoding of `text`."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def latent_key(document_sha256: str, checkpoint_id: str, ratio: int, pooling: str) -> str:
+    """Cache key for the latents of one document under one model configuration.
+
+    Layout: "lclm-latents/v<FORMAT_VERSION>/<sha>/<checkpoint_id>/<ratio>/<pooling>", with the free-form
+    parts percent-encoded so that a "/" inside a checkpoint id cannot make two keys collide.
+    """
+    sha = document_sha256.lower()
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ValueError(f"not a sha256 hex digest: {document_sha256!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"ratio must be a positive int, got {ratio!r}")
+    if not checkpoint_id or not pooling:
+        raise ValueError("checkpoint_id and pooling must be non-empty")
+    return f"lclm-latents/v{FORMAT_VERSION}/{sha}/{quote(checkpoint_id, safe='')}/{ratio}/{quote(pooling, safe='')}"
+
+
+class BytesOnlyDisk(diskcache.Disk):
+    """A diskcache serialiser that never pickles or unpickles.
+
+    Keys must be str and values bytes (stored inline or, from `disk_min_file_size` up, as a file).
+    Rows that were stored in any other mode, e.g. by a plain `diskcache.Cache` holding a dict, raise
+    `CorruptEntryError` instead of being decoded; so does a value file that is missing on disk.
+    """
+
+    def put(self, key: Any) -> tuple[str, bool]:
+        """Convert `key` to its database form; only str keys are accepted."""
+        if type(key) is not str:
+            raise TypeError(f"BytesOnlyDisk keys must be str, not {type(key).__name__}")
+        return super().put(key)
+
+    def get(self, key: Any, raw: bool) -> str:
+        """Convert a database key back; rows with pickled keys are refused."""
+        if not raw or type(key) is not str:
+            raise CorruptEntryError("refusing a cache row whose key is not a raw str")
+        return key
+
+    def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
+        """Convert `value` to database fields; only bytes values are accepted."""
+        if type(value) is not bytes:
+            raise TypeError(f"BytesOnlyDisk values must be bytes, not {type(value).__name__}")
+        return super().store(value, False, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> bytes:
+        """Return the stored bytes; pickle/text/non-bytes rows and missing files raise CorruptEntryError."""
+        if read:
+            raise CorruptEntryError("BytesOnlyDisk does not hand out file handles")
+        if mode == MODE_RAW and type(value) in (bytes, sqlite3.Binary):
+            return bytes(value)
+        if mode == MODE_BINARY and filename is not None:
+            try:
+                return super().fetch(mode, filename, value, False)
+            except OSError as error:
+                raise CorruptEntryError(f"value file unreadable: {error}") from None
+        raise CorruptEntryError(f"refusing a cache row stored in mode {mode} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class CachedLatents:
+    """A cache hit: the latents on CPU ([num_latents, dim]) and the metadata given to `put`."""
+
+    latents: torch.Tensor
+    meta: dict
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex sha256 of a contiguous CPU tensor's raw bytes (works for bfloat16 too)."""
+    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def encode_entry(latents: torch.Tensor, meta: dict) -> bytes:
+    """Serialise latents and metadata to safetensors bytes (no pickle involved)."""
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 2 or not latents.is_floating_point():
+        raise ValueError("latents must be a 2-D float tensor [num_latents, dim]")
+    if not isinstance(meta, dict):
+        raise TypeError("meta must be a dict")
+    tensor = latents.detach().to("cpu").contiguous()
+    metadata = {"meta": json.dumps(meta), "sha256": _tensor_sha256(tensor)}
+    return safetensors.torch.save({TENSOR_NAME: tensor}, metadata=metadata)
+
+
+def decode_entry(blob: bytes) -> CachedLatents:
+    """Parse and verify bytes written by `encode_entry`; any defect raises CorruptEntryError."""
+    try:
+        (header_len,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8 : 8 + header_len])
+        metadata = header.get("__metadata__") or {}
+        tensors = safetensors.torch.load(blob)
+        tensor = tensors[TENSOR_NAME]
+        meta = json.loads(metadata["meta"])
+        expected_sha = metadata["sha256"]
+    except Exception as error:  # struct/json/safetensors/key errors alike
+        raise CorruptEntryError(f"unreadable entry: {type(error).__name__}: {error}") from None
+    if set(tensors) != {TENSOR_NAME} or tensor.dim() != 2 or not tensor.is_floating_point():
+        raise CorruptEntryError("entry does not hold one 2-D float tensor named 'latents'")
+    if not isinstance(meta, dict):
+        raise CorruptEntryError("entry metadata is not a JSON object")
+    if _tensor_sha256(tensor) != expected_sha:
+        raise CorruptEntryError("tensor bytes do not match their sha256")
+    return CachedLatents(latents=tensor, meta=meta)
+
+
+class LatentCache:
+    """A size-bounded, LRU-evicted, bytes-only store of latents keyed by `latent_key`."""
+
+    def __init__(self, directory: str | Path, size_limit_bytes: int = 2 * 1024**3) -> None:
+        """Open (creating with mode 0o700 if needed) the cache at `directory`."""
+        self.directory = Path(directory).expanduser()
+        if not self.directory.is_dir():
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o700)  # mkdir's mode is filtered by the umask
+        self.size_limit_bytes = int(size_limit_bytes)
+        self._cache = diskcache.Cache(
+            str(self.directory),
+            disk=BytesOnlyDisk,
+            eviction_policy="least-recently-used",
+            size_limit=self.size_limit_bytes,
+        )
+
+    def get(self, key: str) -> CachedLatents | None:
+        """Return the entry for `key`, or None on a miss; a corrupt entry is deleted and is a miss."""
+        try:
+            blob = self._cache.get(key, retry=True)
+            if blob is None:
+                return None
+            return decode_entry(blob)
+        except CorruptEntryError as error:
+            log.warning("latent cache: dropping corrupt entry %s: %s", key, error)
+            self.delete(key)
+            return None
+
+    def put(self, key: str, latents: torch.Tensor, meta: dict) -> None:
+        """Store `latents` ([num_latents, dim], any float dtype, any device) with JSON-able `meta`."""
+        blob = encode_entry(latents, meta)
+        if len(blob) > self.size_limit_bytes:
+            log.warning("latent cache: entry %s (%d bytes) exceeds the size limit; not stored", key, len(blob))
+            return
+        self._cache.set(key, blob, retry=True)
+
+    def __contains__(self, key: str) -> bool:
+        """Whether a row exists for `key` (its content is only verified by `get`)."""
+        return key in self._cache
+
+    def delete(self, key: str) -> bool:
+        """Remove `key`; returns whether it was present."""
+        return bool(self._cache.delete(key, retry=True))
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many were removed."""
+        return self._cache.clear(retry=True)
+
+    def volume(self) -> int:
+        """Estimated bytes on disk: the SQLite database plus the value files."""
+        return self._cache.volume()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def close(self) -> None:
+        """Close this thread's database connection (the cache reopens it on next use)."""
+        self._cache.close()
+
+    def __enter__(self) -> LatentCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,95 @@
+"""The LCLM encoder: windows of W tokens -> HF base model -> pooling per group of N."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from model.config import LCLMConfig
+from model.pooling import latents_per_window, make_pooling
+
+ProgressFn = Callable[[int, int], None]  # (windows done, windows total)
+
+
+def set_mask_type(model: nn.Module, mask_type: str) -> None:
+    """Make the encoder's attention causal or bidirectional, on its config and attention modules."""
+    causal = mask_type == "causal"
+    model.config.is_causal = causal
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = causal
+
+
+def window_lengths(num_tokens: int, window: int) -> list[int]:
+    """Token counts of the encoder windows that cover `num_tokens` tokens."""
+    return [min(window, num_tokens - start) for start in range(0, num_tokens, window)]
+
+
+def latent_spans(num_tokens: int, window: int, ratio: int) -> list[tuple[int, int]]:
+    """[start, end) token range behind each latent, in document order."""
+    spans = []
+    for window_start in range(0, num_tokens, window):
+        window_end = min(window_start + window, num_tokens)
+        for start in range(window_start, window_end, ratio):
+            spans.append((start, min(start + ratio, window_end)))
+    return spans
+
+
+def count_latents(num_tokens: int, window: int, ratio: int) -> int:
+    return sum(latents_per_window(length, ratio) for length in window_lengths(num_tokens, window))
+
+
+class LatentEncoder(nn.Module):
+    """Encodes token ids window by window and pools each window's hidden states into latents."""
+
+    def __init__(self, model: nn.Module, config: LCLMConfig, pad_token_id: int, max_batch_tokens: int = 16384):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.pooling = make_pooling(config.pooling, config.compression_ratio)
+        self.pad_token_id = pad_token_id
+        self.max_batch_tokens = max_batch_tokens
+        set_mask_type(model, config.encoder_mask_type)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def latent_dim(self) -> int:
+        return self.pooling.latent_dim(self.hidden_size)
+
+    def _encode_batch(self, windows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Left-padded forward of several windows; returns each window's latents [n_i, D]."""
+        device = next(self.model.parameters()).device
+        rows = [list(w) + [self.pad_token_id] * self.pooling.extra_tokens(len(w)) for w in windows]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # restart at 0 in each window
+        hidden = self.model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+        ).last_hidden_state  # [B, width, H]
+        return [
+            self.pooling.pool(hidden[i, width - len(row) :], len(window))  # [ceil(L/N), D]
+            for i, (row, window) in enumerate(zip(rows, windows))
+        ]
+
+    def forward(self, token_ids: Sequence[int], progress: ProgressFn | None = None) -> torch.Tensor:
+        """token_ids: the document's T encoder tokens -> pooled latents [sum ceil(L_w/N), D]."""
+        window = self.config.encoder_window_size
+        windows = [token_ids[start : start + window] for start in range(0, len(token_ids), window)]
+        per_batch = max(1, self.max_batch_tokens // window)
+        pooled: list[torch.Tensor] = []
+        for first in range(0, len(windows), per_batch):
+            pooled.extend(self._encode_batch(windows[first : first + per_batch]))
+            if progress is not None:
+                progress(min(first + per_batch, len(windows)), len(windows))
+        return torch.cat(pooled, dim=0)

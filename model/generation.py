@@ -1,0 +1,122 @@
+"""Streaming generation from prepared input embeddings, split into prefill and decode steps
+so that callers can time each part (see app/measure.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when temperature is 0 (the default, as in the authors' evaluation)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError(f"invalid sampling settings: {self}")
+
+
+# The authors' example decoding settings.
+REFERENCE_SAMPLING = Sampling(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1)
+
+
+@dataclass
+class PrefillState:
+    cache: DynamicCache
+    logits: torch.Tensor  # [vocab] next-token logits after the prompt
+    positions: int
+
+
+@torch.inference_mode()
+def prefill(decoder: nn.Module, inputs_embeds: torch.Tensor) -> PrefillState:
+    """One forward over the prompt. inputs_embeds: [1, P, D]."""
+    cache = DynamicCache(config=decoder.config)
+    out = decoder(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return PrefillState(cache=out.past_key_values, logits=out.logits[0, -1].float(), positions=inputs_embeds.shape[1])
+
+
+def _pick(logits: torch.Tensor, seen: list[int], sampling: Sampling, generator: torch.Generator) -> int:
+    """logits: [vocab] -> next token id."""
+    if sampling.repetition_penalty != 1.0 and seen:
+        idx = torch.tensor(sorted(set(seen)), device=logits.device)
+        picked = logits[idx]
+        logits = logits.clone()
+        logits[idx] = torch.where(picked > 0, picked / sampling.repetition_penalty, picked * sampling.repetition_penalty)
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs > sampling.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.inference_mode()
+def decode(
+    decoder: nn.Module,
+    state: PrefillState,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    sampling: Sampling = Sampling(),
+) -> Iterator[int]:
+    """Yields generated token ids one by one; the first comes from the prefill's logits."""
+    generator = torch.Generator().manual_seed(sampling.seed)
+    logits, cache, generated = state.logits, state.cache, []
+    device = next(decoder.parameters()).device
+    for step in range(max_new_tokens):
+        token = _pick(logits, generated, sampling, generator)
+        if token in stop_ids:
+            return
+        generated.append(token)
+        yield token
+        if step + 1 == max_new_tokens:
+            return
+        out = decoder(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+        logits, cache = out.logits[0, -1].float(), out.past_key_values
+
+
+def stop_token_ids(tokenizer, decoder: nn.Module) -> set[int]:
+    """End-of-turn ids: the tokenizer's eos, the model's eos ids and `<|im_end|>` where present."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(decoder.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    im_end = tokenizer.get_vocab().get("<|im_end|>")
+    if im_end is not None:
+        ids.add(im_end)
+    return ids
+
+
+class StreamingDetokenizer:
+    """Turns a growing list of token ids into text increments without splitting characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        delta, self.text = text[len(self.text) :], text
+        return delta
