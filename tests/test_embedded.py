@@ -1,0 +1,60 @@
+"""End to end on the embedded SmolLM2 default (converted from its GGUF once per test session).
+Select with `pytest -m embedded`; `make test` runs them too."""
+
+import pytest
+
+from app.service import Studio
+from app.settings import Settings
+
+pytestmark = pytest.mark.embedded
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 12
+NEEDLE_DOC = FILLER + "The special magic number is 7294. " + FILLER
+QUESTION = "What is the special magic number?"
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("lclm-home"), device="cpu")
+    return Studio(settings)
+
+
+def final(events):
+    events = list(events)
+    assert events[-1].kind == "done"
+    return events, events[-1].result
+
+
+def test_full_context_answers_the_needle(studio):
+    events, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="full", max_new_tokens=24))
+    assert "7294" in result["answer"]
+    assert result["trained"] is True and result["latents"] == 0
+    streamed = "".join(e.text for e in events if e.kind == "token")
+    assert streamed.strip() == result["answer"]
+
+
+def test_lclm_runs_end_to_end_and_says_untrained(studio):
+    events, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="lclm", ratio=16, max_new_tokens=8))
+    assert result["trained"] is False and "untrained" in result["note"]
+    assert result["latents"] == -(-result["tokens"] // 16)
+    full_positions = final(studio.ask(NEEDLE_DOC, QUESTION, mode="full", max_new_tokens=1))[1]["positions"]
+    assert result["positions"] < full_positions / 4  # the decoder reads far fewer positions
+
+
+def test_expand_and_reconstruct_run(studio):
+    _, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="expand", ratio=16, max_new_tokens=8))
+    assert result["rounds"][0]["forced"] == "EXPAND:" and result["rounds"][-1]["action"] == "answer"
+    rec = studio.reconstruct(NEEDLE_DOC, ratio=16, max_chunks=1)
+    assert rec["trained"] is False and len(rec["chunks"]) == 1
+    assert 0.0 <= rec["chunks"][0]["token_accuracy"] <= 1.0
+
+
+def test_save_and_load_in_published_layout(studio, tmp_path):
+    from model.loading import load_lclm, save_lclm
+
+    model = studio.model(ratio=8, pooling="concat")
+    save_lclm(model, tmp_path / "ckpt")
+    again = load_lclm(str(tmp_path / "ckpt"), device="cpu")
+    ids = model.tokenize_document(NEEDLE_DOC[:400]).ids
+    assert again.config.trained is False and again.config.pooling == "concat"
+    assert (again.compress(ids) - model.compress(ids)).abs().max() == 0
