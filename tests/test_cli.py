@@ -1,0 +1,135 @@
+"""The command line: JSON fields, and one clear stderr line (exit 2) for every user error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ("Alpha beta gamma delta. The vault code is 5521. " * 12).strip()
+
+
+@pytest.fixture
+def doc(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(DOC)
+    return path
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("...")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_compress_json_fields(capsys, doc, tiny_checkpoint):
+    code, out, _ = run_cli(capsys, "compress", doc, "--ratio", 4, "--checkpoint", tiny_checkpoint, "--json")
+    assert code == 0
+    result = json.loads(out)
+    for key in ("tokens", "latents", "window", "ratio", "pooling", "compress_ms", "checkpoint", "cached", "trained"):
+        assert key in result
+    assert result["ratio"] == 4 and result["cached"] is False and result["compress_ms"] > 0
+    # the second run is served from the cache
+    code, out, _ = run_cli(capsys, "compress", doc, "--ratio", 4, "--checkpoint", tiny_checkpoint, "--json")
+    again = json.loads(out)
+    assert again["cached"] is True and again["compress_ms"] == 0 and again["latents"] == result["latents"]
+    # --no-cache computes afresh
+    code, out, _ = run_cli(capsys, "compress", doc, "--checkpoint", tiny_checkpoint, "--no-cache", "--json")
+    assert json.loads(out)["cached"] is False
+
+
+@pytest.mark.parametrize("mode", ["full", "lclm", "expand"])
+def test_ask_json_fields(capsys, doc, tiny_checkpoint, mode):
+    code, out, err = run_cli(capsys, "ask", doc, "-q", "What is the vault code?", "--mode", mode,
+                             "--checkpoint", tiny_checkpoint, "--max-new-tokens", 6, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    for key in ("answer", "mode", "ttft_ms", "compress_ms", "prefill_ms", "positions", "kv_cache_bytes",
+                "peak_mem_bytes", "latents", "tokens", "trained"):
+        assert key in result, key
+    assert result["mode"] == mode and result["ttft_ms"] > 0 and result["positions"] > 0
+    if mode == "full":
+        assert result["latents"] == 0 and result["cached"] is False
+    else:
+        assert 0 < result["latents"] < result["tokens"]
+    if mode == "expand":
+        assert result["rounds"] and result["rounds"][0]["forced"] == "EXPAND:"
+        assert all("expanded" in r and "raw_output" in r for r in result["rounds"])
+
+
+def test_reconstruct_reports_per_chunk_accuracy(capsys, doc, tiny_checkpoint):
+    code, out, _ = run_cli(capsys, "reconstruct", doc, "--checkpoint", tiny_checkpoint, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["chunks"] and all(0.0 <= c["token_accuracy"] <= 1.0 for c in result["chunks"])
+    assert "".join(c["original"] for c in result["chunks"]).replace(" ", "") == DOC.replace(" ", "")
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "compress", tmp_path / "missing.txt")
+    assert_one_line_error(code, err, "no such file")
+
+
+def test_blank_document(capsys, tmp_path):
+    (tmp_path / "blank.txt").write_text("  \n\n\t ")
+    code, _, err = run_cli(capsys, "compress", tmp_path / "blank.txt")
+    assert_one_line_error(code, err, "blank.txt is empty or only whitespace")
+
+
+def test_binary_document(capsys, tmp_path):
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)))
+    code, _, err = run_cli(capsys, "compress", tmp_path / "blob.txt")
+    assert_one_line_error(code, err, "blob.txt is a binary file, not text")
+
+
+def test_undecodable_document(capsys, tmp_path):
+    (tmp_path / "latin.txt").write_bytes("café crème".encode("latin-1"))
+    code, _, err = run_cli(capsys, "compress", tmp_path / "latin.txt")
+    assert_one_line_error(code, err, "latin.txt is not valid UTF-8 text")
+
+
+def test_document_over_token_limit(capsys, doc, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("LCLM_STUDIO_MAX_TOKENS", "10")
+    code, _, err = run_cli(capsys, "compress", doc, "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "tokens; the limit is 10")
+
+
+def test_unknown_checkpoint(capsys, doc, tmp_path):
+    code, _, err = run_cli(capsys, "compress", doc, "--checkpoint", tmp_path / "no-such-model")
+    assert_one_line_error(code, err, "not found")
+
+
+def test_hub_id_while_offline(capsys, doc):
+    code, _, err = run_cli(capsys, "compress", doc, "--checkpoint", "latent-context/0.6b-4b-LCLM-16x")
+    assert_one_line_error(code, err, "hub")
+
+
+def test_ratio_that_the_checkpoint_was_not_trained_for(capsys, doc, tiny_checkpoint):
+    code, _, err = run_cli(capsys, "compress", doc, "--checkpoint", tiny_checkpoint, "--ratio", 16)
+    assert_one_line_error(code, err, "compresses at 1:4, not 1:16")
+
+
+def test_empty_question(capsys, doc, tiny_checkpoint):
+    code, _, err = run_cli(capsys, "ask", doc, "-q", "  ", "--checkpoint", tiny_checkpoint)
+    assert_one_line_error(code, err, "the question is empty")
+
+
+def test_entry_point_prints_no_traceback(tmp_path):
+    """The real `python -m app.cli` process: exit status 2 and a single stderr line."""
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "ask", str(tmp_path / "x.txt"), "-q", "hi"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.txt'}: no such file"]
