@@ -120,3 +120,9 @@ class StreamingDetokenizer:
             return ""
         delta, self.text = text[len(self.text) :], text
         return delta
+
+    def flush(self) -> str:
+        """The text still held back at the end of a stream (an incomplete character, shown as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.text = text[len(self.text) :], text
+        return delta

@@ -1,0 +1,67 @@
+"""Shared fixtures: an offline environment for every test, and tiny random checkpoints
+in the published layout (written once per session, cached by their settings)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import write_tiny_checkpoint
+
+_CHECKPOINT_DEFAULTS = {
+    name: param.default
+    for name, param in inspect.signature(write_tiny_checkpoint).parameters.items()
+    if name != "directory"
+}
+
+
+@pytest.fixture(autouse=True)
+def offline_environment(monkeypatch, tmp_path_factory):
+    """No test reaches a model hub or the user's data directory."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LCLM_STUDIO_HOME", str(tmp_path_factory.mktemp("lclm-home")))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory):
+    """function(**write_tiny_checkpoint kwargs) -> Path of a tiny checkpoint, written once per settings."""
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    cache: dict[tuple, Path] = {}
+
+    def factory(**kwargs) -> Path:
+        unknown = set(kwargs) - set(_CHECKPOINT_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown tiny checkpoint settings: {sorted(unknown)}")
+        settings = {**_CHECKPOINT_DEFAULTS, **kwargs}
+        key = tuple(sorted(settings.items()))
+        if key not in cache:
+            name = "-".join(f"{k}_{v}" for k, v in key)
+            cache[key] = write_tiny_checkpoint(root / name, **settings)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoint_factory) -> Path:
+    """qwen3, ratio 4, mean pooling, causal, window 16."""
+    return tiny_checkpoint_factory(family="qwen3", ratio=4, pooling="mean", window=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_lclm_factory(tiny_checkpoint_factory):
+    """function(**checkpoint kwargs) -> LCLM loaded (on CPU) from the tiny checkpoint with those
+    settings, cached per session: tests must not modify the returned model."""
+    from model.loading import load_lclm
+
+    cache: dict[Path, object] = {}
+
+    def factory(**kwargs):
+        path = tiny_checkpoint_factory(**kwargs)
+        if path not in cache:
+            cache[path] = load_lclm(str(path), device="cpu")
+        return cache[path]
+
+    return factory
