@@ -62,25 +62,54 @@ class LatentEncoder(nn.Module):
         return self.pooling.latent_dim(self.hidden_size)
 
     def _encode_batch(self, windows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Left-padded forward of several windows; returns each window's latents [n_i, D]."""
+        """Forward of several windows (left-padded where their lengths differ); each window's latents [n_i, D]."""
         device = next(self.model.parameters()).device
         rows = [list(w) + [self.pad_token_id] * self.pooling.extra_tokens(len(w)) for w in windows]
         width = max(len(r) for r in rows)
+        if all(len(r) == width for r in rows):
+            # No padding: no mask, so attention takes SDPA's fused causal (or full) path, and
+            # positions default to 0..width-1 in every window. No KV cache: nothing reads it.
+            input_ids = torch.tensor(rows, dtype=torch.long)  # [B, width]
+            hidden = self.model(input_ids=input_ids.to(device), use_cache=False).last_hidden_state  # [B, width, H]
+        else:
+            hidden = self._padded_forward(rows, width, device)  # [B, width, H]
+        return [
+            self.pooling.pool(hidden[i, width - len(row) :], len(window))  # [ceil(L/N), D]
+            for i, (row, window) in enumerate(zip(rows, windows))
+        ]
+
+    def _padded_forward(self, rows: list[list[int]], width: int, device: torch.device) -> torch.Tensor:
+        """Forward of rows of different lengths, left-padded to `width`: [B, width, H]."""
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, width - len(row) :] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # restart at 0 in each window
-        hidden = self.model(
+        return self.model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
+            use_cache=False,
         ).last_hidden_state  # [B, width, H]
-        return [
-            self.pooling.pool(hidden[i, width - len(row) :], len(window))  # [ceil(L/N), D]
-            for i, (row, window) in enumerate(zip(rows, windows))
-        ]
+
+    def encode_spans(self, spans: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Latents of several token spans, each windowed on its own and all windows batched
+        together (training): one [sum over its windows of ceil(L/N), D] tensor per span."""
+        window = self.config.encoder_window_size
+        windows, owners = [], []
+        for owner, ids in enumerate(spans):
+            for start in range(0, len(ids), window):
+                windows.append(ids[start : start + window])
+                owners.append(owner)
+        per_batch = max(1, self.max_batch_tokens // window)
+        pooled: list[torch.Tensor] = []
+        for first in range(0, len(windows), per_batch):
+            pooled.extend(self._encode_batch(windows[first : first + per_batch]))
+        parts: list[list[torch.Tensor]] = [[] for _ in spans]
+        for owner, latents in zip(owners, pooled):
+            parts[owner].append(latents)
+        return [torch.cat(p, dim=0) for p in parts]
 
     def forward(self, token_ids: Sequence[int], progress: ProgressFn | None = None) -> torch.Tensor:
         """token_ids: the document's T encoder tokens -> pooled latents [sum ceil(L_w/N), D]."""

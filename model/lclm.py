@@ -105,6 +105,13 @@ class LCLM(nn.Module):
         pooled = self.encoder(token_ids, progress=progress)  # [M, latent_dim]
         return self.adapter(pooled.to(next(self.adapter.parameters()).dtype)).to(self.dtype)  # [M, dec_hidden]
 
+    def encode_many(self, documents: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """`encode` of several documents with their windows batched together (training):
+        one [M_i, dec_hidden] tensor per document, with gradients where enabled."""
+        pooled = self.encoder.encode_spans(documents)  # [M_i, latent_dim] each
+        adapted = self.adapter(torch.cat(pooled).to(next(self.adapter.parameters()).dtype)).to(self.dtype)
+        return list(adapted.split([int(p.shape[0]) for p in pooled]))  # [M_i, dec_hidden] each
+
     @torch.inference_mode()
     def compress(self, token_ids: Sequence[int], progress: ProgressFn | None = None) -> torch.Tensor:
         """Latents of a whole document: [M, dec_hidden], M = sum over windows of ceil(L/N)."""
@@ -130,16 +137,17 @@ class LCLM(nn.Module):
         `prompt` holds one `memory_region(len(r))` per region r, in order.
         """
         ids = self.decoder_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]  # [1, P]
-        ids = ids.to(self.device)
+        # Placeholders are found on the host, before the ids move: no device-to-host sync here.
         placeholders = (ids[0] == self.memory_token_id).nonzero().squeeze(-1)  # [sum M_r]
         total = sum(int(r.shape[0]) for r in regions)
         if placeholders.numel() != total:
             raise ValueError(f"prompt has {placeholders.numel()} memory placeholders for {total} latents")
+        ids = ids.to(self.device)
         embeds = self.decoder.get_input_embeddings()(ids)  # [1, P, D]
         if total:
             latents = torch.cat([r.to(device=embeds.device, dtype=embeds.dtype) for r in regions], dim=0)
             embeds = embeds.clone()
-            embeds[0, placeholders] = latents  # [sum M_r, D] over the placeholders, in order
+            embeds[0, placeholders.to(embeds.device)] = latents  # [sum M_r, D] over the placeholders, in order
         return PreparedPrompt(input_ids=ids, inputs_embeds=embeds)
 
     @staticmethod

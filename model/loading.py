@@ -169,13 +169,25 @@ def base_of_lora(directory: Path, kind: str, data_dir: Path | None) -> Path:
 
     config = json.loads((directory / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path") or ""
+    try:
+        return base_path(base, kind, data_dir)
+    except CheckpointError:
+        raise CheckpointError(
+            f"{directory} is a LoRA on {base!r}, which is neither a known base, a directory nor a hub id"
+        ) from None
+
+
+def base_path(base: str, kind: str, data_dir: Path | None) -> Path:
+    """Local path of a base model: a LOCAL_BASES name, a directory or a hub id."""
+    import model.embedded  # noqa: F401  (registers the embedded base in LOCAL_BASES)
+
     if base in LOCAL_BASES:
         return LOCAL_BASES[base](data_dir, kind)
     if Path(base).expanduser().is_dir():
         return Path(base).expanduser()
     if HUB_ID.match(base):
         return download_from_hub(base)
-    raise CheckpointError(f"{directory} is a LoRA on {base!r}, which is neither a known base, a directory nor a hub id")
+    raise CheckpointError(f"base model {base!r} is neither a known base, a directory nor a hub id")
 
 
 def load_tokenizer(*candidates: Path):
@@ -203,9 +215,9 @@ def load_component(directory: Path, kind: str, dtype: torch.dtype, data_dir: Pat
 
     auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
     is_lora = (directory / "adapter_config.json").is_file()
-    weights_dir = directory
     base_dir = base_of_lora(directory, kind, data_dir) if is_lora else directory
-    refuse_pickles(weights_dir)
+    for weights_dir in {directory, base_dir}:
+        refuse_pickles(weights_dir)
     tokenizer = load_tokenizer(directory, base_dir)
     try:
         model = auto.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)

@@ -1,0 +1,1 @@
+"""Quality evaluation of LCLMs and baselines (`python -m bench.quality`)."""

@@ -1,0 +1,121 @@
+"""What the quality harness measures.
+
+- fidelity: per ratio and pooling, spans of validation text are compressed and the decoder
+  reproduces them (Studio.reconstruct, the app's own code path); token accuracy, BLEU and
+  ROUGE-L against the original.
+- ruler: the synthetic suite (model/training/data/synthetic.py) generated with evaluation
+  seeds at several context lengths; every method answers every example; the score is the
+  share of answers found in the reply (case-insensitive substring match).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from app.service import Studio
+from bench.quality.metrics import bleu, rouge_l
+from model.baselines import press_answer
+from model.training.data.synthetic import Haystack, TaskExample, eval_seed, make_task, score
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the RULER table: `kind` is full, lclm, expand or press."""
+
+    name: str
+    kind: str
+    ratio: int = 1
+    pooling: str = "mean"
+    press: str = ""
+
+    @property
+    def family(self) -> str:
+        """The plot line this method belongs to."""
+        if self.kind == "lclm":
+            return f"LCLM {self.pooling}"
+        if self.kind == "press":
+            return {"snapkv": "SnapKV", "kvzip": "KVzip", "expected_attention": "ExpectedAttention"}.get(
+                self.press, self.press)
+        return {"full": "full context", "expand": f"LCLM 1:{self.ratio} + EXPAND"}[self.kind]
+
+
+def methods(ratios: list[int], poolings: list[str], presses: list[str], expand_ratio: int = 16) -> list[Method]:
+    out = [Method("full context", "full")]
+    out += [Method(f"LCLM 1:{n} {p}", "lclm", n, p) for p in poolings for n in ratios]
+    if expand_ratio:
+        out.append(Method(f"LCLM 1:{expand_ratio} mean + EXPAND", "expand", expand_ratio, "mean"))
+    out += [Method(f"{press} 1:{n}", "press", n, press=press) for press in presses for n in ratios]
+    return out
+
+
+def ruler_examples(haystack: Haystack, tasks: list[str], lengths: list[int],
+                   samples: int) -> list[tuple[int, TaskExample]]:
+    """The evaluation suite: (context length, example), `samples` per task and length, from evaluation seeds only."""
+    return [(length, make_task(task, eval_seed(task, length, i), haystack, length))
+            for length in lengths for task in tasks for i in range(samples)]
+
+
+def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens: int) -> tuple[str, int]:
+    """(reply, decoder positions) of one method on one example."""
+    if method.kind == "press":
+        model = studio.model(ratio=16, pooling="mean")  # any variant: only its decoder is used
+        result = press_answer(model.decoder, model.decoder_tokenizer, example.context, example.question,
+                              method.press, method.ratio, max_new_tokens)
+        return result.answer, result.positions
+    ratio = None if method.kind == "full" else method.ratio
+    pooling = None if method.kind == "full" else method.pooling
+    events = list(studio.ask(example.context, example.question, mode=method.kind, ratio=ratio, pooling=pooling,
+                             max_new_tokens=max_new_tokens, use_cache=False))
+    done = events[-1].result
+    return done["answer"], done["positions"]
+
+
+def run_ruler(studio: Studio, all_methods: list[Method], examples: list[tuple[int, TaskExample]], max_new_tokens: int,
+              on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    records = []
+    bar = tqdm(total=len(all_methods) * len(examples), desc="ruler", unit="answer")
+    for method in all_methods:
+        for index, (length, example) in enumerate(examples):
+            started = time.perf_counter()
+            reply, positions = answer(studio, method, example, max_new_tokens)
+            record = {"method": method.name, "family": method.family, "kind": method.kind, "ratio": method.ratio,
+                      "pooling": method.pooling if method.kind in ("lclm", "expand") else None,
+                      "task": example.kind, "length": length, "example": index, "depth": round(example.depth, 3),
+                      "score": score(example, reply), "reply": reply[:200], "answers": example.answers,
+                      "positions": positions, "seconds": round(time.perf_counter() - started, 2)}
+            records.append(record)
+            if on_record:
+                on_record(record)
+            bar.update(1)
+    bar.close()
+    return records
+
+
+def run_fidelity(studio: Studio, texts: list[str], ratios: list[int], poolings: list[str]) -> list[dict]:
+    rows = []
+    bar = tqdm(total=len(ratios) * len(poolings) * len(texts), desc="fidelity", unit="span")
+    for pooling in poolings:
+        for ratio in ratios:
+            references, hypotheses, accuracies, weights = [], [], [], []
+            for text in texts:
+                result = studio.reconstruct(text, ratio=ratio, pooling=pooling, use_cache=False, max_chunks=1)
+                chunk = result["chunks"][0]
+                references.append(chunk["original"])
+                hypotheses.append(chunk["reconstructed"])
+                accuracies.append(chunk["token_accuracy"])
+                weights.append(chunk["reference_tokens"])
+                bar.update(1)
+            rows.append({
+                "ratio": ratio, "pooling": pooling, "spans": len(texts), "trained": result["trained"],
+                "checkpoint": result["checkpoint"],
+                "token_accuracy": round(sum(a * w for a, w in zip(accuracies, weights)) / sum(weights), 4),
+                "bleu": round(bleu(references, hypotheses), 2),
+                "rouge_l": round(sum(rouge_l(r, h) for r, h in zip(references, hypotheses)) / len(texts), 4),
+                "example": {"original": references[0][:300], "reconstructed": hypotheses[0][:300]},
+            })
+    bar.close()
+    return rows

@@ -1,0 +1,1 @@
+"""Training data: the offline corpus (corpus.py, prepare.py, shards.py) and synthetic tasks (synthetic.py)."""
