@@ -1,4 +1,7 @@
-"""LCLM Studio entry point: parse flags, prepare the model, launch the UI on 127.0.0.1."""
+"""LCLM Studio entry point: parse flags, load the model, launch the UI on 127.0.0.1.
+
+    python app.py [--port P] [--host H] [--checkpoint DIR ...] [--device cpu|cuda] [--share]
+"""
 
 from __future__ import annotations
 
@@ -6,61 +9,59 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no calls home
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="LCLM Studio")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--checkpoint", default=None, help="LCLM directory or hub id (default: the embedded model)")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="LCLM directory in the published layout, or a hub id; repeat for several ratios "
+                             "(default: the embedded model)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return parser.parse_args(argv)
 
 
-def build_placeholder(studio):
-    """Until the studio UI lands: a page that says so, backed by the real services."""
-    import gradio as gr
+def create_workspace(args: argparse.Namespace):
+    """The process-wide workspace with its default model loaded; progress printed as it goes."""
+    from app.catalog import build_catalog
+    from app.inspect import warm_umap_in_background
+    from app.service import Studio
+    from app.settings import Settings
+    from app.workspace import Workspace
 
-    with gr.Blocks(title="LCLM Studio") as demo:
-        gr.Markdown(
-            "# LCLM Studio\nThe full studio (document, compress, latents, reconstruction, ask, metrics tabs) is "
-            "not built yet. Meanwhile this page compresses a pasted document with the loaded model; "
-            "the command line (`python -m app.cli --help`) does everything else."
-        )
-        text = gr.Textbox(label="Document", lines=10)
-        ratio = gr.Radio([4, 8, 16], value=16, label="Compression ratio 1:N")
-        result = gr.JSON(label="Result")
-
-        def compress(document: str, n: int) -> dict:
-            from model.errors import UserError
-
-            try:
-                return studio.compress(document, ratio=int(n)).result.to_dict()
-            except UserError as err:
-                raise gr.Error(str(err)) from None
-
-        gr.Button("Compress").click(compress, [text, ratio], result, api_name="compress")
-    return demo
+    warm_umap_in_background()
+    studio = Studio(Settings.from_env(device=args.device), checkpoint=(args.checkpoint or [None])[0])
+    catalog = build_catalog(args.checkpoint)
+    default = catalog.default
+    print(f"loading {default.family} {default.label} (the first start converts the embedded model once) ...",
+          flush=True)
+    studio.model(default.spec, default.ratio, default.pooling,
+                 progress=lambda stage, done, total: print(f"... {stage}", flush=True))
+    return Workspace(studio, catalog)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from app.service import Studio
-    from app.settings import Settings
     from model.errors import UserError
 
-    studio = Studio(Settings.from_env(device=args.device), checkpoint=args.checkpoint)
-    print("loading the model (the first start converts the embedded model once) ...", flush=True)
     try:
-        studio.model(progress=lambda stage, done, total: print(f"... {stage}", flush=True))
+        workspace = create_workspace(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    demo = build_placeholder(studio)
-    demo.queue(default_concurrency_limit=1)
-    print(f"LCLM Studio at http://{args.host}:{args.port}", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
+    from views import CSS, build_app
+
+    demo = build_app(workspace)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, quiet=True,
+                prevent_thread_lock=True, css=CSS)
+    print(f"LCLM Studio at {demo.local_url}", flush=True)
+    if demo.share_url:
+        print(f"public link: {demo.share_url}", flush=True)
+    demo.block_thread()
     return 0
 
 

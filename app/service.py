@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
+from safetensors.torch import load_file
 
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
 from app.settings import MODES, POOLINGS, RATIOS, Settings
@@ -18,7 +19,7 @@ from model.agent import Chunk, ExpandAgent, Round, make_chunks
 from model.errors import UserError
 from model.generation import Sampling, StreamingDetokenizer, decode, prefill, stop_token_ids
 from model.lclm import LCLM, DocumentTokens
-from model.loading import build_lclm, resolve
+from model.loading import CheckpointParts, build_lclm, resolve
 from model.prompts import question_prompt, reconstruction_prompt
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -79,6 +80,7 @@ class Studio:
         self.settings = settings or Settings.from_env()
         self.default_checkpoint = checkpoint
         self._models: dict[tuple, LCLM] = {}
+        self._parts: dict[tuple, CheckpointParts] = {}
         self._lock = threading.RLock()
         self._cache: LatentCache | None = None
 
@@ -102,8 +104,18 @@ class Studio:
             if key not in self._models:
                 if say:
                     say(f"loading {parts.checkpoint_id}")
-                self._models[key] = build_lclm(parts, device=self.settings.device, data_dir=self.settings.data_dir)
+                self._models[key] = self._build(parts)
+                self._parts[key] = parts
             return self._models[key]
+
+    def _build(self, parts: CheckpointParts) -> LCLM:
+        """Load a variant; one whose encoder and decoder come from the same directories as a
+        loaded model's (the embedded ratios and poolings) shares that model's weights."""
+        for key, loaded_parts in self._parts.items():
+            if (loaded_parts.encoder_dir, loaded_parts.decoder_dir, loaded_parts.config.encoder_mask_type) == (
+                    parts.encoder_dir, parts.decoder_dir, parts.config.encoder_mask_type):
+                return share_weights(self._models[key], parts)
+        return build_lclm(parts, device=self.settings.device, data_dir=self.settings.data_dir)
 
     # ---- compress ----------------------------------------------------------------
     def tokenize(self, model: LCLM, text: str) -> DocumentTokens:
@@ -228,6 +240,9 @@ class Studio:
             measurement.new_tokens += 1
             if piece:
                 yield AskEvent("token", text=piece)
+        tail = detok.flush()  # an incomplete last character, if the reply ended inside one
+        if tail:
+            yield AskEvent("token", text=tail)
         if first_reply and measurement.ttft_ms == 0.0:  # stopped at once: TTFT is the end of the prefill
             measurement.ttft_ms = clock.ms()
         return detok.text, prepared.positions
@@ -287,6 +302,18 @@ class Studio:
         if not compressed.result.trained:
             out["note"] = UNTRAINED_NOTE
         return out
+
+
+def share_weights(loaded: LCLM, parts: CheckpointParts) -> LCLM:
+    """A new LCLM variant around `loaded`'s encoder and decoder, with its own config and adapter
+    (initialised as `build_lclm` does, then loaded from the checkpoint where it has one)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same fresh adapter as build_lclm's
+        lclm = LCLM(parts.config, loaded.encoder.model, loaded.encoder_tokenizer, loaded.decoder,
+                    loaded.decoder_tokenizer, checkpoint_id=parts.checkpoint_id)
+    if parts.adapter_file is not None:
+        lclm.adapter.load_state_dict(load_file(parts.adapter_file))
+    return lclm.to(device=loaded.device, dtype=loaded.dtype).eval()
 
 
 def token_accuracy(reference: list[int], generated: list[int]) -> float:

@@ -1,0 +1,142 @@
+"""Pictures of the studio's results, without widgets: plotly figures (latent map, latent
+statistics, TTFT and memory against context length) and HTML strips of the document's
+chunks (plain, with EXPAND highlights, or coloured by reconstruction fidelity)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from app.documents import Cell
+from app.inspect import PointSet, Projection
+
+SYMBOLS = ("circle", "diamond", "square", "triangle-up", "x")
+METHOD_COLOURS = {"lclm": "#1f77b4", "expand": "#17becf", "full": "#d62728"}
+ROUND_COLOURS = ("#ff7f0e", "#e377c2", "#9467bd", "#8c564b", "#bcbd22")
+
+
+# ---- strips ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StripCell:
+    label: str
+    weight: int  # relative width (tokens)
+    colour: str
+    tooltip: str
+    selected: bool = False
+
+
+def strip_html(cells: Sequence[StripCell], caption: str = "") -> str:
+    """A row of cells, widths proportional to their weights; the tooltip names each cell."""
+    parts = []
+    for cell in cells:
+        border = "2px solid #111" if cell.selected else "1px solid #fff"
+        parts.append(
+            f'<div class="lclm-cell" title="{html.escape(cell.tooltip)}" style="flex:{max(1, cell.weight)} 1 0;'
+            f"min-width:3px;background:{cell.colour};border:{border};height:34px;overflow:hidden;"
+            f'font-size:11px;line-height:34px;text-align:center;color:#111;white-space:nowrap">'
+            f"{html.escape(cell.label)}</div>"
+        )
+    caption_html = ""
+    if caption:
+        caption_html = f'<div style="font-size:12px;color:#555;margin-top:4px">{html.escape(caption)}</div>'
+    return f'<div class="lclm-strip" style="display:flex;width:100%">{"".join(parts)}</div>{caption_html}'
+
+
+def document_strip(cells: Sequence[Cell], expanded: dict[int, int] | None = None) -> str:
+    """The document as a strip of chunks; `expanded` maps a chunk to the EXPAND round that read it."""
+    expanded = expanded or {}
+    strip = []
+    for cell in cells:
+        tooltip = f"chunk {cell.index}: tokens {cell.start_token}-{cell.end_token}\n{cell.preview}"
+        if cell.index in expanded:
+            round_number = expanded[cell.index]
+            colour = ROUND_COLOURS[(round_number - 1) % len(ROUND_COLOURS)]
+            strip.append(StripCell(f"{cell.index} (r{round_number})", cell.end_token - cell.start_token, colour,
+                                   f"expanded in round {round_number}\n{tooltip}", selected=True))
+        else:
+            colour = "#dfe7f1" if cell.index % 2 == 0 else "#c9d6e6"
+            strip.append(StripCell(str(cell.index), cell.end_token - cell.start_token, colour, tooltip))
+    caption = f"{len(cells)} chunks"
+    if expanded:
+        caption += "; expanded: " + ", ".join(f"chunk {i} (round {r})" for i, r in sorted(expanded.items()))
+    return strip_html(strip, caption)
+
+
+def accuracy_colour(accuracy: float) -> str:
+    """Red (0) through yellow to green (1)."""
+    return f"hsl({int(120 * max(0.0, min(1.0, accuracy)))}, 70%, 60%)"
+
+
+def fidelity_strip(chunks: Sequence[dict], selected: int | None = None, caption: str = "") -> str:
+    """Reconstruction fidelity per chunk: dicts with index, token_accuracy, reference_tokens."""
+    cells = [
+        StripCell(f"{c['index']}: {c['token_accuracy']:.0%}", c["reference_tokens"],
+                  accuracy_colour(c["token_accuracy"]),
+                  f"chunk {c['index']}: token accuracy {c['token_accuracy']:.1%} of {c['reference_tokens']} tokens",
+                  selected=c["index"] == selected)
+        for c in chunks
+    ]
+    return strip_html(cells, caption)
+
+
+# ---- latent map and statistics -------------------------------------------------------------------
+def latent_map_figure(projection: Projection, title: str = "") -> go.Figure:
+    """Scatter of the projected sets, coloured by position in the document; hover shows the source text."""
+    figure = go.Figure()
+    numbered = list(enumerate(zip(projection.sets, projection.coords)))
+    for number, (points, coords) in reversed(numbered):  # the first set (the latents asked for) on top
+        figure.add_trace(go.Scattergl(
+            x=coords[:, 0], y=coords[:, 1], mode="markers", name=points.name,
+            marker=dict(symbol=SYMBOLS[number % len(SYMBOLS)], size=9 if number == 0 else 6,
+                        color=points.positions, coloraxis="coloraxis", opacity=0.9 if number == 0 else 0.5,
+                        line=dict(width=0.5, color="#333")),
+            customdata=np.stack([np.round(points.positions * 100, 1), np.asarray(points.texts, dtype=object)], axis=-1),
+            hovertemplate="%{customdata[0]}% into the document<br>%{customdata[1]}<extra>" + points.name + "</extra>",
+        ))
+    figure.update_layout(
+        title=title or f"{projection.method} of the latents", height=520, margin=dict(l=10, r=10, t=50, b=10),
+        coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="position", tickformat=".0%")),
+        legend=dict(orientation="h", y=-0.05, traceorder="reversed"),
+        xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False),
+    )
+    return figure
+
+
+def latent_stats_figure(series: Sequence[tuple[PointSet, dict[str, np.ndarray]]]) -> go.Figure:
+    """Norm and cosine similarity to the previous latent, along the document, per set."""
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                           subplot_titles=("latent norm", "cosine similarity to the previous latent"))
+    for points, stats in series:
+        x = points.positions
+        figure.add_trace(go.Scatter(x=x, y=stats["norm"], mode="lines+markers", name=f"{points.name} norm",
+                                    legendgroup=points.name), row=1, col=1)
+        figure.add_trace(go.Scatter(x=x, y=stats["cos_prev"], mode="lines+markers", name=f"{points.name} cosine",
+                                    legendgroup=points.name), row=2, col=1)
+    figure.update_xaxes(title_text="position in the document", tickformat=".0%", row=2, col=1)
+    figure.update_layout(height=480, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.15))
+    return figure
+
+
+# ---- measurements -----------------------------------------------------------------------------------
+def sweep_figure(rows: Sequence[dict]) -> go.Figure:
+    """TTFT and peak memory against context length, one line per method (rows from a sweep)."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("TTFT (ms)", "peak memory above weights (MiB)"))
+    rows = [r for r in rows if "error" not in r]  # lengths a method could not read
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
+        colour = METHOD_COLOURS.get(method.split(" ")[0])
+        tokens = [r["tokens"] for r in mine]
+        figure.add_trace(go.Scatter(x=tokens, y=[r["ttft_ms"] for r in mine], mode="lines+markers", name=method,
+                                    legendgroup=method, line=dict(color=colour)), row=1, col=1)
+        figure.add_trace(go.Scatter(x=tokens, y=[r["peak_mem_above_weights_bytes"] / 2**20 for r in mine],
+                                    mode="lines+markers", name=method, legendgroup=method, showlegend=False,
+                                    line=dict(color=colour)), row=1, col=2)
+    figure.update_xaxes(title_text="context length (tokens)")
+    figure.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10),
+                         title=None if rows else "press “Sweep” to measure the current document at several lengths")
+    return figure

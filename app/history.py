@@ -1,0 +1,90 @@
+"""This session's runs: one row per answer (any method) and the sweep points, kept
+process-wide under the session's id (bounded), exported as CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+COLUMNS = (
+    "time", "method", "ratio", "tokens", "positions", "ttft_ms", "compress_ms", "prefill_ms", "first_token_ms",
+    "tokens_per_s", "new_tokens", "peak_mem_mib", "peak_mem_above_weights_mib", "kv_cache_mib", "cached",
+    "question", "answer",
+)
+
+
+def run_row(result: dict, method: str) -> dict:
+    """A history row from one answer's result (see Studio.ask)."""
+    mib = 2**20
+    return {
+        "time": time.strftime("%H:%M:%S"), "method": method, "ratio": result.get("ratio"),
+        "tokens": result.get("tokens"), "positions": result.get("positions"),
+        "ttft_ms": result.get("ttft_ms"), "compress_ms": result.get("compress_ms"),
+        "prefill_ms": result.get("prefill_ms"), "first_token_ms": result.get("first_token_ms"),
+        "tokens_per_s": result.get("tokens_per_s"), "new_tokens": result.get("new_tokens"),
+        "peak_mem_mib": round(result.get("peak_mem_bytes", 0) / mib, 1),
+        "peak_mem_above_weights_mib": round(result.get("peak_mem_above_weights_bytes", 0) / mib, 1),
+        "kv_cache_mib": round(result.get("kv_cache_bytes", 0) / mib, 3),
+        "cached": result.get("cached"), "question": result.get("question", ""), "answer": result.get("answer", ""),
+    }
+
+
+@dataclass
+class SessionRuns:
+    runs: deque = field(default_factory=lambda: deque(maxlen=500))
+    sweep: list[dict] = field(default_factory=list)
+
+
+class RunHistory:
+    """Runs per session id, least-recently-used sessions dropped beyond `max_sessions`."""
+
+    def __init__(self, max_sessions: int = 256):
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, SessionRuns] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _session(self, session: str) -> SessionRuns:
+        """The session's record, created (and the oldest dropped) where it has none."""
+        with self._lock:
+            runs = self._sessions.setdefault(session or "", SessionRuns())
+            self._sessions.move_to_end(session or "")
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+            return runs
+
+    def _peek(self, session: str) -> SessionRuns:
+        with self._lock:
+            return self._sessions.get(session or "", SessionRuns())
+
+    def add(self, session: str, row: dict) -> None:
+        self._session(session).runs.append(row)
+
+    def set_sweep(self, session: str, points: list[dict]) -> None:
+        self._session(session).sweep = list(points)
+
+    def rows(self, session: str) -> list[dict]:
+        return list(self._peek(session).runs)
+
+    def sweep(self, session: str) -> list[dict]:
+        return list(self._peek(session).sweep)
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._sessions.pop(session or "", None)
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_json(rows: list[dict], sweep: list[dict]) -> str:
+    return json.dumps({"runs": rows, "sweep": sweep}, indent=2, ensure_ascii=False)

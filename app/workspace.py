@@ -1,0 +1,320 @@
+"""The studio as the UI sees it: one process-wide `Workspace` over the models, the latent
+cache, the documents and this process's run history. Each public method serves one UI
+event (and API endpoint); it takes plain values (a document id, a model variant) and
+returns plain data or figures, so the views only lay out widgets and call these."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from app import figures
+from app.baselines import BASELINES
+from app.catalog import Catalog, Variant
+from app.documents import Document, DocumentStore, Layout, layout
+from app.history import RunHistory, run_row, to_csv, to_json
+from app.inspect import latent_set, latent_statistics, project_sets, source_token_set, token_diff
+from app.service import UNTRAINED_NOTE, Studio
+from model.errors import UserError
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total); total 0 for a message
+SWEEP_QUESTION = "What is this document about?"
+SWEEP_MIN_TOKENS = 32
+
+
+@dataclass
+class MethodRun:
+    """One method's answer as it streams, with its live readout."""
+
+    name: str
+    status: str = "waiting"  # waiting, running, done, or an error / unavailable message
+    text: str = ""
+    started: float = 0.0
+    live_ttft_ms: float | None = None
+    tokens: int = 0
+    memory_peak: int = 0
+    result: dict | None = None
+
+    def readout(self) -> dict:
+        """The row shown live: exact numbers once done, wall-clock estimates while streaming."""
+        mib = 2**20
+        if self.result is not None:
+            r = self.result
+            return {"method": self.name, "status": self.status, "TTFT ms": r["ttft_ms"],
+                    "compress ms": r["compress_ms"], "prefill ms": r["prefill_ms"], "tokens/s": r["tokens_per_s"],
+                    "tokens": r["new_tokens"], "peak MiB": round(r["peak_mem_bytes"] / mib, 1),
+                    "KV cache MiB": round(r["kv_cache_bytes"] / mib, 3), "positions": r["positions"]}
+        elapsed = (time.perf_counter() - self.started) if self.started else 0.0
+        rate = None
+        if self.live_ttft_ms is not None and self.tokens > 1 and elapsed * 1000 > self.live_ttft_ms:
+            rate = round((self.tokens - 1) / (elapsed - self.live_ttft_ms / 1000), 1)
+        return {"method": self.name, "status": self.status,
+                "TTFT ms": round(self.live_ttft_ms, 1) if self.live_ttft_ms is not None else None,
+                "compress ms": None, "prefill ms": None, "tokens/s": rate, "tokens": self.tokens,
+                "peak MiB": round(self.memory_peak / mib, 1) if self.memory_peak else None,
+                "KV cache MiB": None, "positions": None}
+
+
+@dataclass
+class AskState:
+    """Everything the Ask tab shows, after every streamed event."""
+
+    methods: list[MethodRun]
+    rounds: list[dict] = field(default_factory=list)
+    expanded: dict[int, int] = field(default_factory=dict)  # chunk index -> EXPAND round that read it
+
+    def readouts(self) -> list[dict]:
+        return [m.readout() for m in self.methods]
+
+    def results(self) -> dict[str, dict]:
+        return {m.name: m.result for m in self.methods if m.result is not None}
+
+
+@dataclass
+class LatentMap:
+    figure: object  # plotly Figure
+    stats_figure: object
+    summary: dict
+
+
+def memory_now(device: torch.device) -> int:
+    """Bytes held now: allocated CUDA memory, or the process RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+class Workspace:
+    """Process-wide: one per app. Sessions hold only ids (a document's sha256, the session hash)."""
+
+    def __init__(self, studio: Studio, catalog: Catalog):
+        self.studio = studio
+        self.catalog = catalog
+        self.documents = DocumentStore()
+        self.history = RunHistory()
+        self._reconstructions: OrderedDict[tuple, dict] = OrderedDict()
+        self._export_dir = Path(tempfile.mkdtemp(prefix="lclm-studio-"))
+        self._lock = threading.Lock()
+
+    # ---- models ----------------------------------------------------------------------
+    def variant(self, family: str | None, ratio: int | str | None, pooling: str | None) -> Variant:
+        """The catalog's variant for these choices (the default for missing ones)."""
+        default = self.catalog.default
+        return self.catalog.find(family or default.family, ratio or default.ratio, pooling or default.pooling)
+
+    def model(self, variant: Variant, progress: ProgressFn | None = None):
+        return self.studio.model(variant.spec, variant.ratio, variant.pooling, progress)
+
+    # ---- document --------------------------------------------------------------------
+    def load_document(self, text: str | None, path: str | None, variant: Variant) -> tuple[Document, Layout]:
+        """Store pasted text or an uploaded file; its layout under `variant`."""
+        document = self.documents.load(text, path)
+        return document, self.layout(document.sha256, variant)
+
+    def layout(self, doc_id: str | None, variant: Variant) -> Layout:
+        return layout(self.studio, self.model(variant), self.documents.get(doc_id).text)
+
+    # ---- compress --------------------------------------------------------------------
+    def compress(self, doc_id: str | None, variant: Variant, progress: ProgressFn | None = None) -> dict:
+        text = self.documents.get(doc_id).text
+        compressed = self.studio.compress(text, variant.ratio, variant.pooling, variant.spec, progress=progress)
+        result = compressed.result.to_dict()
+        result["variant"] = variant.label
+        if not compressed.result.trained:
+            result["note"] = UNTRAINED_NOTE
+        return result
+
+    # ---- latents ---------------------------------------------------------------------
+    def latent_map(self, doc_id: str | None, variant: Variant, other_ratios: list[int] = (),
+                   show_source_tokens: bool = False, progress: ProgressFn | None = None) -> LatentMap:
+        """UMAP of the latents (and of other ratios' latents and the source tokens' decoder
+        embeddings, in one map), plus norms and neighbour similarity along the document."""
+        text = self.documents.get(doc_id).text
+        variants, notes = [variant], []
+        for ratio in sorted({int(r) for r in other_ratios} - {variant.ratio}):
+            sibling = self.catalog.sibling(variant, ratio)
+            if sibling is None:
+                notes.append(f"1:{ratio} left out: {variant.family} does not offer it")
+            else:
+                variants.append(sibling)
+        sets = []
+        for number, v in enumerate(variants):
+            if progress:
+                progress(f"compressing at 1:{v.ratio}", number, len(variants))
+            compressed = self.studio.compress(text, v.ratio, v.pooling, v.spec)
+            points = latent_set(f"latents {v.label}", compressed.latents,
+                                compressed.model.latent_spans(len(compressed.document)), compressed.document)
+            if sets and points.vectors.shape[1] != sets[0].vectors.shape[1]:
+                notes.append(f"{v.label} left out: its decoder width differs")
+                continue
+            sets.append(points)
+        stats = [(points, latent_statistics(torch.from_numpy(points.vectors))) for points in sets]
+        if show_source_tokens:
+            sets.append(source_token_set(self.model(variant), text))
+        if progress:
+            progress("projecting (UMAP)", len(variants), len(variants))
+        projection = project_sets(sets)
+        counts = {points.name: len(points.vectors) for points in sets}
+        title = f"{projection.method} of " + ", ".join(f"{n} {name}" for name, n in counts.items())
+        return LatentMap(figures.latent_map_figure(projection, title), figures.latent_stats_figure(stats),
+                         {"method": projection.method, "points": counts, "notes": notes})
+
+    # ---- reconstruction ------------------------------------------------------------------
+    def reconstruct(self, doc_id: str | None, variant: Variant, max_chunks: int | None = None,
+                    progress: ProgressFn | None = None) -> dict:
+        """The decoder's reconstruction of each chunk (see Studio.reconstruct), kept in memory."""
+        document = self.documents.get(doc_id)
+        model = self.model(variant)
+        key = (document.sha256, model.checkpoint_id)
+        with self._lock:
+            cached = self._reconstructions.get(key)
+        total = len(self.studio.chunks(model, len(self.studio.tokenize(model, document.text))))
+        wanted = min(total, max_chunks or total)
+        if cached is not None and len(cached["chunks"]) >= wanted:
+            return {**cached, "chunks": cached["chunks"][:wanted], "total_chunks": total}
+        result = self.studio.reconstruct(document.text, variant.ratio, variant.pooling, variant.spec, max_chunks=wanted,
+                                         progress=progress)
+        result["variant"], result["total_chunks"] = variant.label, total
+        with self._lock:
+            self._reconstructions[key] = result
+            while len(self._reconstructions) > 32:
+                self._reconstructions.popitem(last=False)
+        return result
+
+    def chunk_diff(self, reconstruction: dict, variant: Variant, chunk: int) -> tuple[str, list[tuple[str, str]]]:
+        """(fidelity strip HTML with `chunk` selected, token diff of that chunk)."""
+        chunks = reconstruction["chunks"]
+        chosen = next((c for c in chunks if c["index"] == chunk), chunks[0] if chunks else None)
+        caption = (f"{variant.label}: token accuracy {reconstruction['token_accuracy']:.1%} over "
+                   f"{len(chunks)} of {reconstruction['total_chunks']} chunks")
+        strip = figures.fidelity_strip(chunks, chosen["index"] if chosen else None, caption)
+        if chosen is None:
+            return strip, []
+        tokenizer = self.model(variant).decoder_tokenizer
+        return strip, token_diff(tokenizer, chosen["original"], chosen["reconstructed"])
+
+    # ---- ask ---------------------------------------------------------------------------
+    def ask(self, session: str, doc_id: str | None, question: str, variant: Variant, expand: bool = False,
+            baselines: list[str] = (), max_new_tokens: int | None = None) -> Iterator[AskState]:
+        """Stream the LCLM's answer (with EXPAND where asked), then each chosen baseline's."""
+        text = self.documents.get(doc_id).text
+        if not question or not question.strip():
+            raise UserError("the question is empty")
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise UserError(f"unknown comparison {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+        mode = "expand" if expand else "lclm"
+        main = MethodRun(f"LCLM {variant.label}" + (" + EXPAND" if expand else ""))
+        state = AskState([main] + [MethodRun(name) for name in baselines])
+        device = self.model(variant).device
+
+        def stream(run: MethodRun, events) -> Iterator[AskState]:
+            run.status, run.started = "running", time.perf_counter()
+            for event in events:
+                run.memory_peak = max(run.memory_peak, memory_now(device))
+                if event.kind == "token":
+                    if run.live_ttft_ms is None:
+                        run.live_ttft_ms = (time.perf_counter() - run.started) * 1000
+                    run.tokens += 1
+                    run.text += event.text
+                elif event.kind == "round":
+                    state.rounds.append(event.round)
+                    for index in event.round["expanded"]:
+                        state.expanded.setdefault(index, event.round["number"])
+                    run.text = ""  # the next round's reply streams afresh
+                else:
+                    run.result, run.status, run.text = event.result, "done", event.result["answer"]
+                    self.history.add(session, run_row(event.result, run.name))
+                yield state
+
+        yield state
+        yield from stream(main, self.studio.ask(text, question, mode, variant.ratio, variant.pooling, variant.spec,
+                                                max_new_tokens))
+        for run in state.methods[1:]:
+            baseline = BASELINES[run.name]
+            reason = baseline.unavailable()
+            if reason:
+                run.status = run.text = reason
+                yield state
+                continue
+            try:
+                yield from stream(run, baseline.ask(self.studio, text, question, variant, max_new_tokens))
+            except Exception as err:  # a comparison that fails here says so; the answers so far stay
+                if not isinstance(err, UserError):
+                    log.exception("%s failed", run.name)
+                run.status = run.text = f"error: {err}"
+                yield state
+
+    # ---- metrics ------------------------------------------------------------------------
+    def metrics(self, session: str) -> tuple[list[dict], object]:
+        """This session's runs and the chart of its last sweep."""
+        return self.history.rows(session), figures.sweep_figure(self.history.sweep(session))
+
+    def export(self, session: str, fmt: str) -> Path:
+        """This session's runs (and sweep) as a CSV or JSON file in a temporary directory."""
+        if fmt not in ("csv", "json"):
+            raise UserError(f"export format must be csv or json, got {fmt!r}")
+        rows = self.history.rows(session)
+        data = to_csv(rows) if fmt == "csv" else to_json(rows, self.history.sweep(session))
+        path = self._export_dir / f"lclm-runs-{(session or 'default')[:12]}.{fmt}"
+        path.write_text(data, encoding="utf-8")
+        return path
+
+    def sweep(self, session: str, doc_id: str | None, variant: Variant, points: int = 5,
+              progress: ProgressFn | None = None) -> list[dict]:
+        """TTFT and peak memory of LCLM (cold: no latent cache) and full context on the first
+        L tokens of the current document, for several L; kept as this session's sweep."""
+        text = self.documents.get(doc_id).text
+        model = self.model(variant)
+        document = self.studio.tokenize(model, text)
+        lengths = sweep_lengths(len(document), points)
+        methods = (("lclm", f"lclm {variant.label}"), ("full", "full context"))
+        rows, total, done = [], len(lengths) * len(methods), 0
+        for length in lengths:
+            prefix = document.text_of(0, length)
+            for mode, name in methods:
+                if progress:
+                    progress(f"{name} at {length} tokens", done, total)
+                rows.append(sweep_point(self.studio, prefix, mode, name, variant, length))
+                done += 1
+        if progress:
+            progress("sweep done", total, total)
+        self.history.set_sweep(session, rows)
+        return rows
+
+
+def sweep_point(studio: Studio, text: str, mode: str, name: str, variant: Variant, length: int) -> dict:
+    """One method's TTFT and memory on `text` (one new token, no latent cache); a length the
+    method cannot read (e.g. past the decoder's positions) is kept with its reason."""
+    result = {}
+    try:
+        for event in studio.ask(text, SWEEP_QUESTION, mode, variant.ratio, variant.pooling, variant.spec,
+                                max_new_tokens=1, use_cache=False):
+            result = event.result or result
+    except UserError as err:
+        return {"method": name, "tokens": length, "error": str(err)}
+    keys = ("tokens", "ttft_ms", "compress_ms", "prefill_ms", "positions", "kv_cache_bytes", "peak_mem_bytes",
+            "peak_mem_above_weights_bytes")
+    return {"method": name, **{k: result[k] for k in keys}}
+
+
+def sweep_lengths(tokens: int, points: int = 5) -> list[int]:
+    """The whole document and halvings of it, shortest first, none below SWEEP_MIN_TOKENS
+    (unless the document itself is shorter)."""
+    lengths = {tokens}
+    length = tokens
+    for _ in range(points - 1):
+        length //= 2
+        if length >= SWEEP_MIN_TOKENS:
+            lengths.add(length)
+    return sorted(lengths)

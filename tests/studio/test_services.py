@@ -1,0 +1,203 @@
+"""The studio's app/ logic without a server: catalog, documents, latent inspection, token
+diff, baselines, run history, figures, the workspace's streamed answers, and error mapping."""
+
+import math
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+
+from app import baselines, figures, inspect
+from app.catalog import CHECKPOINT_FAMILY, EMBEDDED_FAMILY, Catalog, Variant, build_catalog
+from app.documents import Cell, DocumentStore
+from app.history import COLUMNS, RunHistory, run_row, to_csv
+from app.inspect import latent_statistics, pca, project, token_diff, token_pieces
+from app.service import Studio, share_weights
+from app.settings import Settings
+from app.workspace import Workspace, sweep_lengths
+from model.errors import UserError
+from tests.studio.conftest import DOCUMENT
+from views.common import OUT_OF_MEMORY, user_errors
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_checkpoint_factory, tmp_path_factory):
+    checkpoints = [str(tiny_checkpoint_factory(ratio=4)), str(tiny_checkpoint_factory(ratio=8))]
+    settings = Settings(data_dir=tmp_path_factory.mktemp("home"), device="cpu", chunk_tokens=32)
+    return Workspace(Studio(settings), build_catalog(checkpoints))
+
+
+# ---- catalog ------------------------------------------------------------------------------
+def test_catalog_offers_the_checkpoints_first_then_every_embedded_variant(workspace):
+    catalog = workspace.catalog
+    assert catalog.families() == [CHECKPOINT_FAMILY, EMBEDDED_FAMILY]
+    assert (catalog.default.ratio, catalog.default.pooling) == (4, "mean")
+    assert catalog.ratios(CHECKPOINT_FAMILY) == [4, 8] and catalog.ratios(EMBEDDED_FAMILY) == [4, 8, 16]
+    # no trained embedded weights ship yet: every embedded variant says so
+    assert all(label.endswith("(untrained)") for label, _ in catalog.poolings(EMBEDDED_FAMILY, 16))
+    assert catalog.sibling(catalog.default, 8).ratio == 8 and catalog.sibling(catalog.default, 16) is None
+    with pytest.raises(UserError, match="offers: 1:4 mean, 1:8 mean"):
+        catalog.find(CHECKPOINT_FAMILY, 16, "mean")
+
+
+def test_two_checkpoints_of_one_variant_are_refused(tiny_checkpoint):
+    with pytest.raises(UserError, match="both 1:4 mean"):
+        build_catalog([str(tiny_checkpoint), str(tiny_checkpoint)])
+
+
+def test_sibling_prefers_the_same_pooling():
+    variants = [Variant("f", "x", 4, "mean", True), Variant("f", "y", 8, "concat", False),
+                Variant("f", "z", 8, "mean", False)]
+    assert Catalog(variants).sibling(variants[0], 8).spec == "z"
+
+
+# ---- documents ----------------------------------------------------------------------------------
+def test_document_store_keeps_ids_and_evicts_the_oldest(tmp_path):
+    store = DocumentStore(max_documents=2)
+    first = store.add("one")
+    store.add("two")
+    store.add("three")
+    with pytest.raises(UserError, match="no document loaded"):
+        store.get(first.sha256)
+    with pytest.raises(UserError, match="no document loaded"):
+        store.get(None)
+    path = tmp_path / "page.html"
+    path.write_text("<html><body><p>Hello</p><script>x()</script></body></html>")
+    document = store.load("ignored when a file is given", str(path))
+    assert (document.text, document.name) == ("Hello", "page.html")
+
+
+def test_layout_cuts_windows_and_chunks(workspace):
+    document, layout = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
+    assert layout.windows == math.ceil(layout.tokens / 16) and layout.latents == math.ceil(layout.tokens / 4)
+    assert layout.cells[0].start_token == 0 and layout.cells[-1].end_token == layout.tokens
+    assert all(a.end_token == b.start_token for a, b in zip(layout.cells, layout.cells[1:]))
+    assert document.text[layout.cells[0].start_char:layout.cells[0].end_char].startswith("The quick")
+
+
+# ---- latent inspection -----------------------------------------------------------------------------
+def test_latent_statistics_shapes_and_values():
+    latents = torch.tensor([[3.0, 4.0], [3.0, 4.0], [-3.0, -4.0]])  # [3, 2]
+    stats = latent_statistics(latents)
+    assert np.allclose(stats["norm"], [5, 5, 5])
+    assert math.isnan(stats["cos_prev"][0]) and np.allclose(stats["cos_prev"][1:], [1, -1])
+    assert np.allclose(stats["cos_next"][:2], [1, -1]) and math.isnan(stats["cos_next"][2])
+
+
+def test_few_points_use_pca():
+    """(UMAP itself runs in the API and browser tests, where the server has compiled it.)"""
+    coords, method = project(np.eye(4, 6, dtype=np.float32))
+    assert method == "PCA" and coords.shape == (4, 2)
+    assert pca(np.ones((1, 3), dtype=np.float32)).shape == (1, 2)
+
+
+def test_token_diff_covers_both_texts(workspace):
+    tokenizer = workspace.model(workspace.catalog.default).decoder_tokenizer
+    original = "The vault code is 5521. The grass is green."
+    reconstructed = "The vault code is 1234. The grass is green and blue."
+    ids, pieces = token_pieces(tokenizer, original)
+    assert "".join(pieces) == original and len(pieces) == len(ids)
+    spans = token_diff(tokenizer, original, reconstructed)
+    assert "".join(t for t, label in spans if label != "added") == original
+    assert "".join(t for t, label in spans if label in ("kept", "added")) == reconstructed
+    assert {label for _, label in spans} >= {"kept", "changed", "added"}
+    assert token_diff(tokenizer, original, original) == [(original, "kept")]
+
+
+def test_latent_map_of_two_ratios_and_the_source_tokens(workspace, monkeypatch):
+    monkeypatch.setattr(inspect, "UMAP_MIN_POINTS", 10**9)  # PCA: spare this process UMAP's JIT
+    document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
+    result = workspace.latent_map(document.sha256, workspace.catalog.default, [8, 16], show_source_tokens=True)
+    assert list(result.summary["points"]) == ["latents 1:4 mean", "latents 1:8 mean",
+                                              "source tokens (decoder embeddings)"]
+    assert result.summary["notes"] == ["1:16 left out: --checkpoint does not offer it"]
+    assert result.summary["method"] == "PCA"
+
+
+# ---- answers, baselines, history -------------------------------------------------------------------
+def test_ask_streams_states_and_records_the_run(workspace, monkeypatch):
+    monkeypatch.setattr(baselines.importlib.util, "find_spec", lambda name: None)  # as if kvpress were absent
+    document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
+    states = list(workspace.ask("session-a", document.sha256, "What is the vault code?", workspace.catalog.default,
+                                expand=True, baselines=["full context", "kvpress snapkv"], max_new_tokens=4))
+    final = states[-1]
+    main, full, kvpress = final.methods
+    assert main.status == full.status == "done" and main.result["mode"] == "expand"
+    assert kvpress.status == baselines.KVPRESS_MISSING and kvpress.result is None
+    assert final.rounds[0]["forced"] == "EXPAND:"
+    assert [row["method"] for row in workspace.history.rows("session-a")] == [main.name, "full context"]
+    assert workspace.history.rows("session-b") == []
+    with pytest.raises(UserError, match="the question is empty"):
+        next(workspace.ask("s", document.sha256, "  ", workspace.catalog.default))
+
+
+def test_kvpress_keeps_the_matched_share_of_the_context(workspace):
+    pytest.importorskip("kvpress")
+    document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
+    events = list(baselines.BASELINES["kvpress knorm"].ask(workspace.studio, document.text, "What is the code?",
+                                                          workspace.catalog.default, 3))
+    result = events[-1].result
+    assert result["press_ratio"] == 0.75 and result["ttft_ms"] > 0
+    assert result["positions"] < result["prefilled_positions"] / 2  # a quarter of the context, plus the question
+
+
+def test_history_rows_and_csv():
+    history = RunHistory(max_sessions=1)
+    history.add("a", run_row({"ttft_ms": 1.5, "peak_mem_bytes": 2**20, "answer": "x"}, "lclm"))
+    history.add("b", run_row({"ttft_ms": 2.5}, "full context"))
+    assert history.rows("a") == []  # dropped: only one session is kept
+    csv = to_csv(history.rows("b"))
+    assert csv.splitlines()[0] == ",".join(COLUMNS) and "full context" in csv
+
+
+def test_sweep_lengths_halve_the_document():
+    assert sweep_lengths(1000) == [62, 125, 250, 500, 1000]
+    assert sweep_lengths(70) == [35, 70] and sweep_lengths(20) == [20]
+
+
+# ---- figures and errors ------------------------------------------------------------------------------
+def test_strips_escape_text_and_mark_expanded_chunks():
+    cells = [Cell(0, 0, 8, 0, 10, "<script>alert(1)</script>"), Cell(1, 8, 16, 10, 20, "plain")]
+    strip = figures.document_strip(cells, expanded={1: 2})
+    assert "<script>" not in strip and "&lt;script&gt;" in strip
+    assert "1 (r2)" in strip and "expanded: chunk 1 (round 2)" in strip
+    fidelity = figures.fidelity_strip([{"index": 0, "token_accuracy": 1.0, "reference_tokens": 5}], selected=0)
+    assert "hsl(120" in fidelity and "border:2px" in fidelity
+
+
+def test_share_weights_reuses_components_and_matches_a_fresh_load(tiny_checkpoint):
+    from dataclasses import replace
+
+    from model.config import LCLMConfig
+    from model.loading import build_lclm, parts_from_directory
+
+    parts = parts_from_directory(tiny_checkpoint)
+    loaded = build_lclm(parts, device="cpu")
+    other = replace(parts, config=LCLMConfig(compression_ratio=8, encoder_window_size=16), adapter_file=None,
+                    checkpoint_id="tiny:8:untrained")
+    shared = share_weights(loaded, other)
+    assert shared.decoder is loaded.decoder and shared.encoder.model is loaded.encoder.model
+    ids = loaded.tokenize_document(DOCUMENT[:200]).ids
+    assert torch.equal(shared.compress(ids), build_lclm(other, device="cpu").compress(ids))
+
+
+def test_user_errors_become_one_line_messages():
+    @user_errors
+    def fails(kind):
+        raise {"user": UserError("the document is empty"), "oom": RuntimeError("CUDA out of memory. Tried"),
+               "bug": RuntimeError("shape mismatch")}[kind]
+
+    @user_errors
+    def streams():
+        yield 1
+        raise UserError("stopped <b>here</b>")
+
+    with pytest.raises(gr.Error, match="the document is empty"):
+        fails("user")
+    with pytest.raises(gr.Error, match=OUT_OF_MEMORY):
+        fails("oom")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        fails("bug")
+    with pytest.raises(gr.Error, match="&lt;b&gt;here"):
+        list(streams())

@@ -1,0 +1,120 @@
+"""Ask tab: a question answered from the compressed context, streaming; EXPAND on or off with
+the agent's transcript and the expanded chunks on the document strip; optional side-by-side
+answers from the full-context decoder and a kvpress baseline, with live readouts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from app import figures
+from app.baselines import BASELINES, KVPRESS_CHOICES
+from views.common import MODEL_SLOT, Shared, user_errors
+
+NO_KVPRESS = "none"
+FULL = "full context"
+TRANSCRIPT_COLUMNS = ["round", "forced", "action", "expanded", "ignored", "positions", "reply"]
+READOUT_COLUMNS = ["method", "status", "TTFT ms", "compress ms", "prefill ms", "tokens/s", "tokens", "peak MiB",
+                   "KV cache MiB", "positions"]
+STREAM_INTERVAL_S = 0.1  # at most this often a streamed update goes to the page
+
+
+def kvpress_choices() -> list[tuple[str, str]]:
+    choices = [(NO_KVPRESS, NO_KVPRESS)]
+    for name in KVPRESS_CHOICES:
+        reason = BASELINES[name].unavailable()
+        choices.append((f"{name} ({reason})" if reason else name, name))
+    return choices
+
+
+def readout_table(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=READOUT_COLUMNS, dtype=object)
+
+
+def build(max_new_tokens: int) -> SimpleNamespace:
+    question = gr.Textbox(label="Question", lines=2, elem_id="question",
+                          placeholder="Ask something the document answers")
+    with gr.Row():
+        expand = gr.Checkbox(False, label="EXPAND: let the model read chunks in full", elem_id="expand")
+        full = gr.Checkbox(False, label="Also answer from the full context", elem_id="compare-full")
+        kvpress = gr.Dropdown(kvpress_choices(), value=NO_KVPRESS, label="Also answer with a kvpress baseline",
+                              elem_id="compare-kvpress")
+        new_tokens = gr.Number(max_new_tokens, precision=0, minimum=1, maximum=4096, label="Max new tokens",
+                               elem_id="max-new-tokens")
+    run = gr.Button("Ask", variant="primary", elem_id="ask")
+    with gr.Row():
+        answers = [gr.Textbox(label=label, lines=6, interactive=False, elem_id=f"answer-{key}")
+                   for key, label in (("lclm", "LCLM"), ("full", "Full context"), ("kvpress", "kvpress"))]
+    ttft = gr.Markdown(elem_id="ttft")
+    readout = gr.Dataframe(readout_table([]), label="Live readouts", interactive=False, elem_id="ask-readout")
+    strip = gr.HTML(elem_id="ask-strip")
+    transcript = gr.Dataframe(pd.DataFrame(columns=TRANSCRIPT_COLUMNS), label="EXPAND transcript", wrap=True,
+                              interactive=False, column_widths=["7%", "10%", "9%", "10%", "22%", "9%", "33%"],
+                              elem_id="transcript")
+    with gr.Accordion("All numbers", open=False):
+        results = gr.JSON(label="Results", elem_id="ask-results")
+    return SimpleNamespace(question=question, expand=expand, full=full, kvpress=kvpress, new_tokens=new_tokens,
+                           run=run, answers=answers, ttft=ttft, readout=readout, strip=strip, transcript=transcript,
+                           results=results)
+
+
+def ttft_markdown(readouts: list[dict]) -> str:
+    """One line per method: TTFT first, with its compress / prefill split once known."""
+    lines = []
+    for r in readouts:
+        if r["TTFT ms"] is None:
+            lines.append(f"**{r['method']}**: {r['status']}")
+        elif r["prefill ms"] is None:
+            lines.append(f"**{r['method']}**: TTFT **{r['TTFT ms']:,.1f} ms** (streaming)")
+        else:
+            lines.append(f"**{r['method']}**: TTFT **{r['TTFT ms']:,.1f} ms** = compress {r['compress ms']:,.1f} + "
+                         f"prefill {r['prefill ms']:,.1f} + first token and the rest; {r['tokens/s'] or 0:,.1f} "
+                         f"tokens/s; peak {r['peak MiB']:,.1f} MiB; KV cache {r['KV cache MiB']:,.3f} MiB; "
+                         f"{r['positions']:,} positions")
+    return "  \n".join(lines)
+
+
+def transcript_table(rounds: list[dict]) -> pd.DataFrame:
+    rows = [[r["number"], r["forced"] or "", r["action"], ", ".join(map(str, r["expanded"])), "; ".join(r["ignored"]),
+             r["positions"], r["raw_output"]] for r in rounds]
+    return pd.DataFrame(rows, columns=TRANSCRIPT_COLUMNS)
+
+
+def throttled(states: Iterable, interval_s: float = STREAM_INTERVAL_S) -> Iterator:
+    """Every state that comes `interval_s` after the last one passed on, and always the last."""
+    last_sent, state, pending = 0.0, None, False
+    for state in states:
+        pending = True
+        if time.perf_counter() - last_sent >= interval_s:
+            last_sent, pending = time.perf_counter(), False
+            yield state
+    if pending:
+        yield state
+
+
+def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) -> gr.events.Dependency:
+    """`live_readouts`: other tabs' readout tables, updated with this one. Returns the ask event."""
+
+    @user_errors
+    def ask(document: str | None, family: str, ratio: int, pooling: str, question: str, expand: bool, full: bool,
+            kvpress: str, max_new_tokens: float, request: gr.Request):
+        variant = workspace.variant(family, ratio, pooling)
+        cells = workspace.layout(document, variant).cells
+        baselines = ([FULL] if full else []) + ([kvpress] if kvpress and kvpress != NO_KVPRESS else [])
+        states = workspace.ask(request.session_hash, document, question, variant, bool(expand), baselines,
+                               int(max_new_tokens or 0) or None)
+        for state in throttled(states):
+            by_name = {m.name: m.text for m in state.methods}
+            rows = state.readouts()
+            readout = readout_table(rows)
+            yield (by_name[state.methods[0].name], by_name.get(FULL, ""), by_name.get(kvpress, ""),
+                   ttft_markdown(rows), readout, figures.document_strip(cells, state.expanded),
+                   transcript_table(state.rounds), state.results(), *[readout] * len(live_readouts))
+
+    inputs = [shared.document, *shared.model_inputs, ui.question, ui.expand, ui.full, ui.kvpress, ui.new_tokens]
+    outputs = [*ui.answers, ui.ttft, ui.readout, ui.strip, ui.transcript, ui.results, *live_readouts]
+    return ui.run.click(ask, inputs, outputs, api_name="ask", concurrency_id=MODEL_SLOT, concurrency_limit=1)

@@ -1,0 +1,50 @@
+"""Document tab: paste text or upload a file; its tokens, encoder windows and chunks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from app import figures
+from app.ingest import SUPPORTED_SUFFIXES
+from views.common import Shared, user_errors
+
+UPLOAD_TYPES = sorted(s for s in SUPPORTED_SUFFIXES if s)
+
+
+def build() -> SimpleNamespace:
+    gr.Markdown("Paste a document or upload a file (.txt, .md, .html, .pdf). It stays on this machine.")
+    with gr.Row():
+        text = gr.Textbox(label="Document text", lines=12, max_lines=24, elem_id="document-text",
+                          placeholder="Paste text here, then press Load")
+        file = gr.File(label="…or upload a file", file_types=UPLOAD_TYPES, type="filepath", elem_id="document-file")
+    load = gr.Button("Load document", variant="primary", elem_id="load-document")
+    summary = gr.Markdown(elem_id="document-summary")
+    strip = gr.HTML(elem_id="document-strip")
+    return SimpleNamespace(text=text, file=file, load=load, summary=summary, strip=strip)
+
+
+def summary_markdown(document, layout, variant) -> str:
+    return (
+        f"**{document.name}**: {layout.tokens:,} tokens in {layout.windows:,} encoder window(s) of "
+        f"{layout.window_size:,}; {layout.chunks:,} chunk(s) for EXPAND; {layout.latents:,} latents at "
+        f"{variant.label}. Document id `{document.sha256[:12]}`"
+    )
+
+
+def bind(ui: SimpleNamespace, shared: Shared, workspace, strips: list) -> None:
+    """`strips`: the other tabs' document strips, redrawn for each new document."""
+
+    @user_errors
+    def load_document(text: str, path: str | None, family: str, ratio: int, pooling: str):
+        variant = workspace.variant(family, ratio, pooling)
+        document, layout = workspace.load_document(text, path, variant)
+        strip = figures.document_strip(layout.cells)
+        return (document.sha256, document.text, None, summary_markdown(document, layout, variant), strip,
+                *[strip] * len(strips))
+
+    inputs = [ui.text, ui.file, *shared.model_inputs]
+    outputs = [shared.document, ui.text, ui.file, ui.summary, ui.strip, *strips]
+    ui.load.click(load_document, inputs, outputs, api_name="load_document")
+    ui.file.upload(load_document, inputs, outputs, api_name="upload_document")

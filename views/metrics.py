@@ -1,0 +1,52 @@
+"""Metrics tab: live readouts of the answer in progress, this session's runs (CSV/JSON export),
+and TTFT and peak memory against context length, LCLM vs full context, from a sweep."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from app.history import COLUMNS
+from views.ask import readout_table
+from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
+
+
+def build() -> SimpleNamespace:
+    live = gr.Dataframe(readout_table([]), label="Live readouts (the answer in progress, each method side by side)",
+                        interactive=False, elem_id="metrics-live")
+    with gr.Row():
+        refresh = gr.Button("Refresh", elem_id="refresh-metrics")
+        csv = gr.DownloadButton("Export CSV", elem_id="export-csv")
+        json = gr.DownloadButton("Export JSON", elem_id="export-json")
+    history = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="This session's runs", interactive=False,
+                           max_height=360, max_chars=48, elem_id="history")
+    gr.Markdown("**Sweep**: TTFT and peak memory of the LCLM (cold, no latent cache) and of the full context "
+                "on the first L tokens of the current document, for several L.")
+    sweep = gr.Button("Sweep", variant="primary", elem_id="sweep")
+    chart = gr.Plot(label="TTFT and peak memory against context length", elem_id="sweep-chart")
+    return SimpleNamespace(live=live, refresh=refresh, csv=csv, json=json, history=history, sweep=sweep, chart=chart)
+
+
+def bind(ui: SimpleNamespace, shared: Shared, workspace, tab: gr.Tab, ask_event) -> None:
+    def metrics(request: gr.Request):
+        session = request.session_hash
+        rows, chart = workspace.metrics(session)
+        return (pd.DataFrame(rows, columns=COLUMNS, dtype=object), chart, str(workspace.export(session, "csv")),
+                str(workspace.export(session, "json")))
+
+    outputs = [ui.history, ui.chart, ui.csv, ui.json]
+    ui.refresh.click(metrics, None, outputs, api_name="metrics")
+    tab.select(metrics, None, outputs, api_name="metrics_on_select", api_visibility="private")
+    ask_event.then(metrics, None, outputs, api_name="metrics_after_ask", api_visibility="private")
+
+    @user_errors
+    def sweep(document: str | None, family: str, ratio: int, pooling: str, request: gr.Request,
+              progress=gr.Progress()):
+        variant = workspace.variant(family, ratio, pooling)
+        workspace.sweep(request.session_hash, document, variant, progress=progress_callback(progress, unit="runs"))
+        return metrics(request)
+
+    ui.sweep.click(sweep, [shared.document, *shared.model_inputs], outputs, api_name="sweep",
+                   concurrency_id=MODEL_SLOT, concurrency_limit=1)

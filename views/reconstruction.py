@@ -1,0 +1,79 @@
+"""Reconstruction tab: the decoder reproduces each chunk from its latents; a fidelity strip over
+the document and a token-level diff of the selected chunk, side by side for two ratios."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from app.settings import RATIOS
+from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
+
+DIFF_COLOURS = {"kept": "#b7e4c7", "changed": "#ffd166", "lost": "#ef476f", "added": "#a0c4ff"}
+NO_COMPARISON = "none"
+
+
+def build() -> SimpleNamespace:
+    gr.Markdown("Green: kept; yellow: changed (followed, in blue, by what the decoder wrote instead); "
+                "red: lost. This is what compression loses.")
+    with gr.Row():
+        compare = gr.Dropdown([(NO_COMPARISON, NO_COMPARISON)] + [(f"1:{r}", str(r)) for r in RATIOS],
+                              value=NO_COMPARISON, label="Side by side with ratio", elem_id="compare-ratio")
+        max_chunks = gr.Number(8, precision=0, minimum=0, label="Chunks to reconstruct (0: all)",
+                               elem_id="max-chunks")
+        run = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
+    chunk = gr.Slider(0, 1, value=0, step=1, label="Chunk", elem_id="chunk")
+    columns = []
+    with gr.Row():
+        for side in ("left", "right"):
+            with gr.Column():
+                columns.append(SimpleNamespace(
+                    title=gr.Markdown(elem_id=f"reconstruction-{side}-title"),
+                    strip=gr.HTML(elem_id=f"fidelity-{side}"),
+                    diff=gr.HighlightedText(label="Token diff", color_map=DIFF_COLOURS, combine_adjacent=True,
+                                            show_legend=True, elem_id=f"diff-{side}"),
+                ))
+    with gr.Accordion("Token accuracy per chunk", open=False):
+        details = gr.JSON(label="Per chunk", elem_id="reconstruction-details")
+    return SimpleNamespace(compare=compare, max_chunks=max_chunks, run=run, chunk=chunk, columns=columns,
+                           details=details)
+
+
+def bind(ui: SimpleNamespace, shared: Shared, workspace) -> None:
+    catalog = workspace.catalog
+
+    def side(document, variant, max_chunks, chunk, progress):
+        result = workspace.reconstruct(document, variant, max_chunks or None, progress)
+        strip, diff = workspace.chunk_diff(result, variant, chunk)
+        title = f"### {variant.label}: token accuracy {result['token_accuracy']:.1%}"
+        if result.get("note"):
+            title += f"\n*{result['note']}*"
+        summary = {"variant": variant.label, "token_accuracy": result["token_accuracy"],
+                   "chunks": [{k: c[k] for k in ("index", "token_accuracy", "reference_tokens")}
+                              for c in result["chunks"]]}
+        return result, (title, strip, diff), summary
+
+    @user_errors
+    def reconstruct(document: str | None, family: str, ratio: int, pooling: str, compare: str, max_chunks: float,
+                    chunk: float, progress=gr.Progress()):
+        variant = workspace.variant(family, ratio, pooling)
+        report = progress_callback(progress, unit="chunks")
+        result, left, left_summary = side(document, variant, int(max_chunks or 0), int(chunk or 0), report)
+        right, summaries = ("", "", []), [left_summary]
+        if compare and compare != NO_COMPARISON:
+            other = catalog.sibling(variant, int(compare))
+            if other is None:
+                right = (f"### 1:{compare}: not offered by {variant.family}", "", [])
+            else:
+                _, right, right_summary = side(document, other, int(max_chunks or 0), int(chunk or 0), report)
+                summaries.append(right_summary)
+        last = max(1, max(c["index"] for c in result["chunks"]))
+        return (*left, *right, gr.Slider(maximum=last), summaries)
+
+    inputs = [shared.document, *shared.model_inputs, ui.compare, ui.max_chunks, ui.chunk]
+    outputs = [*[getattr(c, k) for c in ui.columns for k in ("title", "strip", "diff")], ui.chunk, ui.details]
+    ui.run.click(reconstruct, inputs, outputs, api_name="reconstruct", concurrency_id=MODEL_SLOT,
+                 concurrency_limit=1)
+    ui.chunk.release(reconstruct, inputs, outputs, api_name="select_chunk", concurrency_id=MODEL_SLOT,
+                     concurrency_limit=1)
