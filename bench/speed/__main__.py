@@ -1,0 +1,137 @@
+"""Command line of the speed benchmark: `python -m bench.speed --help`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STARTED = time.perf_counter()
+
+import torch  # noqa: E402
+
+from bench.speed.methods import METHODS, quiet_kvpress  # noqa: E402
+from bench.speed.report import machine, markdown_table, plots, results, slug, write_json  # noqa: E402
+from bench.speed.rigs import PAIRS, checkpoint_rig, random_pair_rig  # noqa: E402
+from bench.speed.sweep import Plan, Sweep  # noqa: E402
+
+K = 1024
+
+
+@dataclass
+class Preset:
+    """Defaults of one kind of run; every field can be overridden on the command line."""
+
+    rig: str  # "checkpoint" (the app's loader) or "random" (a random Qwen3 pair)
+    device: str
+    lengths: list[int]
+    runs: int
+    budget_min: float
+    max_repeat_s: float
+    max_length: dict[str, int] = field(default_factory=dict)
+    sweep_max_length: dict[str, int] = field(default_factory=dict)
+
+
+PRESETS = {
+    # The embedded model on a CPU. The decoder reads 8,192 positions, so full context stops at 7.5k.
+    # Presses cost a full prefill and more (KVzip replays the context): fewer lengths, fewer ratios.
+    "cpu": Preset(rig="checkpoint", device="cpu", lengths=[1 * K, 2 * K, 4 * K, 7680], runs=3, budget_min=14,
+                  max_repeat_s=90, max_length={"snapkv": 4 * K, "kvzip": 2 * K},
+                  sweep_max_length={"snapkv": 2 * K, "kvzip": 1 * K}),
+    # The paper's pair with random weights on one GPU, in one 10-minute run: full context as far as
+    # it fits and time allows, presses to 64k / 32k, ratios 1:4 and 1:8 to 128k, 1:16 to 1M.
+    "gpu": Preset(rig="random", device="cuda", lengths=[4 * K * 2**i for i in range(9)], runs=3, budget_min=8.5,
+                  max_repeat_s=20, max_length={"full": 256 * K, "snapkv": 64 * K, "kvzip": 32 * K},
+                  sweep_max_length={"lclm": 128 * K, "lclm_cached": 128 * K, "snapkv": 32 * K, "kvzip": 16 * K}),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu where CUDA is present, else cpu")
+    parser.add_argument("--checkpoint", help="checkpoint directory for the cpu preset (default: the embedded model)")
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="paper", help="random pair shape for the gpu preset")
+    parser.add_argument("--device", help="override the preset's device")
+    parser.add_argument("--lengths", type=int, nargs="+", help="document lengths in tokens")
+    parser.add_argument("--ratios", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--runs", type=int, help="timed runs per point (median), after one warm-up per method")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per request")
+    parser.add_argument("--budget-min", type=float, help="stop starting new runs after this many minutes")
+    parser.add_argument("--max-repeat-s", type=float, help="do not repeat a point whose first run took longer")
+    parser.add_argument("--no-caps", action="store_true", help="drop the preset's per-method length caps")
+    parser.add_argument("--memory-limit-gib", type=float,
+                        help="treat the device as this large (on CUDA also enforced), e.g. 80 on a bigger GPU")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's); 1 is steadier where other jobs share the cores")
+    parser.add_argument("--encoder-batch-tokens", type=int, help="encoder tokens per batch (the memory budget)")
+    parser.add_argument("--out-dir", default="bench/results")
+    parser.add_argument("--name", help="file stem under --out-dir (default: speed-<machine>)")
+    parser.add_argument("--no-plots", action="store_true")
+    return parser.parse_args(argv)
+
+
+def build_rig(args, preset: Preset):
+    device = torch.device(args.device or preset.device)
+    if preset.rig == "checkpoint":
+        return checkpoint_rig(args.checkpoint, args.ratios, device=device)
+    return random_pair_rig(args.pair, args.ratios, device=device)
+
+
+def limit_memory(device: torch.device, limit_gib: float | None) -> int | None:
+    if limit_gib is None:
+        return None
+    limit = int(limit_gib * 2**30)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
+    return limit
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet_kvpress()
+    print(f"building the rig ({preset.rig}) ...", flush=True)
+    rig = build_rig(args, preset)
+    if args.encoder_batch_tokens:
+        for lclm in rig.lclms.values():
+            lclm.encoder.max_batch_tokens = args.encoder_batch_tokens
+    plan = Plan(
+        lengths=args.lengths or preset.lengths, ratios=args.ratios, methods=args.methods,
+        runs=args.runs or preset.runs, new_tokens=args.new_tokens,
+        budget_s=60 * (args.budget_min if args.budget_min is not None else preset.budget_min),
+        max_repeat_s=args.max_repeat_s if args.max_repeat_s is not None else preset.max_repeat_s,
+        max_length={} if args.no_caps else preset.max_length,
+        sweep_max_length={} if args.no_caps else preset.sweep_max_length,
+        memory_limit_bytes=limit_memory(rig.device, args.memory_limit_gib),
+    )
+    info = machine(rig.device)
+    stem = Path(args.out_dir) / (args.name or f"speed-{slug(info)}")
+    command = "python -m bench.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
+    print(f"{info['name']}: {rig.name}, {rig.dtype}, {rig.weights_bytes() / 2**30:.2f} GiB of weights", flush=True)
+
+    def save(sweep: Sweep) -> dict:
+        data = results(rig, plan, sweep.points, info, time.perf_counter() - STARTED, command)
+        write_json(data, stem.with_suffix(".json"))
+        return data
+
+    sweep = Sweep(rig, plan, started=STARTED, on_progress=save)
+    sweep.run()
+    data = save(sweep)
+    stem.with_suffix(".md").write_text(markdown_table(data))
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    if not args.no_plots:
+        written += plots(data, stem)
+    print(markdown_table(data))
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    return data
+
+
+if __name__ == "__main__":
+    main()

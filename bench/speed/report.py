@@ -1,0 +1,276 @@
+"""Results of a sweep: one JSON document (every figure also as a ratio to full context at the
+same length, measured in the same run), PNG plots and a Markdown table."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+import torch
+
+from bench.speed.analytic import cached_ttft_gain_limit, encoder_share, ttft_gain_limit
+from bench.speed.methods import METHODS
+from bench.speed.rigs import Rig
+from bench.speed.sweep import MEASURED_FIELDS, Plan, Point
+
+MiB = 2**20
+
+
+# ---- the machine ----------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, memory, kind = props.name, props.total_memory, "gpu"
+    else:
+        name, memory, kind = f"{cpu_name()}, {os.cpu_count()} cores", psutil.virtual_memory().total, "cpu"
+    return {
+        "name": name, "kind": kind, "memory_bytes": memory, "cpu": cpu_name(), "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "transformers": version("transformers"), "kvpress": version("kvpress"), "python": platform.python_version(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def slug(machine_info: dict) -> str:
+    name = machine_info["name"] if machine_info["kind"] == "gpu" else f"{machine_info['cpu']} {machine_info['cpu_cores']}c"
+    return machine_info["kind"] + "-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ---- records ----------------------------------------------------------------------------------
+def analytic_gain(rig: Rig, method: str, tokens: int, ratio: int) -> float | None:
+    if method == "lclm":
+        return ttft_gain_limit(rig.encoder_shape, rig.decoder_shape, tokens, ratio, rig.window)
+    if method == "lclm_cached":
+        return cached_ttft_gain_limit(rig.decoder_shape, tokens, ratio)
+    return None
+
+
+def record(rig: Rig, point: Point, full: Point | None) -> dict:
+    out = {"method": point.method, "label": METHODS[point.method].label, "ratio": point.ratio,
+           "tokens": point.tokens, "status": point.status, "reason": point.reason, "runs": len(point.samples)}
+    if point.predicted_bytes:
+        out["predicted_peak_above_weights_bytes"] = point.predicted_bytes
+    if point.ratio and point.method.startswith("lclm"):
+        limit = analytic_gain(rig, point.method, point.tokens, point.ratio)
+        out["analytic_ttft_gain"] = round(limit, 3)
+    if not point.samples:
+        return out
+    med = point.median()
+    out["median"] = {k: round(v, 3) for k, v in med.items()}
+    out["samples_ttft_ms"] = [s["ttft_ms"] for s in point.samples]
+    out.update(point.extra())
+    if med["compress_ms"] > 0:
+        out["compress_tokens_per_s"] = round(point.tokens / (med["compress_ms"] / 1000), 1)
+    if full is not None and full.samples:
+        ref = full.median()
+        out["vs_full"] = {f: (round(med[f] / ref[f], 4) if ref[f] else None) for f in MEASURED_FIELDS}
+        out["ttft_gain"] = round(ref["ttft_ms"] / med["ttft_ms"], 3)
+        if med["peak_mem_above_weights_bytes"]:
+            out["peak_above_weights_gain"] = round(ref["peak_mem_above_weights_bytes"] / med["peak_mem_above_weights_bytes"], 3)
+        if "analytic_ttft_gain" in out:
+            out["share_of_analytic"] = round(out["ttft_gain"] / out["analytic_ttft_gain"], 3)
+    return out
+
+
+def analytic_table(rig: Rig, plan: Plan) -> list[dict]:
+    rows = []
+    for tokens in plan.lengths:
+        for ratio in plan.ratios:
+            rows.append({
+                "tokens": tokens, "ratio": ratio,
+                "ttft_gain_limit": round(ttft_gain_limit(rig.encoder_shape, rig.decoder_shape, tokens, ratio, rig.window), 3),
+                "cached_ttft_gain_limit": round(cached_ttft_gain_limit(rig.decoder_shape, tokens, ratio), 3),
+                "encoder_share_of_lclm_flops": round(encoder_share(rig.encoder_shape, rig.decoder_shape, tokens, ratio, rig.window), 3),
+            })
+    return rows
+
+
+def results(rig: Rig, plan: Plan, points: dict, machine_info: dict, wall_s: float, command: str) -> dict:
+    fulls = {p.tokens: p for p in points.values() if p.method == "full"}
+    return {
+        "benchmark": "bench.speed",
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {**machine_info, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "rig": rig.describe(),
+        "plan": dataclasses.asdict(plan),
+        "wall_s": round(wall_s, 1),
+        "definitions": {
+            "ttft_ms": "request to first generated token = compress_ms + prefill_ms + first_token_ms + other_ms (app/measure.py)",
+            "compress_ms": "LCLM: encoder + adapter (0 with cached latents); presses: context prefill with the press (builds and compresses the KV cache)",
+            "prefill_ms": "prompt building + decoder forward (presses: the question over the compressed cache)",
+            "peak_mem_above_weights_bytes": "CUDA: max_memory_allocated above the memory held at the start; CPU: sampled RSS above RSS at the start",
+            "kv_cache_bytes": "2 x layers x kv_heads x head_dim x positions x bytes per element",
+            "positions": "decoder positions prefilled (presses: positions kept after compression + question)",
+            "vs_full": "each median divided by full context's median at the same length, same run",
+            "ttft_gain": "full-context TTFT / this TTFT",
+            "analytic_ttft_gain": "prefill-FLOP limit of ttft_gain (bench/speed/analytic.py)",
+        },
+        "analytic": analytic_table(rig, plan),
+        "records": [record(rig, p, fulls.get(p.tokens)) for p in points.values()],
+    }
+
+
+def write_json(data: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ---- plots --------------------------------------------------------------------------------------
+STYLE = {"full": ("black", "-", "o"), "lclm": ("tab:blue", "-", "s"), "lclm_cached": ("tab:cyan", "--", "^"),
+         "snapkv": ("tab:orange", ":", "D"), "kvzip": ("tab:green", ":", "v")}
+
+
+def ok_records(data: dict, method: str, ratio: int | None) -> list[dict]:
+    rows = [r for r in data["records"] if r["method"] == method and r["ratio"] == ratio and r["status"] == "ok"]
+    return sorted(rows, key=lambda r: r["tokens"])
+
+
+def series(data: dict) -> list[tuple[str, int | None, str]]:
+    """(method, ratio, legend label) of each line: full, the LCLM at every ratio, the rest at the main ratio."""
+    main = max(data["plan"]["ratios"])
+    out = [("full", None, "full context")]
+    out += [("lclm", r, f"LCLM 1:{r} cold") for r in sorted(data["plan"]["ratios"], reverse=True)]
+    out += [(m, main, f"{METHODS[m].label} 1:{main}") for m in ("lclm_cached", "snapkv", "kvzip")]
+    return [s for s in out if s[0] in data["plan"]["methods"]]
+
+
+def line_plot(data: dict, value, ylabel: str, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (method, ratio, label) in enumerate(series(data)):
+        rows = ok_records(data, method, ratio)
+        if not rows:
+            continue
+        color, style, marker = STYLE[method]
+        alpha = 1.0 if method != "lclm" or ratio == max(data["plan"]["ratios"]) else 0.55
+        ax.plot([r["tokens"] for r in rows], [value(r) for r in rows], linestyle=style, marker=marker, color=color,
+                alpha=alpha, label=label)
+    misses = [r for r in data["records"] if r["method"] == "full" and r["status"] in ("does_not_fit", "oom")]
+    for r in misses:
+        ax.axvline(r["tokens"], color="red", alpha=0.25, linewidth=6)
+    if misses:
+        ax.plot([], [], color="red", alpha=0.25, linewidth=6, label="full context does not fit")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("document tokens")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compress_plot(data: dict, title: str, path: Path) -> Path:
+    """Compression time against the ratio: the LCLM at every length, presses where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ratios = data["plan"]["ratios"]
+    for method in ("lclm", "snapkv", "kvzip"):
+        for tokens in data["plan"]["lengths"]:
+            rows = [r for r in data["records"] if r["method"] == method and r["tokens"] == tokens
+                    and r["status"] == "ok" and r["median"]["compress_ms"] > 0]
+            if len(rows) < 2:
+                continue
+            rows.sort(key=lambda r: r["ratio"])
+            color, style, marker = STYLE[method]
+            ax.plot([r["ratio"] for r in rows], [r["median"]["compress_ms"] for r in rows], color=color,
+                    linestyle=style, marker=marker, label=f"{METHODS[method].label}, {tokens:,} tokens")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ratios, [f"1:{r}" for r in ratios])
+    ax.set_yscale("log")
+    ax.set_xlabel("compression ratio")
+    ax.set_ylabel("compression time (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plots(data: dict, stem: Path) -> list[Path]:
+    where = f"{data['machine']['name']}; {data['rig']['name']}, {data['rig']['dtype']}"
+    return [
+        line_plot(data, lambda r: r["median"]["ttft_ms"], "TTFT (ms)", f"Time to first token\n{where}",
+                  stem.with_name(stem.name + "-ttft.png")),
+        line_plot(data, lambda r: max(r["median"]["peak_mem_above_weights_bytes"], 1) / MiB,
+                  "peak memory above the weights (MiB)", f"Peak memory above the weights\n{where}",
+                  stem.with_name(stem.name + "-memory.png")),
+        compress_plot(data, f"Compression time vs ratio\n{where}", stem.with_name(stem.name + "-compress.png")),
+    ]
+
+
+# ---- Markdown table ---------------------------------------------------------------------------
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def markdown_table(data: dict) -> str:
+    head = ("| tokens | method | 1:N | TTFT ms | TTFT gain | analytic limit | compress ms | prefill ms | decode tok/s "
+            "| peak above weights MiB (× full) | KV cache MiB | positions |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    order = {name: i for i, name in enumerate(METHODS)}
+    rows = sorted(data["records"], key=lambda r: (r["tokens"], order[r["method"]], r["ratio"] or 0))
+    for r in rows:
+        if r["status"] in ("not_planned",):
+            continue
+        ratio = f"1:{r['ratio']}" if r["ratio"] else "–"
+        limit = fmt(r.get("analytic_ttft_gain"), 2) + ("×" if r.get("analytic_ttft_gain") else "")
+        if r["status"] != "ok":
+            lines.append(f"| {r['tokens']:,} | {r['method']} | {ratio} | {r['status'].replace('_', ' ')}: {r['reason']} "
+                         f"| – | {limit} | – | – | – | – | – | – |")
+            continue
+        med, vs = r["median"], r.get("vs_full", {})
+        peak = med["peak_mem_above_weights_bytes"] / MiB
+        lines.append(
+            f"| {r['tokens']:,} | {r['method']} | {ratio} | {fmt(med['ttft_ms'])} | {times(r.get('ttft_gain'))} | {limit} "
+            f"| {fmt(med['compress_ms'])} | {fmt(med['prefill_ms'])} | {fmt(med['tokens_per_s'], 1)} "
+            f"| {fmt(peak)} ({times(vs.get('peak_mem_above_weights_bytes'))}) | {fmt(med['kv_cache_bytes'] / MiB, 1)} "
+            f"| {fmt(med['positions'])} |")
+    return "\n".join(lines) + "\n"

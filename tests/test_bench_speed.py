@@ -1,0 +1,144 @@
+"""The speed benchmark (`python -m bench.speed`) on tiny models: it runs end to end through both
+rigs, writes JSON, a Markdown table and plots with the expected fields, and its analytic limit
+gives the issue's reference numbers. Nothing here asserts anything about time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen3Config
+
+from bench.speed.__main__ import main
+from bench.speed.analytic import Shape, cached_ttft_gain_limit, ttft_gain_limit
+from bench.speed.methods import METHODS
+from bench.speed.rigs import QWEN3_4B_INSTRUCT_2507, QWEN3_EMBEDDING_0_6B
+from bench.speed.sweep import MEASURED_FIELDS, Plan
+
+PAPER_ENCODER = Shape.from_config(Qwen3Config(**QWEN3_EMBEDDING_0_6B))
+PAPER_DECODER = Shape.from_config(Qwen3Config(**QWEN3_4B_INSTRUCT_2507))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- the analytic limit ------------------------------------------------------------------------
+@pytest.mark.parametrize("tokens, expected", [(4096, 5.8), (32768, 11), (131072, 29), (1 << 20, 119)])
+def test_analytic_limit_gives_the_issue_numbers_for_the_paper_pair(tokens, expected):
+    assert ttft_gain_limit(PAPER_ENCODER, PAPER_DECODER, tokens, ratio=16, window=1024) == pytest.approx(
+        expected, rel=0.04)
+
+
+def test_analytic_limit_grows_with_length_and_ratio_and_cached_beats_cold():
+    gains = [ttft_gain_limit(PAPER_ENCODER, PAPER_DECODER, t, 16, 1024) for t in (4096, 65536, 1 << 20)]
+    assert gains == sorted(gains)
+    by_ratio = [ttft_gain_limit(PAPER_ENCODER, PAPER_DECODER, 32768, n, 1024) for n in (4, 8, 16)]
+    assert by_ratio == sorted(by_ratio)
+    assert cached_ttft_gain_limit(PAPER_DECODER, 32768, 16) > by_ratio[-1]
+
+
+def test_paper_decoder_full_context_kv_cache_at_1m_tokens_is_144_gib():
+    assert PAPER_DECODER.kv_bytes_per_token(element_bytes=2) * 2**20 / 2**30 == pytest.approx(144)
+
+
+def test_plan_caps_and_registry():
+    assert set(METHODS) == {"full", "lclm", "lclm_cached", "snapkv", "kvzip"}
+    plan = Plan(lengths=[1024, 4096], ratios=[16, 4], methods=["kvzip"], max_length={"kvzip": 4096},
+                sweep_max_length={"kvzip": 1024})
+    assert plan.main_ratio == 16 and plan.ratios == [4, 16]
+    assert plan.planned("kvzip", 16, 4096) and plan.planned("kvzip", 4, 1024) and not plan.planned("kvzip", 4, 4096)
+    with pytest.raises(ValueError):
+        Plan(lengths=[1024], ratios=[16], methods=["nope"])
+
+
+# ---- end to end --------------------------------------------------------------------------------
+def check_record_fields(record: dict, runs: int) -> None:
+    assert record["status"] == "ok", record
+    assert record["runs"] == runs
+    assert set(MEASURED_FIELDS) <= set(record["median"])
+    assert record["median"]["ttft_ms"] > 0 and record["median"]["positions"] > 0
+    assert record["median"]["ttft_ms"] >= record["median"]["prefill_ms"] + record["median"]["compress_ms"]
+    assert record["median"]["kv_cache_bytes"] > 0 and record["median"]["tokens_per_s"] > 0
+
+
+def test_checkpoint_rig_end_to_end(tiny_checkpoint_factory, tmp_path, one_thread):
+    """The CPU preset's path (the app's loader) on a tiny checkpoint: every method but KVzip, whose
+    kvpress implementation cannot mask keys of tiny random models (see the random-pair test)."""
+    path = tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)
+    data = main(["--preset", "cpu", "--checkpoint", str(path), "--lengths", "40", "64", "--ratios", "4", "8",
+                 "--methods", "full", "lclm", "lclm_cached", "snapkv", "--runs", "2", "--new-tokens", "3",
+                 "--out-dir", str(tmp_path), "--name", "speed-test"])
+
+    assert json.loads((tmp_path / "speed-test.json").read_text()) == data
+    for suffix in ("-ttft.png", "-memory.png", "-compress.png"):
+        assert (tmp_path / f"speed-test{suffix}").stat().st_size > 10_000
+    table = (tmp_path / "speed-test.md").read_text()
+    assert table.startswith("| tokens | method |") and "| 64 | lclm | 1:8 |" in table
+    assert data["machine"]["name"] and data["machine"]["kind"] == "cpu" and data["rig"]["window"] == 16
+    assert {(a["tokens"], a["ratio"]) for a in data["analytic"]} == {(t, n) for t in (40, 64) for n in (4, 8)}
+
+    records = {(r["method"], r["ratio"], r["tokens"]): r for r in data["records"]}
+    assert len(records) == 2 * (1 + 3 * 2)  # full once per length, every other method once per ratio
+    prompt = data["rig"]["prompt_tokens"]
+    for tokens in (40, 64):
+        full = records[("full", None, tokens)]
+        check_record_fields(full, runs=2)
+        assert full["median"]["positions"] == tokens + prompt
+        assert all(v == 1.0 for v in full["vs_full"].values() if v is not None)
+        for ratio in (4, 8):
+            latents = (tokens // 16) * (16 // ratio) + -(-(tokens % 16) // ratio)  # ceil(L/N) per window of 16
+            for method in ("lclm", "lclm_cached"):
+                r = records[(method, ratio, tokens)]
+                check_record_fields(r, runs=2)
+                assert r["latents"] == latents
+                assert r["median"]["positions"] == latents + 2 + prompt
+                assert r["vs_full"]["ttft_ms"] == pytest.approx(r["median"]["ttft_ms"] / full["median"]["ttft_ms"], rel=1e-2)
+                assert r["ttft_gain"] > 0 and r["analytic_ttft_gain"] > 1 and "share_of_analytic" in r
+            assert records[("lclm_cached", ratio, tokens)]["median"]["compress_ms"] == 0
+            assert records[("lclm", ratio, tokens)]["compress_tokens_per_s"] > 0
+            snap = records[("snapkv", ratio, tokens)]
+            check_record_fields(snap, runs=2)
+            assert snap["median"]["positions"] < full["median"]["positions"] and snap["median"]["compress_ms"] > 0
+            assert snap["kv_positions_held"] < full["median"]["positions"]
+
+
+def test_random_pair_rig_end_to_end(tmp_path, one_thread):
+    """The GPU preset's path (random Qwen3 pair, minimal tokenizer) with tiny shapes on the CPU."""
+    data = main(["--preset", "gpu", "--pair", "tiny", "--device", "cpu", "--lengths", "96", "--ratios", "8", "16",
+                 "--runs", "1", "--new-tokens", "2", "--out-dir", str(tmp_path), "--no-plots"])
+    assert data["rig"]["dtype"] == "float32" and data["rig"]["decoder"]["layers"] == 3
+    records = {(r["method"], r["ratio"]): r for r in data["records"]}
+    assert set(records) == {("full", None)} | {(m, n) for m in ("lclm", "lclm_cached", "snapkv", "kvzip") for n in (8, 16)}
+    for r in records.values():
+        check_record_fields(r, runs=1)
+    full_positions = records[("full", None)]["median"]["positions"]
+    for ratio in (8, 16):
+        # kvpress's KVzip masks evicted keys and keeps them; SnapKV drops them
+        assert records[("kvzip", ratio)]["kv_positions_held"] == full_positions
+        assert records[("snapkv", ratio)]["kv_positions_held"] < full_positions
+        for press in ("snapkv", "kvzip"):
+            assert records[(press, ratio)]["median"]["positions"] < full_positions
+
+
+def test_random_pair_rig_shows_what_does_not_fit(tmp_path, one_thread):
+    """A device "smaller" than the weights leaves no room for a full-context prefill (predicted,
+    not attempted), while the LCLM, which is not predicted, just runs."""
+    data = main(["--preset", "gpu", "--pair", "tiny", "--device", "cpu", "--lengths", "64", "128",
+                 "--ratios", "16", "--methods", "full", "lclm", "lclm_cached", "snapkv", "--runs", "1",
+                 "--new-tokens", "2", "--memory-limit-gib", "0.0001", "--out-dir", str(tmp_path), "--no-plots"])
+    statuses = {(r["method"], r["tokens"]): r["status"] for r in data["records"]}
+    assert statuses == {("full", 64): "does_not_fit", ("full", 128): "does_not_fit",
+                        ("snapkv", 64): "does_not_fit", ("snapkv", 128): "does_not_fit",
+                        ("lclm", 64): "ok", ("lclm", 128): "ok", ("lclm_cached", 64): "ok", ("lclm_cached", 128): "ok"}
+    for r in data["records"]:
+        if r["status"] == "does_not_fit":
+            assert "GiB" in r["reason"] and r["predicted_peak_above_weights_bytes"] > 0
+        else:
+            assert "vs_full" not in r and r["analytic_ttft_gain"] > 1
