@@ -1,6 +1,9 @@
 """LCLM Studio entry point: parse flags, load the model, launch the UI on 127.0.0.1.
 
-    python app.py [--port P] [--host H] [--checkpoint DIR ...] [--device cpu|cuda] [--share]
+    python app.py [--port P] [--host H] [--auth USER:PASSWORD] [--checkpoint DIR ...] [--device cpu|cuda] [--share]
+
+Uploads go to a private directory (mode 0o700) and each is deleted once read; the login may
+also come from LCLM_STUDIO_AUTH (user:password).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="LCLM Studio")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help="require this login (default: $LCLM_STUDIO_AUTH, else none); "
+                             "give one whenever --host is not a loopback address")
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="LCLM directory in the published layout, or a hub id; repeat for several ratios "
                              "(default: the embedded model)")
@@ -45,19 +51,26 @@ def create_workspace(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from app.serving import auth_from, bind_warning, private_upload_dir
     from model.errors import UserError
 
     try:
+        auth = auth_from(args.auth)
+        warning = bind_warning(args.host, auth)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        private_upload_dir()  # before gradio is imported
         workspace = create_workspace(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from app.ingest import MAX_FILE_BYTES
     from views import CSS, build_app
 
     demo = build_app(workspace)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, quiet=True,
-                prevent_thread_lock=True, css=CSS)
+                prevent_thread_lock=True, css=CSS, auth=auth, max_file_size=MAX_FILE_BYTES)
     print(f"LCLM Studio at {demo.local_url}", flush=True)
     if demo.share_url:
         print(f"public link: {demo.share_url}", flush=True)

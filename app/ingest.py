@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import html.parser
 import io
+import logging
 import re
 from pathlib import Path
 
@@ -71,10 +72,13 @@ class _HTMLText(html.parser.HTMLParser):
             self.parts.append(data)
 
 
-def html_to_text(markup: str) -> str:
+def html_to_text(markup: str, source: str = "the page") -> str:
     parser = _HTMLText()
-    parser.feed(markup)
-    parser.close()
+    try:
+        parser.feed(markup)
+        parser.close()
+    except (AssertionError, ValueError) as err:  # html.parser gives up on some malformed markup
+        raise UserError(f"{source} is not readable HTML ({err})") from None
     text = "".join(parser.parts)
     text = re.sub(r"[ \t]+", " ", text)
     return re.sub(r"\n\s*\n+", "\n\n", text)
@@ -83,22 +87,28 @@ def html_to_text(markup: str) -> str:
 def pdf_to_text(data: bytes, source: str) -> str:
     try:
         from pypdf import PdfReader
-        from pypdf.errors import PdfReadError
     except ImportError:  # pragma: no cover - pypdf is in requirements.txt
         raise UserError("reading PDF files needs the pypdf package") from None
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its repair warnings would add stray lines on stderr
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise UserError(f"{source} is an encrypted PDF; decrypt it first")
         pages = [page.extract_text() or "" for page in reader.pages]
-    except UserError:
+    except (UserError, MemoryError):
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as err:
+    except Exception as err:  # pypdf raises many kinds of error on malformed input
         raise UserError(f"{source} is not a readable PDF ({type(err).__name__})") from None
     text = "\n\n".join(p for p in pages if p.strip())
     if not text.strip():
         raise UserError(f"{source} has no extractable text (a scanned, image-only PDF?)")
     return text
+
+
+def check_size(size: int, source: str) -> None:
+    if size > MAX_FILE_BYTES:
+        raise UserError(f"{source} is {size:,} bytes; the limit is {MAX_FILE_BYTES:,} bytes "
+                        f"({MAX_FILE_BYTES // 2**20} MiB)")
 
 
 def read_bytes(data: bytes, name: str) -> str:
@@ -108,14 +118,13 @@ def read_bytes(data: bytes, name: str) -> str:
     if suffix not in SUPPORTED_SUFFIXES:
         supported = ", ".join(sorted(s for s in SUPPORTED_SUFFIXES if s))
         raise UserError(f"{source}: unsupported file type {suffix}; supported: {supported}")
-    if len(data) > MAX_FILE_BYTES:
-        raise UserError(f"{source} is {len(data) / 2**20:.1f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB")
+    check_size(len(data), source)
     if suffix in PDF_SUFFIXES:
         text = pdf_to_text(data, source)
     else:
         text = decode_bytes(data, source)
         if suffix in HTML_SUFFIXES:
-            text = html_to_text(text)
+            text = html_to_text(text, source)
     return clean_text(text, source)
 
 
@@ -127,8 +136,7 @@ def read_file(path: str | Path) -> str:
         raise UserError(f"{path} is a directory, not a document")
     try:
         size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise UserError(f"{path.name} is {size / 2**20:.1f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB")
+        check_size(size, path.name)
         data = path.read_bytes()
     except PermissionError:
         raise UserError(f"{path}: permission denied") from None

@@ -23,7 +23,8 @@ from app.catalog import Catalog, Variant
 from app.documents import Document, DocumentStore, Layout, layout
 from app.history import RunHistory, run_row, to_csv, to_json
 from app.inspect import latent_set, latent_statistics, project_sets, source_token_set, token_diff
-from app.service import UNTRAINED_NOTE, Studio
+from app.serving import discard_upload
+from app.service import UNTRAINED_NOTE, Studio, validate_choice
 from model.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,15 +111,23 @@ class Workspace:
     def variant(self, family: str | None, ratio: int | str | None, pooling: str | None) -> Variant:
         """The catalog's variant for these choices (the default for missing ones)."""
         default = self.catalog.default
-        return self.catalog.find(family or default.family, ratio or default.ratio, pooling or default.pooling)
+        if isinstance(ratio, str) and ratio.strip().isdigit():
+            ratio = int(ratio)
+        ratio, pooling = ratio or default.ratio, pooling or default.pooling
+        validate_choice(ratio, pooling)  # API calls can send anything, whatever the page offers
+        return self.catalog.find(family or default.family, ratio, pooling)
 
     def model(self, variant: Variant, progress: ProgressFn | None = None):
         return self.studio.model(variant.spec, variant.ratio, variant.pooling, progress)
 
     # ---- document --------------------------------------------------------------------
     def load_document(self, text: str | None, path: str | None, variant: Variant) -> tuple[Document, Layout]:
-        """Store pasted text or an uploaded file; its layout under `variant`."""
-        document = self.documents.load(text, path)
+        """Store pasted text or an uploaded file (deleted once read); its layout under `variant`."""
+        try:
+            document = self.documents.load(text, path)
+        finally:
+            if path:
+                discard_upload(path)
         return document, self.layout(document.sha256, variant)
 
     def layout(self, doc_id: str | None, variant: Variant) -> Layout:

@@ -80,10 +80,10 @@ def parse_reply(text: str, num_chunks: int, expanded: Sequence[int] = ()) -> Rep
         item = item.strip(".")
         if item.lower() in ("and", "chunk", "chunks", "expand", ""):
             continue
-        if not re.fullmatch(r"\d+", item):
+        if not re.fullmatch(r"[0-9]+", item):
             ignored.append(f"{item!r}: not a chunk number")
-        elif int(item) >= num_chunks:
-            ignored.append(f"{item}: no such chunk (0-{num_chunks - 1})")
+        elif len(item.lstrip("0")) > len(str(num_chunks)) or int(item) >= num_chunks:  # no int() of huge numbers
+            ignored.append(f"{item}: no such chunk (0-{num_chunks - 1})" if num_chunks else f"{item}: no such chunk")
         elif int(item) in expanded:
             ignored.append(f"{item}: already expanded")
         elif int(item) in indices:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -154,13 +155,26 @@ def check_variant(config: LCLMConfig, spec: str, ratio: int | None, pooling: str
 
 # ---- building the model from parts -----------------------------------------------
 def refuse_pickles(directory: Path) -> None:
-    if not any(directory.glob("*.safetensors")):
+    """Weights must be safetensors files whose headers read; pickles are refused, never opened."""
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
         pickled = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickled:
             raise CheckpointError(
                 f"{directory} holds pickle weights ({', '.join(sorted(pickled))}); only safetensors are loaded"
             )
         raise CheckpointError(f"{directory} has no safetensors weights")
+    for path in weights:
+        check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """Read the header of a safetensors file (not its tensors); anything else is refused."""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except Exception as err:  # safetensors raises its own error type for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
 
 
 def base_of_lora(directory: Path, kind: str, data_dir: Path | None) -> Path:
@@ -243,6 +257,7 @@ def build_lclm(parts: CheckpointParts, device: str | torch.device | None = None,
         torch.manual_seed(0)  # a fresh adapter is the same on every start
         lclm = LCLM(parts.config, encoder, encoder_tokenizer, decoder, decoder_tokenizer, checkpoint_id=parts.checkpoint_id)
     if parts.adapter_file is not None:
+        check_safetensors(parts.adapter_file)
         state = load_file(parts.adapter_file)
         try:
             lclm.adapter.load_state_dict(state)

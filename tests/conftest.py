@@ -24,6 +24,21 @@ def offline_environment(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("LCLM_STUDIO_HOME", str(tmp_path_factory.mktemp("lclm-home")))
 
 
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """torch.load and pickle.load(s) fail the test if anything calls them."""
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle file must never be loaded")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint_factory(tmp_path_factory):
     """function(**write_tiny_checkpoint kwargs) -> Path of a tiny checkpoint, written once per settings."""

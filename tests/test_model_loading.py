@@ -123,18 +123,6 @@ def test_top_level_layout_wins_over_steps(tiny_checkpoint_factory, tmp_path):
 
 
 # ---- errors --------------------------------------------------------------------------------
-@pytest.fixture
-def no_unpickling(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a pickle file must never be loaded")
-
-    monkeypatch.setattr(torch, "load", refuse)
-    import pickle
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-
-
 def test_missing_path_that_is_not_a_hub_id(tmp_path):
     for spec in (str(tmp_path / "no-such-model"), "no-such-model", "./a/b"):
         with pytest.raises(CheckpointError, match="not found"):

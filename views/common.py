@@ -46,7 +46,7 @@ def user_errors(fn):
         text = message(err)
         if text is None:
             raise err
-        raise gr.Error(html.escape(text), print_exception=False) from None  # the modal renders HTML
+        raise gr.Error(html.escape(text, quote=False), print_exception=False) from None  # the modal renders HTML
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)

@@ -33,9 +33,9 @@ def free_port() -> int:
 class Server:
     """`python app.py ...` in a subprocess; its output collected by a thread."""
 
-    def __init__(self, args: list[str], home: Path):
+    def __init__(self, args: list[str], home: Path, env: dict[str, str] | None = None):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "LCLM_STUDIO_HOME": str(home), "LCLM_STUDIO_CHUNK_TOKENS": "32",
-               "LCLM_STUDIO_DEVICE": "cpu", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+               "LCLM_STUDIO_DEVICE": "cpu", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.lines: list[str] = []
         self.url: str | None = None
         self.ready = threading.Event()
@@ -68,8 +68,12 @@ class Server:
 
 @pytest.fixture(scope="session")
 def studio_server(tiny_checkpoint_factory, tmp_path_factory):
+    """The studio on two tiny checkpoints; `server.temp_root` holds its private upload directory."""
     checkpoints = [tiny_checkpoint_factory(ratio=4), tiny_checkpoint_factory(ratio=8)]
-    server = Server([a for c in checkpoints for a in ("--checkpoint", str(c))], tmp_path_factory.mktemp("studio-home"))
+    temp_root = tmp_path_factory.mktemp("gradio-temp")
+    server = Server([a for c in checkpoints for a in ("--checkpoint", str(c))], tmp_path_factory.mktemp("studio-home"),
+                    env={"GRADIO_TEMP_DIR": str(temp_root), "LCLM_STUDIO_AUTH": ""})
+    server.temp_root = temp_root
     server.wait()
     yield server
     server.stop()
