@@ -13,7 +13,6 @@ import gradio as gr
 from model.errors import UserError
 
 MODEL_SLOT = "model"  # concurrency id of every event that runs a model: one at a time, the rest queue
-OUT_OF_MEMORY = "out of memory; use a higher compression ratio or a shorter document"
 
 
 @dataclass
@@ -30,39 +29,28 @@ class Shared:
         return [self.family, self.ratio, self.pooling]
 
 
-def message(err: BaseException) -> str | None:
-    """The one-sentence message for an error a user can cause, or None for a bug."""
-    if isinstance(err, UserError):
-        return str(err)
-    if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
-        return OUT_OF_MEMORY
-    return None
-
-
 def user_errors(fn):
-    """Wrap an event handler (function or generator) so user errors show as gr.Error."""
+    """Wrap an event handler (function or generator) so user errors (out of memory included,
+    which the services raise as model.errors.OutOfMemory) show as gr.Error."""
 
-    def reraise(err: Exception):
-        text = message(err)
-        if text is None:
-            raise err
-        raise gr.Error(html.escape(text), print_exception=False) from None  # the modal renders HTML
+    def shown(err: UserError) -> gr.Error:
+        return gr.Error(html.escape(str(err)), print_exception=False)  # the modal renders HTML
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except (UserError, MemoryError, RuntimeError) as err:
-                reraise(err)
+            except UserError as err:
+                raise shown(err) from None
         return generator
 
     @functools.wraps(fn)
     def function(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, MemoryError, RuntimeError) as err:
-            reraise(err)
+        except UserError as err:
+            raise shown(err) from None
     return function
 
 
