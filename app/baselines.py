@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from app.catalog import Variant
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
-from app.service import AskEvent, Studio
+from app.service import AskEvent, Studio, guard_stream
 from model.baselines import PRESSES, QUESTION_MARK, make_press, matched_ratio
 from model.errors import UserError
 from model.generation import StreamingDetokenizer, stop_token_ids
@@ -65,8 +65,8 @@ class KVPress(Baseline):
         reason = self.unavailable()
         if reason:
             raise UserError(reason)
-        return kvpress_answer(studio, self.press, text, question, variant,
-                              max_new_tokens or studio.settings.max_new_tokens)
+        return guard_stream(kvpress_answer(studio, self.press, text, question, variant,
+                                           max_new_tokens or studio.settings.max_new_tokens))
 
 
 def split_chat_prompt(model, text: str, question: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,20 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         return run(args)
-    except UserError as err:
+    except UserError as err:  # out of memory included: the services raise it as OutOfMemory
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except MemoryError:
-        print("error: out of memory; use a higher compression ratio or a shorter document", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # torch's out-of-memory errors are RuntimeErrors
-        if "out of memory" in str(err).lower():
-            print("error: out of memory; use a higher compression ratio or a shorter document", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
 
 
 if __name__ == "__main__":

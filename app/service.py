@@ -5,9 +5,11 @@ carries only the document text and its choices."""
 from __future__ import annotations
 
 import difflib
+import gc
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -16,13 +18,14 @@ from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
 from app.settings import MODES, POOLINGS, RATIOS, Settings
 from cache import LatentCache, document_sha256, latent_key
 from model.agent import Chunk, ExpandAgent, Round, make_chunks
-from model.errors import UserError
+from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.generation import Sampling, StreamingDetokenizer, decode, prefill, stop_token_ids
 from model.lclm import LCLM, DocumentTokens
 from model.loading import CheckpointParts, build_lclm, resolve
 from model.prompts import question_prompt, reconstruction_prompt
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+T = TypeVar("T")
 UNTRAINED_NOTE = "untrained: this LCLM's adapter is freshly initialised, so its latents carry no learned meaning"
 
 
@@ -104,7 +107,9 @@ class Studio:
             if key not in self._models:
                 if say:
                     say(f"loading {parts.checkpoint_id}")
-                self._models[key] = self._build(parts)
+                self._models[key] = guard_memory(self._build, parts, message=(
+                    f"out of memory while loading {parts.checkpoint_id}; free memory on the device, or use "
+                    "--device cpu or a smaller model"))
                 self._parts[key] = parts
             return self._models[key]
 
@@ -143,7 +148,7 @@ class Studio:
         else:
             clock = Clock(model.device)
             windows = progress and (lambda done, total: progress("encoding windows", done, total))
-            latents = model.compress(document.ids, progress=windows)
+            latents = guard_memory(model.compress, document.ids, progress=windows)
             compress_ms, cached = clock.ms(), False
             if use_cache:
                 self.cache.put(key, latents, {"tokens": len(document), "checkpoint": model.checkpoint_id})
@@ -165,7 +170,14 @@ class Studio:
             pooling: str | None = None, checkpoint: str | None = None, max_new_tokens: int | None = None,
             use_cache: bool = True, sampling: Sampling = Sampling(),
             progress: ProgressFn | None = None) -> Iterator[AskEvent]:
-        """Stream an answer: "token" events, "round" events (EXPAND), then one "done" event."""
+        """Stream an answer: "token" events, "round" events (EXPAND), then one "done" event.
+        Running out of memory ends the stream with `OutOfMemory`, the request's memory released."""
+        return guard_stream(self._ask(text, question, mode, ratio, pooling, checkpoint, max_new_tokens, use_cache,
+                                      sampling, progress))
+
+    def _ask(self, text: str, question: str, mode: str, ratio: int | None, pooling: str | None,
+             checkpoint: str | None, max_new_tokens: int | None, use_cache: bool, sampling: Sampling,
+             progress: ProgressFn | None) -> Iterator[AskEvent]:
         if mode not in MODES:
             raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not question or not question.strip():
@@ -276,6 +288,10 @@ class Studio:
                     checkpoint: str | None = None, use_cache: bool = True, max_chunks: int | None = None,
                     progress: ProgressFn | None = None) -> dict:
         """The decoder reproduces each chunk from its latents; token accuracy per chunk."""
+        return guard_memory(self._reconstruct, text, ratio, pooling, checkpoint, use_cache, max_chunks, progress)
+
+    def _reconstruct(self, text: str, ratio: int | None, pooling: str | None, checkpoint: str | None,
+                     use_cache: bool, max_chunks: int | None, progress: ProgressFn | None) -> dict:
         compressed = self.compress(text, ratio, pooling, checkpoint, use_cache, progress)
         model, document = compressed.model, compressed.document
         chunks = self.chunks(model, len(document))[: max_chunks or None]
@@ -302,6 +318,47 @@ class Studio:
         if not compressed.result.trained:
             out["note"] = UNTRAINED_NOTE
         return out
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError, or another backend's RuntimeError saying so."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def release_memory() -> None:
+    """Collect what a failed request left behind and hand cached CUDA blocks back to the driver."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def guard_memory(call: Callable[..., T], *args, message: str = OUT_OF_MEMORY, **kwargs) -> T:
+    """`call(*args, **kwargs)`, with running out of memory turned into `OutOfMemory(message)` once
+    the failed call's tensors are released."""
+    try:
+        return call(*args, **kwargs)
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+    # Past the except block the error is gone, and with its traceback the failed call's frames
+    # and every tensor they held; the new error carries no reference to them.
+    release_memory()
+    raise OutOfMemory(message)
+
+
+def guard_stream(events: Iterator[T]) -> Generator[T, None, None]:
+    """`events` passed on, with running out of memory turned into `OutOfMemory` as in `guard_memory`.
+    Closing this stream closes `events` (and so frees its tensors) at once."""
+    try:
+        yield from events
+        return
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+    events = None  # the failed, finished generator
+    release_memory()
+    raise OutOfMemory()
 
 
 def share_weights(loaded: LCLM, parts: CheckpointParts) -> LCLM:

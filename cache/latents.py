@@ -13,8 +13,14 @@ same transaction, so the volume can pass the limit by about one entry before it 
 10 entries or fewer, the one just written may be among those removed, so keep the limit well above
 ten entries' size; an entry larger than the whole limit is not stored at all.
 
-A `LatentCache` may be shared between threads (diskcache keeps one SQLite connection per thread and
-the class holds no other mutable state) and between processes using the same directory.
+A `LatentCache` may be shared between threads (diskcache keeps one SQLite connection per thread) and
+between processes using the same directory: diskcache writes a value file under a fresh name before
+the row that points to it is committed, so a reader sees the old entry or the new one, never half of
+one, and a writer killed mid-write leaves at most an unreferenced file.
+
+The cache never stops the work it serves: a failed write (disk full, directory unwritable) or read
+is logged and the entry is simply not stored or a miss, and a cache directory removed while the
+process runs is recreated, empty, on the next use.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import os
 import sqlite3
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +40,7 @@ from urllib.parse import quote
 import diskcache
 import safetensors.torch
 import torch
-from diskcache.core import MODE_BINARY, MODE_RAW, UNKNOWN
+from diskcache.core import DBNAME, MODE_BINARY, MODE_RAW, UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,11 @@ TENSOR_NAME = "latents"
 class CorruptEntryError(Exception):
     """A stored row or value cannot be decoded safely. Deliberately not an OSError: diskcache
     swallows OSError from `Disk.fetch` as a plain miss, which would leave the bad row in place."""
+
+
+class ValueFileGone(CorruptEntryError):
+    """A row's value file is missing or unreadable: a stale row, or one that another process
+    replaced (removing the old file) between our reading the row and the file."""
 
 
 def document_sha256(text: str) -> str:
@@ -105,7 +117,7 @@ class BytesOnlyDisk(diskcache.Disk):
             try:
                 return super().fetch(mode, filename, value, False)
             except OSError as error:
-                raise CorruptEntryError(f"value file unreadable: {error}") from None
+                raise ValueFileGone(f"value file unreadable: {error}") from None
         raise CorruptEntryError(f"refusing a cache row stored in mode {mode} ({type(value).__name__})")
 
 
@@ -160,55 +172,86 @@ class LatentCache:
     def __init__(self, directory: str | Path, size_limit_bytes: int = 2 * 1024**3) -> None:
         """Open (creating with mode 0o700 if needed) the cache at `directory`."""
         self.directory = Path(directory).expanduser()
+        self.size_limit_bytes = int(size_limit_bytes)
+        self._reopen_lock = threading.Lock()
+        self._cache = self._open()
+
+    def _open(self) -> diskcache.Cache:
         if not self.directory.is_dir():
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)  # mkdir's mode is filtered by the umask
-        self.size_limit_bytes = int(size_limit_bytes)
-        self._cache = diskcache.Cache(
+        return diskcache.Cache(
             str(self.directory),
             disk=BytesOnlyDisk,
             eviction_policy="least-recently-used",
             size_limit=self.size_limit_bytes,
         )
 
+    @property
+    def _store(self) -> diskcache.Cache:
+        """The diskcache handle; reopened on a fresh directory if the directory or its database
+        was removed while open (SQLite would otherwise keep writing to the deleted file)."""
+        if not (self.directory / DBNAME).is_file():
+            with self._reopen_lock:
+                if not (self.directory / DBNAME).is_file():
+                    log.warning("latent cache: %s was removed; starting an empty cache there", self.directory)
+                    self._cache.close()
+                    self._cache = self._open()
+        return self._cache
+
     def get(self, key: str) -> CachedLatents | None:
-        """Return the entry for `key`, or None on a miss; a corrupt entry is deleted and is a miss."""
+        """Return the entry for `key`, or None on a miss; a corrupt entry is deleted and is a miss,
+        and so is an entry that cannot be read (the error is logged)."""
         try:
-            blob = self._cache.get(key, retry=True)
-            if blob is None:
-                return None
-            return decode_entry(blob)
+            try:
+                return self._read(key)
+            except ValueFileGone:
+                return self._read(key)  # a replaced entry reads whole the second time; a stale row fails again
         except CorruptEntryError as error:
             log.warning("latent cache: dropping corrupt entry %s: %s", key, error)
             self.delete(key)
             return None
+        except (OSError, sqlite3.Error) as error:
+            log.warning("latent cache: could not read %s (%s); computing it again", key, error)
+            return None
 
-    def put(self, key: str, latents: torch.Tensor, meta: dict) -> None:
-        """Store `latents` ([num_latents, dim], any float dtype, any device) with JSON-able `meta`."""
+    def _read(self, key: str) -> CachedLatents | None:
+        blob = self._store.get(key, retry=True)
+        return None if blob is None else decode_entry(blob)
+
+    def put(self, key: str, latents: torch.Tensor, meta: dict) -> bool:
+        """Store `latents` ([num_latents, dim], any float dtype, any device) with JSON-able `meta`.
+        Returns whether it was stored: an entry over the size limit, or one the disk refuses
+        (full, unwritable), is logged and left out."""
         blob = encode_entry(latents, meta)
         if len(blob) > self.size_limit_bytes:
             log.warning("latent cache: entry %s (%d bytes) exceeds the size limit; not stored", key, len(blob))
-            return
-        self._cache.set(key, blob, retry=True)
+            return False
+        try:
+            self._store.set(key, blob, retry=True)
+        except (OSError, sqlite3.Error) as error:
+            log.warning("latent cache: could not store %s (%s); it will be computed again next time", key, error)
+            return False
+        return True
 
     def __contains__(self, key: str) -> bool:
         """Whether a row exists for `key` (its content is only verified by `get`)."""
-        return key in self._cache
+        return key in self._store
 
     def delete(self, key: str) -> bool:
         """Remove `key`; returns whether it was present."""
-        return bool(self._cache.delete(key, retry=True))
+        return bool(self._store.delete(key, retry=True))
 
     def clear(self) -> int:
         """Remove every entry; returns how many were removed."""
-        return self._cache.clear(retry=True)
+        return self._store.clear(retry=True)
 
     def volume(self) -> int:
         """Estimated bytes on disk: the SQLite database plus the value files."""
-        return self._cache.volume()
+        return self._store.volume()
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._store)
 
     def close(self) -> None:
         """Close this thread's database connection (the cache reopens it on next use)."""

@@ -80,3 +80,26 @@ def tiny_lclm_factory(tiny_checkpoint_factory):
         return cache[path]
 
     return factory
+
+
+@pytest.fixture
+def out_of_memory(monkeypatch):
+    """function(owner, name, call=1): `owner.name` raises torch.OutOfMemoryError on its `call`-th
+    call, once, as the allocator would, and otherwise runs as before. Returns the list of calls
+    made so far (one entry each), so a test can see that the failure happened."""
+    import torch
+
+    def inject(owner, name: str, call: int = 1) -> list[int]:
+        original = getattr(owner, name)
+        calls: list[int] = []
+
+        def failing(*args, **kwargs):
+            calls.append(len(calls) + 1)
+            if len(calls) == call:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, failing)
+        return calls
+
+    return inject

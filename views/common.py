@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from model.errors import UserError
+from app.service import is_out_of_memory, release_memory
+from model.errors import OUT_OF_MEMORY, UserError
 
 MODEL_SLOT = "model"  # concurrency id of every event that runs a model: one at a time, the rest queue
-OUT_OF_MEMORY = "out of memory; use a higher compression ratio or a shorter document"
 
 
 @dataclass
@@ -30,23 +30,21 @@ class Shared:
         return [self.family, self.ratio, self.pooling]
 
 
-def message(err: BaseException) -> str | None:
-    """The one-sentence message for an error a user can cause, or None for a bug."""
-    if isinstance(err, UserError):
-        return str(err)
-    if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
-        return OUT_OF_MEMORY
-    return None
-
-
 def user_errors(fn):
-    """Wrap an event handler (function or generator) so user errors show as gr.Error."""
+    """Wrap an event handler (function or generator) so user errors (out of memory included,
+    which the services raise as model.errors.OutOfMemory) show as gr.Error."""
 
-    def reraise(err: Exception):
-        text = message(err)
-        if text is None:
+    def shown(err: Exception) -> gr.Error:
+        """The page's message for a user error, or for running out of memory outside the services
+        (e.g. a UMAP projection); any other exception is a bug and is raised as it is."""
+        if isinstance(err, UserError):
+            text = str(err)
+        elif is_out_of_memory(err):
+            release_memory()
+            text = OUT_OF_MEMORY
+        else:
             raise err
-        raise gr.Error(html.escape(text, quote=False), print_exception=False) from None  # the modal renders HTML
+        return gr.Error(html.escape(text, quote=False), print_exception=False)  # the modal renders HTML
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -54,7 +52,7 @@ def user_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except (UserError, MemoryError, RuntimeError) as err:
-                reraise(err)
+                raise shown(err) from None
         return generator
 
     @functools.wraps(fn)
@@ -62,7 +60,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (UserError, MemoryError, RuntimeError) as err:
-            reraise(err)
+            raise shown(err) from None
     return function
 
 

@@ -16,9 +16,9 @@ from app.inspect import latent_statistics, pca, project, token_diff, token_piece
 from app.service import Studio, share_weights
 from app.settings import Settings
 from app.workspace import Workspace, sweep_lengths
-from model.errors import UserError
+from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from tests.studio.conftest import DOCUMENT
-from views.common import OUT_OF_MEMORY, user_errors
+from views.common import user_errors
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_share_weights_reuses_components_and_matches_a_fresh_load(tiny_checkpoin
 def test_user_errors_become_one_line_messages():
     @user_errors
     def fails(kind):
-        raise {"user": UserError("the document is empty"), "oom": RuntimeError("CUDA out of memory. Tried"),
+        raise {"user": UserError("the document is empty"), "oom": OutOfMemory(),
                "bug": RuntimeError("shape mismatch")}[kind]
 
     @user_errors

@@ -1,0 +1,200 @@
+"""Bounded load test of the studio, on loopback only: N concurrent gradio_client sessions, each
+with its own generated document, ask a fixed number of questions; it stops by itself.
+
+    python -m bench.load [--sessions 4] [--questions 2] [--checkpoint DIR ...]
+                         [--url http://127.0.0.1:P/ --pid PID --family embedded|checkpoint]
+
+Without --url it starts `python app.py` on 127.0.0.1 (the embedded default, or the checkpoints
+given) and stops it at the end. First every (document, question) is answered by a single user,
+one at a time (greedy decoding: the reference answers); then all sessions ask at once. Every
+request must complete (the model slot runs one at a time, so the others wait and are told their
+queue position), and every answer must equal the single-user one. The server's RSS is read
+before the concurrent phase (after the single-user one has warmed it up) and after it.
+Results go to bench/results/load.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = ("embedded SmolLM2-135M", 16, "mean")  # family, ratio, pooling
+CHECKPOINT_MODEL = ("--checkpoint", 4, "mean")
+QUESTIONS = ("What is the code of this report?", "Which city is the report about?", "What is this document about?")
+WORDS = ("river market winter harbour council bridge station garden library museum budget school road "
+         "train festival weather report survey engine field forest").split()
+CITIES = ("Lisbon", "Oslo", "Quito", "Perth", "Accra", "Hanoi", "Lima", "Riga")
+MIB = 2**20
+
+
+def document(number: int, sentences: int = 12) -> str:
+    """A different, reproducible document per number, with a code and a city to ask about."""
+    rng = random.Random(number)
+    body = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 10))).capitalize() + "." for _ in range(sentences)]
+    body.insert(sentences // 2, f"The code of this report is {1000 + 37 * number}.")
+    return f"Report {number} from {CITIES[number % len(CITIES)]}. " + " ".join(body)
+
+
+@dataclass
+class Answer:
+    session: int
+    question: str
+    answer: str
+    latency_s: float
+    queue_positions: list[int] = field(default_factory=list)  # ranks seen while queued, in order
+
+
+def ask(client, model: tuple, question: str, max_new_tokens: int, session: int, timeout_s: float) -> Answer:
+    """One streamed /ask, its queue positions recorded from the status updates."""
+    from gradio_client.utils import Status
+
+    start = time.perf_counter()
+    job = client.submit(*model, question, False, False, "none", max_new_tokens, api_name="/ask")
+    ranks: list[int] = []
+    while not job.done():
+        status = job.status()
+        if status.code == Status.IN_QUEUE and status.rank is not None and (not ranks or ranks[-1] != status.rank):
+            ranks.append(status.rank)
+        if time.perf_counter() - start > timeout_s:
+            job.cancel()
+            raise TimeoutError(f"session {session}: no answer within {timeout_s:.0f} s")
+        time.sleep(0.02)
+    job.result(timeout=timeout_s)
+    return Answer(session, question, job.outputs()[-1][0], time.perf_counter() - start, ranks)
+
+
+def session(url: str, number: int, model: tuple, questions: list[str], max_new_tokens: int,
+            timeout_s: float, start: threading.Barrier | None = None) -> list[Answer]:
+    """A gradio_client session of its own: load document `number`, then ask each question."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, analytics_enabled=False)
+    client.predict(document(number), None, *model, api_name="/load_document")
+    if start is not None:
+        start.wait(timeout_s)
+    return [ask(client, model, q, max_new_tokens, number, timeout_s) for q in questions]
+
+
+def rss(pid: int) -> int:
+    """Resident memory of the server process and its children."""
+    process = psutil.Process(pid)
+    return process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True))
+
+
+def run(url: str, pid: int, model: tuple = EMBEDDED_MODEL, sessions: int = 4, questions: int = 2,
+        max_new_tokens: int = 16, timeout_s: float = 600.0) -> dict:
+    """The load test against the studio at `url` (served by process `pid`); returns the results."""
+    if not url.startswith(("http://127.0.0.1", "http://localhost")):
+        raise ValueError(f"the load test runs on loopback only, not {url}")
+    asked = [QUESTIONS[i % len(QUESTIONS)] for i in range(questions)]
+    rss_start = rss(pid)
+    single = [a for n in range(sessions) for a in session(url, n, model, asked, max_new_tokens, timeout_s)]
+    reference = {(a.session, a.question): a.answer for a in single}
+    rss_before = rss(pid)
+    started = time.perf_counter()
+    barrier = threading.Barrier(sessions)  # every session has loaded its document: ask all at once
+    with ThreadPoolExecutor(sessions) as pool:
+        futures = [pool.submit(session, url, n, model, asked, max_new_tokens, timeout_s, barrier)
+                   for n in range(sessions)]
+        concurrent = [a for f in futures for a in f.result(timeout=timeout_s * (questions + 1))]
+    wall_s = time.perf_counter() - started
+    rss_after = rss(pid)
+    mismatches = [asdict(a) | {"expected": reference[a.session, a.question]} for a in concurrent
+                  if a.answer != reference[a.session, a.question]]
+    queued = [a for a in concurrent if a.queue_positions]
+    return {
+        "model": list(model), "sessions": sessions, "questions_per_session": questions,
+        "max_new_tokens": max_new_tokens, "requests": len(concurrent), "completed": len(concurrent),
+        "answers_match_single_user": not mismatches, "mismatches": mismatches,
+        "requests_queued": len(queued),
+        "max_queue_position": max((p for a in queued for p in a.queue_positions), default=None),
+        "latency_median_s": {"single_user": round(statistics.median(a.latency_s for a in single), 3),
+                             "concurrent": round(statistics.median(a.latency_s for a in concurrent), 3)},
+        "latency_max_s": {"single_user": round(max(a.latency_s for a in single), 3),
+                          "concurrent": round(max(a.latency_s for a in concurrent), 3)},
+        "concurrent_wall_s": round(wall_s, 3),
+        "server_rss_mib": {"start": round(rss_start / MIB, 1), "before": round(rss_before / MIB, 1),
+                           "after": round(rss_after / MIB, 1), "growth": round((rss_after - rss_before) / MIB, 1)},
+        "answers": [asdict(a) for a in concurrent],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(checkpoints: list[str], timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
+    """`python app.py` on 127.0.0.1 and a free port; returns (process, url) once it serves."""
+    args = [a for c in checkpoints for a in ("--checkpoint", c)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(free_port()), *args],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    found: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            if line.startswith("LCLM Studio at ") and not found:
+                found.append(line.split(" at ", 1)[1].strip())
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not found and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not found:
+        process.kill()
+        raise RuntimeError("the studio did not start")
+    return process, found[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a studio already running on 127.0.0.1 (with --pid)")
+    parser.add_argument("--pid", type=int, help="the process id of the studio at --url, for its RSS")
+    parser.add_argument("--checkpoint", action="append", default=[], help="passed to app.py when launching it")
+    parser.add_argument("--family", choices=("embedded", "checkpoint"), default=None,
+                        help="the model family to ask (default: checkpoint when --checkpoint is given, else embedded)")
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--questions", type=int, default=2, help="questions per session")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for any one request")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    args = parser.parse_args(argv)
+    if bool(args.url) != bool(args.pid):
+        parser.error("--url and --pid go together")
+    family = args.family or ("checkpoint" if args.checkpoint else "embedded")
+    model = CHECKPOINT_MODEL if family == "checkpoint" else EMBEDDED_MODEL
+    process = None
+    if args.url is None:
+        process, args.url = launch(args.checkpoint)
+        args.pid = process.pid
+    try:
+        result = run(args.url, args.pid, model, args.sessions, args.questions, args.max_new_tokens, args.timeout)
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(30)
+    result["cpus"] = os.cpu_count()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    summary = {k: v for k, v in result.items() if k not in ("answers", "mismatches")}
+    print(json.dumps(summary, indent=2))
+    return 0 if result["answers_match_single_user"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

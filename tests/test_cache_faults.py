@@ -1,0 +1,213 @@
+"""Latent cache faults: corrupt or truncated entries, the cache directory removed while running, a
+full disk, two processes writing one key, and a writer killed mid-write. In every case nothing
+crashes, a read is either a miss or latents whose content hash matches what was written, and the
+entry is rebuilt by the next compress."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import diskcache
+import pytest
+import torch
+
+from cache import LatentCache, document_sha256, latent_key
+from cache.latents import BytesOnlyDisk
+from tests.cache_writer import latents_of
+from tests.test_cache import KEY, META, raw_bytes_cache, value_files
+from tests.test_service import DOC, studio  # noqa: F401 - the Studio fixture on the tiny checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+def content_sha256(latents: torch.Tensor) -> str:
+    return hashlib.sha256(latents.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def warned(caplog, words: str) -> bool:
+    return any(words in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def stale_hash(blob: bytes) -> bytes:
+    """`blob` with one hex digit of its stored sha256 changed (same length, still parses)."""
+    at = blob.index(b'"sha256":"') + len(b'"sha256":"')
+    return blob[:at] + (b"1" if blob[at:at + 1] == b"0" else b"0") + blob[at + 1:]
+
+
+@pytest.fixture
+def cache(tmp_path):
+    c = LatentCache(tmp_path / "latents")
+    yield c
+    c.close()
+
+
+# ---- corrupt and truncated entries through compress ------------------------------------------------
+@pytest.mark.parametrize("damage", [
+    lambda blob: blob[: len(blob) // 2],  # truncated
+    lambda blob: blob[:-1] + bytes([blob[-1] ^ 0x40]),  # one bit of the tensor flipped, its sha256 stale
+    lambda blob: stale_hash(blob),  # a whole, readable entry whose stored hash is wrong
+    lambda blob: b"",
+], ids=["truncated", "bit-flip", "bad-hash", "empty"])
+def test_a_damaged_entry_is_recomputed_and_rebuilt(studio, caplog, damage):  # noqa: F811
+    first = studio.compress(DOC)
+    key = next(studio.cache._store.iterkeys())
+    with raw_bytes_cache(studio.cache) as raw:
+        raw.set(key, damage(raw.get(key)))
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        again = studio.compress(DOC)
+    assert again.result.cached is False and warned(caplog, "corrupt")
+    assert content_sha256(again.latents) == content_sha256(first.latents)
+    hit = studio.compress(DOC)
+    assert hit.result.cached is True and content_sha256(hit.latents) == content_sha256(first.latents)
+
+
+# ---- the directory removed while running -------------------------------------------------------------
+def test_the_cache_directory_removed_while_running(studio, caplog):  # noqa: F811
+    first = studio.compress(DOC)
+    assert studio.compress(DOC).result.cached is True
+    shutil.rmtree(studio.cache.directory)
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        again = studio.compress(DOC)
+    assert again.result.cached is False and warned(caplog, "was removed")
+    assert content_sha256(again.latents) == content_sha256(first.latents)
+    assert studio.cache.directory.is_dir() and len(studio.cache) == 1  # recreated, with the entry rebuilt
+    assert studio.compress(DOC).result.cached is True
+    # a later process sees the rebuilt entry too: it was not written to the removed database
+    with LatentCache(studio.cache.directory) as other:
+        assert len(other) == 1
+
+
+def test_value_files_written_after_the_directory_was_removed(cache):
+    cache.put(KEY, latents_of(0), META)
+    shutil.rmtree(cache.directory)
+    assert cache.get(KEY) is None
+    assert cache.put(KEY, latents_of(1), META) is True
+    assert content_sha256(cache.get(KEY).latents) == content_sha256(latents_of(1)) and value_files(cache)
+
+
+# ---- a full disk ----------------------------------------------------------------------------------------
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def database_full(*args, **kwargs):
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.mark.parametrize("target, failure", [
+    ((BytesOnlyDisk, "store"), disk_full),  # writing the entry's bytes
+    ((diskcache.Cache, "set"), database_full),  # SQLite committing the row
+], ids=["value", "database"])
+def test_a_full_disk_still_answers_and_stores_nothing(studio, caplog, monkeypatch, target, failure):  # noqa: F811
+    reference = studio.compress(DOC, use_cache=False)
+    monkeypatch.setattr(*target, failure)
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        full = studio.compress(DOC)
+    assert full.result.cached is False and torch.equal(full.latents, reference.latents)
+    assert len(studio.cache) == 0 and warned(caplog, "could not store")
+    monkeypatch.undo()  # space again: the next compress stores the entry
+    assert studio.compress(DOC).result.cached is False and studio.compress(DOC).result.cached is True
+
+
+def test_a_value_file_cut_short_by_a_full_disk_is_never_served(cache, caplog, monkeypatch):
+    cache.put(KEY, latents_of(0), META)
+
+    def half_then_full(self, full_path, iterator, mode, encoding=None):
+        os.makedirs(os.path.dirname(full_path), exist_ok=True)
+        with open(full_path, mode) as writer:
+            data = b"".join(iterator)
+            writer.write(data[: len(data) // 2])
+        disk_full()
+
+    monkeypatch.setattr(diskcache.Disk, "_write", half_then_full)
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        assert cache.put(KEY, latents_of(1), META) is False
+    assert warned(caplog, "could not store")
+    assert content_sha256(cache.get(KEY).latents) == content_sha256(latents_of(0))  # the old entry, intact
+
+
+# ---- other processes ------------------------------------------------------------------------------------
+def writer_process(directory: Path, writer: int, steps: int, mode: str = "loop") -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "tests.cache_writer", str(directory), KEY, str(writer), str(steps),
+                                mode],
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def go(*processes: subprocess.Popen) -> None:
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+
+
+def assert_written_or_miss(directory: Path) -> dict | None:
+    """A fresh reader of `directory` gets a miss or exactly the latents some writer stored under KEY."""
+    with LatentCache(directory) as reader:
+        hit = reader.get(KEY)
+    if hit is None:
+        return None
+    expected = latents_of(hit.meta["writer"], hit.meta["step"])
+    assert content_sha256(hit.latents) == content_sha256(expected)
+    return hit.meta
+
+
+def test_two_processes_writing_one_key(tmp_path):
+    directory = tmp_path / "shared"
+    LatentCache(directory).close()
+    writers = [writer_process(directory, writer, steps=25) for writer in (1, 2)]
+    go(*writers)
+    seen = []
+    with LatentCache(directory) as reader:  # reading all along: only whole entries of one writer or the other
+        while any(w.poll() is None for w in writers):
+            hit = reader.get(KEY)
+            if hit is not None:
+                assert content_sha256(hit.latents) == content_sha256(latents_of(**hit.meta))
+                seen.append(hit.meta["writer"])
+    assert [w.wait(60) for w in writers] == [0, 0]
+    final = assert_written_or_miss(directory)
+    assert final is not None and final["step"] == 24  # the last write of whichever writer came last
+    assert len(value_files_in(directory)) == 1  # the losers' files were removed, none left behind
+
+
+def value_files_in(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.val"))
+
+
+@pytest.mark.parametrize("mode", ["stall", "loop"])
+def test_a_writer_killed_mid_write(tmp_path, mode):
+    """"stall": killed with half of a value file written; "loop": killed at some point while it
+    rewrites the entry again and again. Afterwards a reader gets a whole entry or a miss, and the
+    next write rebuilds the entry."""
+    directory = tmp_path / "killed"
+    with LatentCache(directory) as cache:
+        cache.put(KEY, latents_of(0), {"writer": 0, "step": 0})
+    for round_ in range(3 if mode == "loop" else 1):
+        writer = writer_process(directory, 1 + round_, steps=1000, mode=mode)
+        go(writer)
+        wait_for = "half" if mode == "stall" else f"wrote {3 + 4 * round_}"
+        while (line := writer.stdout.readline().strip()) != wait_for:
+            assert line, "the writer ended early"
+        writer.kill()  # SIGKILL: no cleanup of any kind
+        writer.wait(30)
+        meta = assert_written_or_miss(directory)
+        if mode == "stall":
+            assert meta == {"writer": 0, "step": 0}  # the entry before the killed write, intact
+    with LatentCache(directory) as cache:
+        assert cache.put(KEY, latents_of(9), {"writer": 9, "step": 0}) is True
+        assert content_sha256(cache.get(KEY).latents) == content_sha256(latents_of(9))
+
+
+def test_many_keys_hold_their_own_content(cache):
+    keys = [latent_key(document_sha256(str(i)), "c", 4, "mean") for i in range(5)]
+    for i, key in enumerate(keys):
+        cache.put(key, latents_of(i), {"writer": i, "step": 0})
+    for i, key in enumerate(keys):
+        assert content_sha256(cache.get(key).latents) == content_sha256(latents_of(i))
