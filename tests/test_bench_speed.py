@@ -142,3 +142,21 @@ def test_random_pair_rig_shows_what_does_not_fit(tmp_path, one_thread):
             assert "GiB" in r["reason"] and r["predicted_peak_above_weights_bytes"] > 0
         else:
             assert "vs_full" not in r and r["analytic_ttft_gain"] > 1
+
+
+def test_memory_prediction_scales_by_positions_reached_not_kept():
+    """A press prefills the whole context, then keeps 1/N of it: its measured peak is divided by
+    the positions it reached, so a twice-as-long document is predicted to need about twice as much."""
+    from types import SimpleNamespace
+
+    from bench.speed.sweep import Point, predicted_bytes
+
+    rig = SimpleNamespace(dtype=torch.float32, decoder_shape=PAPER_DECODER, before=[0] * 10, after=[0] * 20)
+    peak = 2 * 2**30  # well above the prior guess of the KV cache plus one layer's activations per position
+    measured = Point("snapkv", 16, 1000, status="ok", samples=[{
+        **{f: 1.0 for f in MEASURED_FIELDS}, "peak_mem_above_weights_bytes": peak, "positions": 90}])
+    reached = METHODS["snapkv"].positions_needed(rig, 2000, 16, 4)
+    assert reached == 10 + 2000 + 20 + 4
+    predicted = predicted_bytes(rig, {measured.key: measured}, "snapkv", reached, new_tokens=4)
+    assert predicted == int(peak / (10 + 1000 + 20 + 4) * reached)  # about twice the measured peak
+    assert predicted < 3 * peak  # not peak / 90 kept positions x 2,034 (about 22x)

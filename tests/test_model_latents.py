@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.encoder import count_latents, latent_spans, window_lengths
+from model.encoder import DEFAULT_BATCH_TOKENS, count_latents, latent_spans, window_lengths
 from tests.tiny_models import CORPUS
 
 FAMILIES = ["qwen3", "llama"]
@@ -186,6 +186,18 @@ def test_position_ids_restart_in_each_left_padded_window(tiny_lclm_factory, pool
         assert positions[row, pad:].tolist() == list(range(length))
         assert input_ids[row, :pad].tolist() == [lclm.encoder.pad_token_id] * pad
     assert input_ids[1, width - lengths[1] : width - lengths[1] + 6].tolist() == ids[W:]
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_batch_size_does_not_change_the_latents(tiny_lclm_factory, pooling):
+    """Windows encoded one per forward, two per forward or all at once give the same latents."""
+    lclm = tiny_lclm_factory(pooling=pooling)
+    ids = doc_ids(lclm, 3 * W + 5)  # three full windows and a partial one
+    assert lclm.encoder.max_batch_tokens is None and lclm.encoder.batch_tokens() == DEFAULT_BATCH_TOKENS["cpu"]
+    batched = lclm.compress(ids)  # all four windows in one forward
+    for tokens in (W, 2 * W):
+        lclm.encoder.max_batch_tokens = tokens
+        torch.testing.assert_close(lclm.compress(ids), batched, atol=1e-5, rtol=0)
 
 
 def replace_token(ids: list[int], index: int) -> list[int]:

@@ -98,7 +98,7 @@ class Rig:
             "device": str(self.device),
             "weights_bytes": self.weights_bytes(),
             "attention": getattr(self.decoder.config, "_attn_implementation", None),
-            "encoder_max_batch_tokens": self.any_lclm.encoder.max_batch_tokens,
+            "encoder_batch_tokens": self.any_lclm.encoder.batch_tokens(),
             "max_positions": self.max_positions,
             "prompt_tokens": len(self.before) + len(self.after),
             "notes": self.notes,

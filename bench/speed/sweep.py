@@ -83,26 +83,29 @@ class Point:
                 "new_tokens")} if self.samples else {}
 
 
-def device_memory(device: torch.device, limit: int | None) -> int:
+def free_memory(device: torch.device, limit: int | None, weights: int) -> int:
+    """Bytes a request may use above the weights: the plan's limit or the GPU's memory, less the
+    weights; on a CPU the memory available now (the weights are already resident)."""
     if limit is not None:
-        return limit
+        return limit - weights
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        return torch.cuda.get_device_properties(device).total_memory - weights
     return psutil.virtual_memory().available
 
 
-def predicted_bytes(rig: Rig, points: dict, method: str, positions: int) -> int:
-    """Peak memory above the weights of a request that prefills `positions` tokens: the largest
-    measured bytes per position of this method so far, or (before any) the KV cache plus one
-    layer's activations per position."""
+def predicted_bytes(rig: Rig, points: dict, method: str, positions: int, new_tokens: int) -> int:
+    """Peak memory above the weights of a request that reaches `positions` decoder positions: the
+    largest measured bytes per position reached of this method so far, or (before any) the KV
+    cache plus one layer's activations per position. Positions reached, not `positions` kept:
+    a press prefills the whole context before it drops most of it."""
     element = torch.empty((), dtype=rig.dtype).element_size()
     shape = rig.decoder_shape
     per_position = shape.kv_bytes_per_token(element) + element * (
         3 * shape.intermediate + 4 * shape.hidden + 2 * shape.heads * shape.head_dim)
     for point in points.values():
         if point.method == method and point.samples:
-            m = point.median()
-            per_position = max(per_position, m["peak_mem_above_weights_bytes"] / max(1, m["positions"]))
+            reached = METHODS[method].positions_needed(rig, point.tokens, point.ratio, new_tokens)
+            per_position = max(per_position, point.median()["peak_mem_above_weights_bytes"] / reached)
     return int(per_position * positions)
 
 
@@ -112,7 +115,7 @@ class Sweep:
         self.rig, self.plan, self.started, self.say, self.on_progress = rig, plan, started, say, on_progress
         self.points: dict[tuple, Point] = {}
         self.cases: dict[tuple, Case] = {}
-        self.memory = device_memory(rig.device, plan.memory_limit_bytes)
+        self.free = free_memory(rig.device, plan.memory_limit_bytes, rig.weights_bytes())
         for length in plan.lengths:
             for method in plan.methods:
                 for ratio in (plan.ratios if METHODS[method].uses_ratio else [None]):
@@ -142,10 +145,10 @@ class Sweep:
                        and p.tokens < point.tokens and p.status == "oom"]
         if shorter_oom:
             point.status, point.reason = "does_not_fit", f"ran out of memory at {shorter_oom[0].tokens:,} tokens"
-        elif method.prefills_context and (need := predicted_bytes(self.rig, self.points, point.method, positions)) > (
-                free := self.memory - self.rig.weights_bytes()):
+        elif method.prefills_context and (need := predicted_bytes(self.rig, self.points, point.method, positions,
+                                                                  self.plan.new_tokens)) > self.free:
             point.status, point.predicted_bytes = "does_not_fit", need
-            point.reason = f"needs about {need / 2**30:.1f} GiB above the weights; {free / 2**30:.1f} GiB free"
+            point.reason = f"needs about {need / 2**30:.1f} GiB above the weights; {self.free / 2**30:.1f} GiB free"
             point.reason += f" (and {beyond})" if beyond else ""
         elif too_many:
             point.status, point.reason = "exceeds_max_positions", beyond
