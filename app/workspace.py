@@ -123,6 +123,8 @@ class Workspace:
     # ---- document --------------------------------------------------------------------
     def load_document(self, text: str | None, path: str | None, variant: Variant) -> tuple[Document, Layout]:
         """Store pasted text or an uploaded file (deleted once read); its layout under `variant`."""
+        if path and not Path(path).exists():  # an upload read (and deleted) before, e.g. refused
+            raise UserError(f"{Path(path).name} was already read and removed; upload the file again")
         try:
             document = self.documents.load(text, path)
         finally:

@@ -68,6 +68,13 @@ def test_document_store_keeps_ids_and_evicts_the_oldest(tmp_path):
     assert (document.text, document.name) == ("Hello", "page.html")
 
 
+def test_an_upload_read_before_asks_to_be_uploaded_again(workspace, tmp_path):
+    variant = workspace.catalog.default
+    gone = tmp_path / "report.txt"  # the studio deletes each upload once it has read it
+    with pytest.raises(UserError, match=r"^report\.txt was already read and removed; upload the file again$"):
+        workspace.load_document(None, str(gone), variant)
+
+
 def test_layout_cuts_windows_and_chunks(workspace):
     document, layout = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     assert layout.windows == math.ceil(layout.tokens / 16) and layout.latents == math.ceil(layout.tokens / 4)
