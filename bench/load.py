@@ -1,15 +1,16 @@
 """Bounded load test of the studio, on loopback only: N concurrent gradio_client sessions, each
 with its own generated document, ask a fixed number of questions; it stops by itself.
 
-    python -m bench.load [--sessions 4] [--questions 2] [--checkpoint DIR ...]
+    python -m bench.load [--sessions 4] [--questions 2] [--rounds 3] [--checkpoint DIR ...]
                          [--url http://127.0.0.1:P/ --pid PID --family embedded|checkpoint]
 
 Without --url it starts `python app.py` on 127.0.0.1 (the embedded default, or the checkpoints
 given) and stops it at the end. First every (document, question) is answered by a single user,
 one at a time (greedy decoding: the reference answers); then all sessions ask at once. Every
 request must complete (the model slot runs one at a time, so the others wait and are told their
-queue position), and every answer must equal the single-user one. The server's RSS is read
-before the concurrent phase (after the single-user one has warmed it up) and after it.
+queue position), and every answer must equal the single-user one. The concurrent phase runs
+`--rounds` times; the server's RSS is read before it (after the single-user phase has warmed the
+server up) and after each round.
 Results go to bench/results/load.json."""
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ def rss(pid: int) -> int:
 
 
 def run(url: str, pid: int, model: tuple = EMBEDDED_MODEL, sessions: int = 4, questions: int = 2,
-        max_new_tokens: int = 16, timeout_s: float = 600.0) -> dict:
-    """The load test against the studio at `url` (served by process `pid`); returns the results."""
+        max_new_tokens: int = 16, timeout_s: float = 600.0, rounds: int = 1) -> dict:
+    """The load test against the studio at `url` (served by process `pid`); returns the results.
+    The concurrent phase runs `rounds` times, new sessions each time, with the RSS read after each:
+    memory that a leak holds grows round after round, memory that warms up once does not."""
     if not url.startswith(("http://127.0.0.1", "http://localhost")):
         raise ValueError(f"the load test runs on loopback only, not {url}")
     asked = [QUESTIONS[i % len(QUESTIONS)] for i in range(questions)]
@@ -105,18 +108,21 @@ def run(url: str, pid: int, model: tuple = EMBEDDED_MODEL, sessions: int = 4, qu
     reference = {(a.session, a.question): a.answer for a in single}
     rss_before = rss(pid)
     started = time.perf_counter()
-    barrier = threading.Barrier(sessions)  # every session has loaded its document: ask all at once
-    with ThreadPoolExecutor(sessions) as pool:
-        futures = [pool.submit(session, url, n, model, asked, max_new_tokens, timeout_s, barrier)
-                   for n in range(sessions)]
-        concurrent = [a for f in futures for a in f.result(timeout=timeout_s * (questions + 1))]
+    concurrent, rss_rounds = [], []
+    for _ in range(rounds):
+        barrier = threading.Barrier(sessions)  # every session has loaded its document: ask all at once
+        with ThreadPoolExecutor(sessions) as pool:
+            futures = [pool.submit(session, url, n, model, asked, max_new_tokens, timeout_s, barrier)
+                       for n in range(sessions)]
+            concurrent += [a for f in futures for a in f.result(timeout=timeout_s * (questions + 1))]
+        rss_rounds.append(rss(pid))
     wall_s = time.perf_counter() - started
-    rss_after = rss(pid)
+    rss_after = rss_rounds[-1]
     mismatches = [asdict(a) | {"expected": reference[a.session, a.question]} for a in concurrent
                   if a.answer != reference[a.session, a.question]]
     queued = [a for a in concurrent if a.queue_positions]
     return {
-        "model": list(model), "sessions": sessions, "questions_per_session": questions,
+        "model": list(model), "sessions": sessions, "questions_per_session": questions, "rounds": rounds,
         "max_new_tokens": max_new_tokens, "requests": len(concurrent), "completed": len(concurrent),
         "answers_match_single_user": not mismatches, "mismatches": mismatches,
         "requests_queued": len(queued),
@@ -127,7 +133,9 @@ def run(url: str, pid: int, model: tuple = EMBEDDED_MODEL, sessions: int = 4, qu
                           "concurrent": round(max(a.latency_s for a in concurrent), 3)},
         "concurrent_wall_s": round(wall_s, 3),
         "server_rss_mib": {"start": round(rss_start / MIB, 1), "before": round(rss_before / MIB, 1),
-                           "after": round(rss_after / MIB, 1), "growth": round((rss_after - rss_before) / MIB, 1)},
+                           "after": round(rss_after / MIB, 1), "growth": round((rss_after - rss_before) / MIB, 1),
+                           "after_each_round": [round(r / MIB, 1) for r in rss_rounds],
+                           "growth_after_the_first_round": round((rss_after - rss_rounds[0]) / MIB, 1)},
         "answers": [asdict(a) for a in concurrent],
     }
 
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--questions", type=int, default=2, help="questions per session")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="times the concurrent phase runs")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for any one request")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = parser.parse_args(argv)
@@ -183,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         process, args.url = launch(args.checkpoint)
         args.pid = process.pid
     try:
-        result = run(args.url, args.pid, model, args.sessions, args.questions, args.max_new_tokens, args.timeout)
+        result = run(args.url, args.pid, model, args.sessions, args.questions, args.max_new_tokens, args.timeout,
+                     args.rounds)
     finally:
         if process is not None:
             process.terminate()
