@@ -168,7 +168,7 @@ def line_plot(data: dict, value, ylabel: str, title: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for i, (method, ratio, label) in enumerate(series(data)):
         rows = ok_records(data, method, ratio)
         if not rows:
@@ -189,7 +189,7 @@ def line_plot(data: dict, value, ylabel: str, title: str, path: Path) -> Path:
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot: no line hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
