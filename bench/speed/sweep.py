@@ -125,8 +125,13 @@ class Sweep:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    @staticmethod
+    def case_key(point: Point) -> tuple:
+        """Points that share a document (and, for cached latents, its latents) share a case."""
+        return (point.tokens, point.ratio, point.method == "lclm_cached")
+
     def case(self, point: Point) -> Case:
-        key = (point.tokens, point.ratio, point.method == "lclm_cached")
+        key = self.case_key(point)
         if key not in self.cases:
             doc = self.rig.document(point.tokens, seed=self.plan.seed + point.tokens)
             self.cases[key] = Case(point.tokens, point.ratio, doc)
@@ -163,7 +168,7 @@ class Sweep:
             m = measure(self.rig, METHODS[point.method], case, self.plan.new_tokens)
         except torch.OutOfMemoryError as err:
             point.status, point.reason = "oom", str(err).split("\n")[0][:200]
-            self.cases.pop((point.tokens, point.ratio, point.method == "lclm_cached"), None)
+            self.cases.pop(self.case_key(point), None)
             if self.rig.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.say(f"[{self.elapsed():7.1f}s] {point.method} {self.ratio_text(point)} {point.tokens:,}: out of memory")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from bench.load import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180
@@ -22,12 +23,6 @@ DOCUMENT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
     "Alpha beta gamma delta. The vault code is 5521. The grass is green and the sky is blue. "
 ) * 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
