@@ -4,7 +4,6 @@ carries only the document text and its choices."""
 
 from __future__ import annotations
 
-import difflib
 import gc
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -19,6 +18,7 @@ from app.settings import MODES, POOLINGS, RATIOS, Settings
 from cache import LatentCache, document_sha256, latent_key
 from model.agent import Chunk, ExpandAgent, Round, make_chunks
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
+from model.fidelity import token_accuracy
 from model.generation import Sampling, StreamingDetokenizer, decode, prefill, stop_token_ids
 from model.lclm import LCLM, DocumentTokens
 from model.loading import CheckpointParts, build_lclm, resolve
@@ -371,15 +371,6 @@ def share_weights(loaded: LCLM, parts: CheckpointParts) -> LCLM:
     if parts.adapter_file is not None:
         lclm.adapter.load_state_dict(load_file(parts.adapter_file))
     return lclm.to(device=loaded.device, dtype=loaded.dtype).eval()
-
-
-def token_accuracy(reference: list[int], generated: list[int]) -> float:
-    """Share of reference tokens reproduced, in order: matched tokens of the longest
-    alignment (difflib, no junk heuristics) over the reference length."""
-    if not reference:
-        return 1.0 if not generated else 0.0
-    matcher = difflib.SequenceMatcher(a=reference, b=generated, autojunk=False)
-    return sum(block.size for block in matcher.get_matching_blocks()) / len(reference)
 
 
 def validate_choice(ratio: int | None, pooling: str | None) -> None:

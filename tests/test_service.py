@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from app.measure import kv_cache_bytes
-from app.service import Studio, token_accuracy
+from app.service import Studio
 from app.settings import Settings
 from model.errors import UserError
+from model.fidelity import token_accuracy
 from model.prompts import question_prompt
 
 DOC = ("The quick brown fox jumps over the lazy dog. The vault code is 5521. " * 10).strip()

@@ -133,10 +133,11 @@ class RunConfig:
     encoder_weights: str = "lora"  # "lora" or "full": how each component is trained and saved
     decoder_weights: str = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    decoder_lora: LoraSettings | None = None  # the decoder's LoRA where it differs from `lora`
     interleaved: InterleavedSettings = field(default_factory=InterleavedSettings)
     reconstruction: ReconstructionSettings = field(default_factory=ReconstructionSettings)
     task: TaskSettings = field(default_factory=TaskSettings)
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with fast bf16 matmul (model.precision), else fp32
     gradient_checkpointing: bool = True  # applied on CUDA only
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -174,6 +175,7 @@ class RunConfig:
     def from_dict(cls, data: dict) -> "RunConfig":
         data = dict(data)
         nested = {"lclm": LCLMConfig.from_dict, "lora": lambda d: LoraSettings(**d),
+                  "decoder_lora": lambda d: LoraSettings(**d) if d is not None else None,
                   "interleaved": lambda d: InterleavedSettings(**d),
                   "reconstruction": lambda d: ReconstructionSettings(**d), "task": lambda d: TaskSettings(**d)}
         for key, make in nested.items():

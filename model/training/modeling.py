@@ -31,7 +31,7 @@ def is_peft(module: nn.Module) -> bool:
 def lora_config(run: RunConfig, kind: str, tokenizer):
     from peft import LoraConfig
 
-    s = run.lora
+    s = run.decoder_lora if kind == "decoder" and run.decoder_lora is not None else run.lora
     extra = {}
     if kind == "decoder":
         vocab = tokenizer.get_vocab()

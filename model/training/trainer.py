@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.precision import fast_dtype
 from model.training.config import RunConfig, StageConfig
 from model.training.data.corpus import stable_hash
 from model.training.data.shards import Corpus, load_corpus
@@ -111,8 +112,9 @@ class Trainer:
         self.out = Path(out)
         self.data_dir = data_dir
         self.quiet = quiet
-        cuda = torch.cuda.is_available()
-        precision = run.precision if run.precision != "auto" else ("bf16" if cuda else "fp32")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        auto = "bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"  # by what the device computes fast
+        precision = run.precision if run.precision != "auto" else auto
         self.accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
         self.precision = precision
         self._corpus: Corpus | None = None
