@@ -131,11 +131,20 @@ def compress_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+def round_text(rnd: dict) -> str:
+    """One EXPAND round in a line, from the fields the round has: its number, action, the chunks
+    it expanded and what it ignored."""
+    words = [f"round {rnd['number']}:" if "number" in rnd else "round:", str(rnd.get("action", ""))]
+    if rnd.get("expanded"):
+        words.append("chunks " + ", ".join(str(i) for i in rnd["expanded"]))
+    if rnd.get("ignored"):
+        words.append("(ignored " + "; ".join(str(i) for i in rnd["ignored"]) + ")")
+    return " ".join(w for w in words if w)
+
+
 def ask_text(r: dict, answer_printed: bool = False) -> str:
     lines = [] if answer_printed else [r["answer"], ""]
-    for rnd in r.get("rounds", []):
-        lines.append(f"round {rnd['round']}: {rnd['action']} {rnd['expanded'] or ''} "
-                     f"{'ignored ' + '; '.join(rnd['ignored']) if rnd['ignored'] else ''}".rstrip())
+    lines += [round_text(rnd) for rnd in r.get("rounds", [])]
     lines.append(
         f"[{r['mode']}] TTFT {r['ttft_ms']:.1f} ms (compress {r['compress_ms']:.1f}, prefill {r['prefill_ms']:.1f}, "
         f"first token {r['first_token_ms']:.1f}); {r['positions']:,} positions; KV cache {_mib(r['kv_cache_bytes'])}; "
