@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, ratio_default: int | None = 16) -> None:
-        p.add_argument("path", help="document: .txt, .md, .html, .pdf, ...")
+        p.add_argument("path", help="document: a text, Markdown, HTML or PDF file, a pipe such as <(cmd), "
+                       "or - for standard input")
         p.add_argument("--ratio", type=int, choices=RATIOS, default=None,
                        help="encoder tokens per latent (default: 16, or the checkpoint's own)")
         p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: mean, or the checkpoint's own")
@@ -68,14 +69,15 @@ class Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Heavy imports here, so that `--help` and argument errors are instant.
     from app.ingest import read_file
+
+    text = read_file(args.path)  # first: a bad path fails at once, and a pipe is read before any model loads
+    # Heavy imports here, so that `--help`, argument errors and bad paths are instant.
     from app.service import Studio
     from app.settings import Settings
 
     settings = Settings.from_env(device=args.device)
     studio = Studio(settings, checkpoint=args.checkpoint)
-    text = read_file(args.path)
     progress = Progress()
     use_cache = not args.no_cache
     try:
