@@ -175,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:  # pragma: no cover
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    from app.console import user_terminal
+
     try:
-        return run(args)
+        with user_terminal():
+            return run(args)
     except UserError as err:  # out of memory included: the services raise it as OutOfMemory
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

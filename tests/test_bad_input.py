@@ -201,6 +201,29 @@ def test_document_over_the_token_limit_names_both_sizes(capsys, doc, tiny_checkp
     assert str(err.value) == expected
 
 
+def test_no_library_warning_comes_before_the_error_line(tmp_path, tiny_checkpoint, tiny_lclm_factory):
+    """A document longer than the tokenizer's model_max_length makes transformers warn "Token indices
+    sequence length is longer than ..."; the user sees only our line, and nothing when it succeeds.
+    (A real process: in-process, the library's handler writes past pytest's capture.)"""
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(" ".join([DOC] * 40))
+    tokens = len(tiny_lclm_factory().tokenize_document(long_doc.read_text()))
+    assert tokens > tiny_lclm_factory().encoder_tokenizer.model_max_length
+
+    def cli(*args, **env):
+        return subprocess.run([sys.executable, "-m", "app.cli", "compress", str(long_doc), "--checkpoint",
+                               str(tiny_checkpoint), "--no-cache", *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=300)
+
+    refused = cli(LCLM_STUDIO_MAX_TOKENS="100")
+    assert refused.returncode == 2
+    assert [line for line in refused.stderr.splitlines() if not line.startswith("... ")] == [
+        f"error: the document has {tokens:,} tokens; the limit is 100 (set LCLM_STUDIO_MAX_TOKENS to change it)"]
+    done = cli("--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["tokens"] == tokens
+    assert "Token indices" not in done.stderr and "warning" not in done.stderr.lower(), done.stderr
+
+
 @pytest.mark.parametrize("question", ["", "   ", "\n\t"])
 def test_empty_question(capsys, doc, question):
     assert cli_error(capsys, "ask", doc, "-q", question) == "the question is empty"
