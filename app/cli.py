@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             emit(args, result, reconstruct_text)
     finally:
         progress.close()
+        studio.close()
     return 0
 
 
