@@ -178,7 +178,7 @@ def decode_entry(blob: bytes) -> CachedLatents:
 
 class LatentCache:
     """A size-bounded, LRU-evicted, bytes-only store of latents keyed by `latent_key`. When its
-    directory cannot be used, every read is a miss and every write is left out (see `off`)."""
+    directory cannot be used, the cache is off: every read is a miss and every write is left out."""
 
     def __init__(self, directory: str | Path, size_limit_bytes: int = 2 * 1024**3) -> None:
         """Open (creating with mode 0o700 if needed) the cache at `directory`."""
@@ -187,11 +187,6 @@ class LatentCache:
         self._reopen_lock = threading.Lock()
         self._cache: diskcache.Cache | None = None
         self._cache = self._open()
-
-    @property
-    def off(self) -> bool:
-        """Whether the cache is turned off for this process (its directory could not be used)."""
-        return self._cache is None
 
     def _connect(self) -> diskcache.Cache:
         if not self.directory.is_dir():
@@ -247,34 +242,38 @@ class LatentCache:
                     self._cache = self._open()
         return self._cache
 
-    def _failed(self, error: OSError | sqlite3.Error) -> None:
-        """After a read or write failed: a damaged database is replaced by a fresh one."""
-        if is_damaged(error):
-            with self._reopen_lock:
+    def _recover(self, store: diskcache.Cache, error: sqlite3.Error) -> None:
+        """`store` was found damaged on a read or write: replace it by a fresh cache, unless another
+        thread has already done so."""
+        with self._reopen_lock:
+            if self._cache is store:
                 self._cache = self._replace_damaged(error)
 
     def get(self, key: str) -> CachedLatents | None:
         """Return the entry for `key`, or None on a miss; a corrupt entry is deleted and is a miss,
         and so is an entry that cannot be read (the error is logged)."""
+        store = self._store
+        if store is None:
+            return None
         try:
             try:
-                return self._read(key)
+                return self._read(store, key)
             except ValueFileGone:
-                return self._read(key)  # a replaced entry reads whole the second time; a stale row fails again
+                return self._read(store, key)  # a replaced entry reads whole the second time; a stale row fails again
         except CorruptEntryError as error:
             log.warning("latent cache: dropping corrupt entry %s: %s", key, error)
             self.delete(key)
             return None
         except (OSError, sqlite3.Error) as error:
             if is_damaged(error):
-                self._failed(error)
+                self._recover(store, error)
             else:
                 log.warning("latent cache: could not read %s (%s); computing it again", key, error)
             return None
 
-    def _read(self, key: str) -> CachedLatents | None:
-        store = self._store
-        blob = None if store is None else store.get(key, retry=True)
+    @staticmethod
+    def _read(store: diskcache.Cache, key: str) -> CachedLatents | None:
+        blob = store.get(key, retry=True)
         return None if blob is None else decode_entry(blob)
 
     def put(self, key: str, latents: torch.Tensor, meta: dict) -> bool:
@@ -292,7 +291,7 @@ class LatentCache:
             store.set(key, blob, retry=True)
         except (OSError, sqlite3.Error) as error:
             if is_damaged(error):
-                self._failed(error)
+                self._recover(store, error)
             else:
                 log.warning("latent cache: could not store %s (%s); it will be computed again next time", key, error)
             return False
