@@ -51,6 +51,13 @@ def create_workspace(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from app.console import user_terminal
+
+    with user_terminal():  # our warnings as lines on stderr; the libraries' kept off the terminal
+        return serve(args)
+
+
+def serve(args: argparse.Namespace) -> int:
     from app.serving import auth_from, bind_warning, private_upload_dir
     from model.errors import UserError
 

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, ratio_default: int | None = 16) -> None:
-        p.add_argument("path", help="document: .txt, .md, .html, .pdf, ...")
+        p.add_argument("path", help="document: a text, Markdown, HTML or PDF file, a pipe such as <(cmd), "
+                       "or - for standard input")
         p.add_argument("--ratio", type=int, choices=RATIOS, default=None,
                        help="encoder tokens per latent (default: 16, or the checkpoint's own)")
         p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: mean, or the checkpoint's own")
@@ -68,14 +69,15 @@ class Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Heavy imports here, so that `--help` and argument errors are instant.
     from app.ingest import read_file
+
+    text = read_file(args.path)  # first: a bad path fails at once, and a pipe is read before any model loads
+    # Heavy imports here, so that `--help`, argument errors and bad paths are instant.
     from app.service import Studio
     from app.settings import Settings
 
     settings = Settings.from_env(device=args.device)
     studio = Studio(settings, checkpoint=args.checkpoint)
-    text = read_file(args.path)
     progress = Progress()
     use_cache = not args.no_cache
     try:
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             emit(args, result, reconstruct_text)
     finally:
         progress.close()
+        studio.close()
     return 0
 
 
@@ -131,11 +134,20 @@ def compress_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+def round_text(rnd: dict) -> str:
+    """One EXPAND round in a line, from the fields the round has: its number, action, the chunks
+    it expanded and what it ignored."""
+    words = [f"round {rnd['number']}:" if "number" in rnd else "round:", str(rnd.get("action", ""))]
+    if rnd.get("expanded"):
+        words.append("chunks " + ", ".join(str(i) for i in rnd["expanded"]))
+    if rnd.get("ignored"):
+        words.append("(ignored " + "; ".join(str(i) for i in rnd["ignored"]) + ")")
+    return " ".join(w for w in words if w)
+
+
 def ask_text(r: dict, answer_printed: bool = False) -> str:
     lines = [] if answer_printed else [r["answer"], ""]
-    for rnd in r.get("rounds", []):
-        lines.append(f"round {rnd['round']}: {rnd['action']} {rnd['expanded'] or ''} "
-                     f"{'ignored ' + '; '.join(rnd['ignored']) if rnd['ignored'] else ''}".rstrip())
+    lines += [round_text(rnd) for rnd in r.get("rounds", [])]
     lines.append(
         f"[{r['mode']}] TTFT {r['ttft_ms']:.1f} ms (compress {r['compress_ms']:.1f}, prefill {r['prefill_ms']:.1f}, "
         f"first token {r['first_token_ms']:.1f}); {r['positions']:,} positions; KV cache {_mib(r['kv_cache_bytes'])}; "
@@ -164,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:  # pragma: no cover
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    from app.console import user_terminal
+
     try:
-        return run(args)
+        with user_terminal():
+            return run(args)
     except UserError as err:  # out of memory included: the services raise it as OutOfMemory
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -95,6 +95,12 @@ class Studio:
                 self._cache = LatentCache(self.settings.cache_dir, self.settings.cache_size_mb * 2**20)
             return self._cache
 
+    def close(self) -> None:
+        """Close the latent cache's database (it reopens on next use)."""
+        with self._lock:
+            if self._cache is not None:
+                self._cache.close()
+
     def model(self, checkpoint: str | None = None, ratio: int | None = None, pooling: str | None = None,
               progress: ProgressFn | None = None) -> LCLM:
         """The LCLM for this checkpoint and variant, loaded once per process."""

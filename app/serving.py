@@ -2,8 +2,9 @@
 open address without one, and a private directory for uploads, each upload deleted once read.
 
 Gradio writes uploads under GRADIO_TEMP_DIR (by default a shared /tmp/gradio, mode 0o755);
-`private_upload_dir` points it at a fresh 0o700 directory, removed when the process exits.
-Call it before gradio is imported.
+`private_upload_dir` points it at a fresh 0o700 directory named after this process, removed when
+the process exits, and first removes the ones that studios killed before they could (SIGKILL, a
+crash) left behind. Call it before gradio is imported.
 """
 
 from __future__ import annotations
@@ -11,15 +12,21 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
+
+import psutil
 
 from model.errors import UserError
 
 AUTH_ENV = "LCLM_STUDIO_AUTH"
 UPLOAD_DIR_ENV = "GRADIO_TEMP_DIR"  # gradio reads it for uploads and its file cache
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+UPLOAD_DIR_PREFIX = "lclm-studio-uploads-"
+UPLOAD_DIR_NAME = re.compile(rf"{UPLOAD_DIR_PREFIX}(\d+)-[^-]+")  # the owner's process id, then mkdtemp's letters
 
 
 def parse_auth(value: str | None, source: str = "--auth") -> tuple[str, str] | None:
@@ -60,14 +67,45 @@ def bind_warning(host: str, auth: tuple[str, str] | None) -> str | None:
 
 def private_upload_dir() -> Path:
     """A fresh owner-only directory for gradio's uploads (inside GRADIO_TEMP_DIR when set), made
-    gradio's GRADIO_TEMP_DIR and removed at exit."""
+    gradio's GRADIO_TEMP_DIR and removed at exit; stale ones of dead studios are removed first."""
     parent = os.environ.get(UPLOAD_DIR_ENV) or None
     if parent:
         os.makedirs(parent, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix="lclm-studio-uploads-", dir=parent))  # mode 0o700
+    remove_stale_upload_dirs(Path(parent or tempfile.gettempdir()))
+    directory = Path(tempfile.mkdtemp(prefix=f"{UPLOAD_DIR_PREFIX}{os.getpid()}-", dir=parent))  # mode 0o700
     os.environ[UPLOAD_DIR_ENV] = str(directory)
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return directory
+
+
+def remove_stale_upload_dirs(parent: Path) -> list[Path]:
+    """Remove this user's upload directories in `parent` whose studio is no longer running: no
+    process has their process id, or the one that has it started after the directory last changed
+    (the id was reused). Links and other users' directories are left alone. Returns those removed."""
+    removed = []
+    for directory in sorted(parent.glob(f"{UPLOAD_DIR_PREFIX}*")):
+        match = UPLOAD_DIR_NAME.fullmatch(directory.name)
+        try:
+            info = directory.lstat()
+        except OSError:
+            continue
+        if not match or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        if not owner_alive(int(match.group(1)), info.st_mtime):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
+def owner_alive(pid: int, changed: float) -> bool:
+    """Whether process `pid` runs and may have made a directory last changed at `changed` (epoch s)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= changed
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # it exists, but cannot be looked at: keep its directory
+        return True
 
 
 def discard_upload(path: str | Path) -> None:

@@ -6,6 +6,7 @@ returns plain data or figures, so the views only lay out widgets and call these.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -23,7 +24,7 @@ from app.catalog import Catalog, Variant
 from app.documents import Document, DocumentStore, Layout, layout
 from app.history import RunHistory, run_row, to_csv, to_json
 from app.inspect import latent_set, latent_statistics, project_sets, source_token_set, token_diff
-from app.serving import discard_upload
+from app.serving import UPLOAD_DIR_ENV, discard_upload
 from app.service import UNTRAINED_NOTE, Studio, validate_choice
 from model.errors import UserError
 
@@ -104,7 +105,8 @@ class Workspace:
         self.documents = DocumentStore()
         self.history = RunHistory()
         self._reconstructions: OrderedDict[tuple, dict] = OrderedDict()
-        self._export_dir = Path(tempfile.mkdtemp(prefix="lclm-studio-"))
+        # inside the studio's private upload directory (removed with it), else a temporary directory
+        self._export_dir = Path(tempfile.mkdtemp(prefix="lclm-studio-exports-", dir=os.environ.get(UPLOAD_DIR_ENV)))
         self._lock = threading.Lock()
 
     # ---- models ----------------------------------------------------------------------

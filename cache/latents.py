@@ -20,7 +20,10 @@ one, and a writer killed mid-write leaves at most an unreferenced file.
 
 The cache never stops the work it serves: a failed write (disk full, directory unwritable) or read
 is logged and the entry is simply not stored or a miss, and a cache directory removed while the
-process runs is recreated, empty, on the next use.
+process runs is recreated, empty, on the next use. A damaged database (SQLite finds it malformed or
+not a database, at open or on a read) has its directory moved aside as `<dir>.damaged-<timestamp>`,
+kept for inspection, and a fresh cache is started there; a directory that cannot be used at all
+(not writable, a file in its place) turns the cache off for the process. Each says so in one warning.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,7 @@ FORMAT_VERSION = 1
 """Bumped whenever the key layout or the stored format changes; old entries then simply miss."""
 
 TENSOR_NAME = "latents"
+DAMAGED_DATABASE = ("SQLITE_CORRUPT", "SQLITE_NOTADB")  # SQLite's codes for a file it cannot read as a database
 
 
 class CorruptEntryError(Exception):
@@ -58,6 +63,11 @@ class CorruptEntryError(Exception):
 class ValueFileGone(CorruptEntryError):
     """A row's value file is missing or unreadable: a stale row, or one that another process
     replaced (removing the old file) between our reading the row and the file."""
+
+
+def is_damaged(error: BaseException) -> bool:
+    """Whether SQLite failed because the database file itself is damaged (not locked, not full)."""
+    return isinstance(error, sqlite3.DatabaseError) and getattr(error, "sqlite_errorname", "") in DAMAGED_DATABASE
 
 
 def document_sha256(text: str) -> str:
@@ -167,16 +177,18 @@ def decode_entry(blob: bytes) -> CachedLatents:
 
 
 class LatentCache:
-    """A size-bounded, LRU-evicted, bytes-only store of latents keyed by `latent_key`."""
+    """A size-bounded, LRU-evicted, bytes-only store of latents keyed by `latent_key`. When its
+    directory cannot be used, the cache is off: every read is a miss and every write is left out."""
 
     def __init__(self, directory: str | Path, size_limit_bytes: int = 2 * 1024**3) -> None:
         """Open (creating with mode 0o700 if needed) the cache at `directory`."""
         self.directory = Path(directory).expanduser()
         self.size_limit_bytes = int(size_limit_bytes)
         self._reopen_lock = threading.Lock()
+        self._cache: diskcache.Cache | None = None
         self._cache = self._open()
 
-    def _open(self) -> diskcache.Cache:
+    def _connect(self) -> diskcache.Cache:
         if not self.directory.is_dir():
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)  # mkdir's mode is filtered by the umask
@@ -187,75 +199,132 @@ class LatentCache:
             size_limit=self.size_limit_bytes,
         )
 
+    def _open(self) -> diskcache.Cache | None:
+        """The diskcache handle; a damaged database is replaced by a fresh one, and a directory that
+        cannot be used gives None (the cache off), each with one warning."""
+        try:
+            return self._connect()
+        except (OSError, sqlite3.Error) as error:
+            if is_damaged(error):
+                return self._replace_damaged(error)
+            log.warning("latent cache: cannot use %s (%s); working without a cache", self.directory, error)
+            return None
+
+    def _replace_damaged(self, error: sqlite3.Error) -> diskcache.Cache | None:
+        """Move the damaged cache directory aside (kept for inspection) and open a fresh one."""
+        if self._cache is not None:
+            self._cache.close()
+        aside = self.directory.with_name(f"{self.directory.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            try:
+                self.directory.rename(aside)
+            except FileNotFoundError:  # another process moved it aside first
+                pass
+            cache = self._connect()
+        except (OSError, sqlite3.Error) as again:
+            log.warning("latent cache: %s is damaged (%s) and could not be replaced (%s); working without a cache",
+                        self.directory / DBNAME, error, again)
+            return None
+        log.warning("latent cache: %s is damaged (%s); moved it aside to %s and started a fresh cache",
+                    self.directory / DBNAME, error, aside)
+        return cache
+
     @property
-    def _store(self) -> diskcache.Cache:
-        """The diskcache handle; reopened on a fresh directory if the directory or its database
-        was removed while open (SQLite would otherwise keep writing to the deleted file)."""
-        if not (self.directory / DBNAME).is_file():
+    def _store(self) -> diskcache.Cache | None:
+        """The diskcache handle (None when the cache is off); reopened on a fresh directory if the
+        directory or its database was removed while open (SQLite would otherwise keep writing to the
+        deleted file)."""
+        if self._cache is not None and not (self.directory / DBNAME).is_file():
             with self._reopen_lock:
-                if not (self.directory / DBNAME).is_file():
+                if self._cache is not None and not (self.directory / DBNAME).is_file():
                     log.warning("latent cache: %s was removed; starting an empty cache there", self.directory)
                     self._cache.close()
                     self._cache = self._open()
         return self._cache
 
+    def _recover(self, store: diskcache.Cache, error: sqlite3.Error) -> None:
+        """`store` was found damaged on a read or write: replace it by a fresh cache, unless another
+        thread has already done so."""
+        with self._reopen_lock:
+            if self._cache is store:
+                self._cache = self._replace_damaged(error)
+
     def get(self, key: str) -> CachedLatents | None:
         """Return the entry for `key`, or None on a miss; a corrupt entry is deleted and is a miss,
         and so is an entry that cannot be read (the error is logged)."""
+        store = self._store
+        if store is None:
+            return None
         try:
             try:
-                return self._read(key)
+                return self._read(store, key)
             except ValueFileGone:
-                return self._read(key)  # a replaced entry reads whole the second time; a stale row fails again
+                return self._read(store, key)  # a replaced entry reads whole the second time; a stale row fails again
         except CorruptEntryError as error:
             log.warning("latent cache: dropping corrupt entry %s: %s", key, error)
             self.delete(key)
             return None
         except (OSError, sqlite3.Error) as error:
-            log.warning("latent cache: could not read %s (%s); computing it again", key, error)
+            if is_damaged(error):
+                self._recover(store, error)
+            else:
+                log.warning("latent cache: could not read %s (%s); computing it again", key, error)
             return None
 
-    def _read(self, key: str) -> CachedLatents | None:
-        blob = self._store.get(key, retry=True)
+    @staticmethod
+    def _read(store: diskcache.Cache, key: str) -> CachedLatents | None:
+        blob = store.get(key, retry=True)
         return None if blob is None else decode_entry(blob)
 
     def put(self, key: str, latents: torch.Tensor, meta: dict) -> bool:
         """Store `latents` ([num_latents, dim], any float dtype, any device) with JSON-able `meta`.
         Returns whether it was stored: an entry over the size limit, or one the disk refuses
-        (full, unwritable), is logged and left out."""
+        (full, unwritable), is logged and left out; with the cache off nothing is stored."""
         blob = encode_entry(latents, meta)
         if len(blob) > self.size_limit_bytes:
             log.warning("latent cache: entry %s (%d bytes) exceeds the size limit; not stored", key, len(blob))
             return False
+        store = self._store
+        if store is None:
+            return False
         try:
-            self._store.set(key, blob, retry=True)
+            store.set(key, blob, retry=True)
         except (OSError, sqlite3.Error) as error:
-            log.warning("latent cache: could not store %s (%s); it will be computed again next time", key, error)
+            if is_damaged(error):
+                self._recover(store, error)
+            else:
+                log.warning("latent cache: could not store %s (%s); it will be computed again next time", key, error)
             return False
         return True
 
     def __contains__(self, key: str) -> bool:
         """Whether a row exists for `key` (its content is only verified by `get`)."""
-        return key in self._store
+        store = self._store
+        return store is not None and key in store
 
     def delete(self, key: str) -> bool:
         """Remove `key`; returns whether it was present."""
-        return bool(self._store.delete(key, retry=True))
+        store = self._store
+        return store is not None and bool(store.delete(key, retry=True))
 
     def clear(self) -> int:
         """Remove every entry; returns how many were removed."""
-        return self._store.clear(retry=True)
+        store = self._store
+        return 0 if store is None else store.clear(retry=True)
 
     def volume(self) -> int:
         """Estimated bytes on disk: the SQLite database plus the value files."""
-        return self._store.volume()
+        store = self._store
+        return 0 if store is None else store.volume()
 
     def __len__(self) -> int:
-        return len(self._store)
+        store = self._store
+        return 0 if store is None else len(store)
 
     def close(self) -> None:
         """Close this thread's database connection (the cache reopens it on next use)."""
-        self._cache.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def __enter__(self) -> LatentCache:
         return self

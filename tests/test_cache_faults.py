@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -23,6 +25,7 @@ from cache import LatentCache, document_sha256, latent_key
 from cache.latents import BytesOnlyDisk
 from tests.cache_writer import latents_of
 from tests.test_cache import KEY, META, raw_bytes_cache, value_files
+from app.service import Studio
 from tests.test_service import DOC, studio  # noqa: F401 - the Studio fixture on the tiny checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,3 +214,155 @@ def test_many_keys_hold_their_own_content(cache):
         cache.put(key, latents_of(i), {"writer": i, "step": 0})
     for i, key in enumerate(keys):
         assert content_sha256(cache.get(key).latents) == content_sha256(latents_of(i))
+
+
+# ---- a damaged or unusable cache database ----------------------------------------------------------
+def overwrite(at: int):
+    def damage(db: Path) -> None:
+        with db.open("r+b") as f:
+            f.seek(at)
+            f.write(bytes(range(256)) * 32)  # 8 KiB of garbage
+    return damage
+
+
+DAMAGES = {
+    "truncated": lambda db: db.write_bytes(db.read_bytes()[: db.stat().st_size // 2]),
+    "overwritten-header": overwrite(0),
+    "overwritten-pages": overwrite(8192),
+}
+
+
+def fill(studio) -> Path:  # noqa: F811
+    """The cache database with a few entries, closed: the state a later process finds."""
+    studio.compress(DOC)
+    for i in range(8):
+        studio.compress(f"{DOC} {i}")
+    studio.cache.close()
+    return studio.cache.directory / "cache.db"
+
+
+def moved_aside(directory: Path) -> list[Path]:
+    return sorted(directory.parent.glob(f"{directory.name}.damaged-*"))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES), ids=list(DAMAGES))
+def test_a_damaged_database_is_moved_aside_and_a_fresh_cache_started(studio, caplog, damage):  # noqa: F811
+    reference = studio.compress(DOC, use_cache=False)
+    db = fill(studio)
+    assert db.stat().st_size >= 16384
+    DAMAGES[damage](db)
+    damaged = db.read_bytes()
+    later = Studio(studio.settings, checkpoint=studio.default_checkpoint)  # the next run of the CLI or the studio
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        again = later.compress(DOC)
+    assert again.result.cached is False and torch.equal(again.latents, reference.latents)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    (aside,) = moved_aside(db.parent)
+    assert re.fullmatch(rf"latent cache: {re.escape(str(db))} is damaged \((file is not a database|database disk "
+                        rf"image is malformed)\); moved it aside to {re.escape(str(aside))} and started a fresh cache",
+                        warning), warning
+    assert (aside / "cache.db").read_bytes() == damaged  # kept, as it was, for inspection
+    assert later.compress(DOC).result.cached is True and len(later.cache) == 1  # the fresh cache works
+
+
+def test_a_zero_length_database_is_an_empty_cache(studio, caplog):  # noqa: F811
+    db = fill(studio)
+    db.write_bytes(b"")
+    later = Studio(studio.settings, checkpoint=studio.default_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        assert later.compress(DOC).result.cached is False
+    assert not caplog.records and not moved_aside(db.parent)  # nothing to move aside: SQLite reads it as empty
+    assert later.compress(DOC).result.cached is True
+
+
+def test_a_database_found_damaged_while_running(studio, caplog, monkeypatch):  # noqa: F811
+    studio.compress(DOC)
+
+    def damaged(*args, **kwargs):
+        error = sqlite3.DatabaseError("database disk image is malformed")
+        error.sqlite_errorname = "SQLITE_CORRUPT"
+        raise error
+
+    monkeypatch.setattr(diskcache.Cache, "get", damaged)
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        assert studio.compress(DOC).result.cached is False
+    monkeypatch.undo()
+    assert [warned(caplog, "is damaged")] == [True] and len(moved_aside(studio.cache.directory)) == 1
+    assert studio.compress(DOC).result.cached is True  # stored in the fresh cache by the compress above
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """function(path): make the directory `path` unwritable, even for root (chattr +i), undone afterwards."""
+    made = []
+
+    def make(path: Path) -> None:
+        path.chmod(0o500)
+        made.append(path)
+        if os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("root, and chattr cannot make a directory immutable here")
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        path.chmod(0o700)
+
+
+@pytest.mark.parametrize("where", ["home", "cache"])
+def test_an_unwritable_cache_directory_means_work_goes_on_uncached(studio, caplog, unwritable, where):  # noqa: F811
+    """"home": the data directory is read-only, so the cache cannot be created; "cache": the cache
+    directory exists, with an entry, and is read-only."""
+    reference = studio.compress(DOC, use_cache=False)
+    if where == "cache":
+        fill(studio)
+    home = studio.settings.data_dir
+    unwritable(home if where == "home" else studio.settings.cache_dir)
+    later = Studio(studio.settings, checkpoint=studio.default_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        results = [later.compress(DOC) for _ in range(2)]
+    assert [r.result.cached for r in results] == [False, False]
+    assert all(torch.equal(r.latents, reference.latents) for r in results)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"latent cache: cannot use {studio.settings.cache_dir} (")
+    assert warnings[0].endswith("); working without a cache")
+
+
+def test_a_damaged_database_that_cannot_be_moved_aside(studio, caplog, unwritable):  # noqa: F811
+    db = fill(studio)
+    overwrite(0)(db)
+    unwritable(studio.settings.data_dir)  # the cache directory cannot be renamed
+    later = Studio(studio.settings, checkpoint=studio.default_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="cache.latents"):
+        assert [later.compress(DOC).result.cached for _ in range(2)] == [False, False]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.startswith(f"latent cache: {db} is damaged (file is not a database) and could not be replaced (")
+    assert warning.endswith("); working without a cache") and not moved_aside(db.parent)
+
+
+# ---- the same through the CLI: one warning line, the answer as usual ----------------------------------
+def cli_compress(capsys, doc: Path, checkpoint: Path) -> tuple[dict, list[str]]:
+    from app.cli import main
+
+    code = main(["compress", str(doc), "--checkpoint", str(checkpoint), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err, err
+    return json.loads(out), [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+def test_the_cli_with_a_damaged_or_unusable_cache(capsys, tmp_path, tiny_checkpoint, unwritable):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    cache_dir = Path(os.environ["LCLM_STUDIO_HOME"]) / "latent-cache"
+    first, warnings = cli_compress(capsys, doc, tiny_checkpoint)
+    assert first["cached"] is False and warnings == []
+    overwrite(0)(cache_dir / "cache.db")
+    again, warnings = cli_compress(capsys, doc, tiny_checkpoint)
+    (aside,) = moved_aside(cache_dir)
+    assert again["cached"] is False and again["latents"] == first["latents"]
+    assert warnings == [f"warning: latent cache: {cache_dir / 'cache.db'} is damaged (file is not a database); "
+                        f"moved it aside to {aside} and started a fresh cache"]
+    assert cli_compress(capsys, doc, tiny_checkpoint) == ({**again, "cached": True, "compress_ms": 0.0}, [])
+    unwritable(cache_dir)
+    uncached, warnings = cli_compress(capsys, doc, tiny_checkpoint)
+    assert uncached["cached"] is False and uncached["latents"] == first["latents"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: latent cache: cannot use {cache_dir} (")

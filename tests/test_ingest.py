@@ -6,6 +6,7 @@ import pytest
 
 from app.ingest import MAX_FILE_BYTES, clean_text, read_bytes, read_file
 from model.errors import UserError
+from tests.bad_files import SUPPORTED
 
 
 def test_text_file_is_cleaned(tmp_path):
@@ -49,7 +50,7 @@ def test_utf8_bom_and_utf16_are_decoded():
 
 def test_unsupported_extension():
     with pytest.raises(UserError, match=r"unsupported file type \.exe"):
-        read_bytes(b"MZ", "tool.exe")
+        read_bytes(b"MZ\x90\x00\x03\x00\x00\x00", "tool.exe")
 
 
 def test_oversized_file():
@@ -117,3 +118,40 @@ def test_encrypted_pdf_is_refused():
     writer.write(buffer)
     with pytest.raises(UserError, match=r"^secret.pdf is an encrypted PDF; decrypt it first$"):
         read_bytes(buffer.getvalue(), "secret.pdf")
+
+
+# ---- the content decides the kind; the name is a hint ------------------------------------------
+@pytest.mark.parametrize("name", ["Apache-2.0", "LICENSE-2.0", "notes.v2", "README", "data.exe"])
+def test_text_is_text_whatever_the_name(name):
+    assert read_bytes(b"Licensed under the terms below.\n", name) == "Licensed under the terms below."
+
+
+@pytest.mark.parametrize("name", ["page", "page.txt", "page.2"])
+def test_an_html_page_is_read_as_html_whatever_the_name(name):
+    markup = b"<!-- saved -->\n<!DOCTYPE html><html><body><p>Kept</p><script>dropped()</script></body></html>"
+    assert read_bytes(markup, name) == "Kept"
+
+
+def test_the_html_name_is_a_hint_for_text_without_a_signature():
+    assert read_bytes(b"<p>One</p><p>Two</p>", "fragment.html") == "One\n\nTwo"
+    assert read_bytes(b"<p>One</p><p>Two</p>", "fragment.md") == "<p>One</p><p>Two</p>"  # Markdown may hold tags
+
+
+def test_a_pdf_is_read_as_a_pdf_whatever_the_name():
+    pdf = b"%PDF-1.4 this is not really a pdf"
+    for name in ("report", "report.txt", "report-v1.0"):
+        with pytest.raises(UserError, match=rf"^{name} is not a readable PDF"):
+            read_bytes(pdf, name)
+
+
+@pytest.mark.parametrize("data, name, message", [
+    (b"PK\x03\x04\x14\x00\x08\x00", "notes.txt", "notes.txt is a binary file, not text"),  # a zip named .txt
+    (b"\x1f\x8b\x08\x08\xab\xcd\xef\x12", "notes", "notes is a binary file, not text"),  # gzip, no NUL at its start
+    (b"\x7fELF\x02\x01\x01\x00", "LICENSE-2.0", "LICENSE-2.0 is a binary file, not text"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "photo.png", f"photo.png: unsupported file type .png; supported: {SUPPORTED}"),
+    (b"PK\x03\x04\x14\x00\x06\x00", "letter.docx", f"letter.docx: unsupported file type .docx; supported: {SUPPORTED}"),
+], ids=["zip-named-txt", "gzip", "elf", "png", "docx"])
+def test_what_is_not_a_document_is_refused(data, name, message):
+    with pytest.raises(UserError) as err:
+        read_bytes(data, name)
+    assert str(err.value) == message

@@ -8,10 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from app.catalog import CHECKPOINT_FAMILY, Catalog, Variant
-from app.serving import AUTH_ENV, auth_from, bind_warning, discard_upload, is_loopback, parse_auth, private_upload_dir
+from app.serving import (
+    AUTH_ENV,
+    auth_from,
+    bind_warning,
+    discard_upload,
+    is_loopback,
+    parse_auth,
+    private_upload_dir,
+    remove_stale_upload_dirs,
+)
 from app.service import Studio
 from app.settings import Settings
 from app.workspace import Workspace
@@ -113,6 +123,63 @@ def test_upload_dir_is_private_and_removed_at_exit(upload_dir, tmp_path):
     for fn, args, kwargs in hooks:
         fn(*args, **kwargs)
     assert not directory.exists()
+
+
+def ended_process_id() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.fixture
+def running_process():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def upload_dir_of(parent: Path, pid: int, letters: str = "a1b2c3d4") -> Path:
+    directory = parent / f"lclm-studio-uploads-{pid}-{letters}"
+    (directory / "sha").mkdir(parents=True)
+    (directory / "sha" / "left-behind.txt").write_text("a document")
+    return directory
+
+
+def test_start_up_removes_the_upload_directories_of_dead_studios(monkeypatch, tmp_path, running_process):
+    parent = tmp_path / "gradio"
+    dead = upload_dir_of(parent, ended_process_id())
+    live = upload_dir_of(parent, running_process.pid)
+    reused = upload_dir_of(parent, running_process.pid, "e5f6g7h8")  # the id now belongs to a newer process
+    started = psutil.Process(running_process.pid).create_time()
+    os.utime(reused, (started - 60, started - 60))
+    elsewhere = upload_dir_of(tmp_path / "elsewhere", ended_process_id())
+    link = parent / f"lclm-studio-uploads-{ended_process_id()}-linklink"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    old_style = parent / "lclm-studio-uploads-x1y2z3ab"  # no process id in the name: whose it is, is unknown
+    old_style.mkdir()
+    unrelated = parent / "gradio-cache-123-abc"
+    unrelated.mkdir()
+    kept = [live, link, old_style, unrelated]
+    if os.geteuid() == 0:
+        others = upload_dir_of(parent, ended_process_id(), "otheruser")
+        os.chown(others, 65534, 65534)
+        kept.append(others)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(parent))
+    monkeypatch.setattr("atexit.register", lambda *args, **kwargs: None)
+    directory = private_upload_dir()
+    assert not dead.exists() and not reused.exists()
+    assert all(path.exists() for path in kept) and (elsewhere / "sha" / "left-behind.txt").is_file()
+    assert directory.name.startswith(f"lclm-studio-uploads-{os.getpid()}-")
+    assert remove_stale_upload_dirs(parent) == []  # its own directory, just made, is not stale
+
+
+def test_exports_are_written_inside_the_private_upload_directory(upload_dir):
+    directory, _ = upload_dir
+    variant = Variant(CHECKPOINT_FAMILY, "unused", 4, "mean", trained=False)
+    workspace = Workspace(Studio(Settings(device="cpu")), Catalog([variant]))
+    assert directory in workspace.export("session", "csv").parents  # so removed with it, at exit or at the next start
 
 
 def test_only_uploads_are_discarded(upload_dir, tmp_path):

@@ -7,18 +7,17 @@ from types import SimpleNamespace
 import gradio as gr
 
 from app import figures
-from app.ingest import SUPPORTED_SUFFIXES
 from views.common import Shared, user_errors
-
-UPLOAD_TYPES = sorted(s for s in SUPPORTED_SUFFIXES if s)
 
 
 def build() -> SimpleNamespace:
-    gr.Markdown("Paste a document or upload a file (.txt, .md, .html, .pdf). It stays on this machine.")
+    gr.Markdown("Paste a document or upload a file (text, Markdown, HTML or PDF, whatever its name). "
+                "It stays on this machine.")
     with gr.Row():
         text = gr.Textbox(label="Document text", lines=12, max_lines=24, elem_id="document-text",
                           placeholder="Paste text here, then press Load")
-        file = gr.File(label="…or upload a file", file_types=UPLOAD_TYPES, type="filepath", elem_id="document-file")
+        # any name: the content decides what the file is, and ingest refuses what is no document
+        file = gr.File(label="…or upload a file", type="filepath", elem_id="document-file")
     load = gr.Button("Load document", variant="primary", elem_id="load-document")
     summary = gr.Markdown(elem_id="document-summary")
     strip = gr.HTML(elem_id="document-strip")

@@ -54,7 +54,7 @@ def test_load_document_reports_tokens_and_chunks(client):
 
 @pytest.mark.parametrize("name, data, message", [
     ("broken.pdf", b"%PDF-1.4 this is not really a pdf", "not a readable PDF"),
-    ("notes.docx", b"PK\x03\x04", "Invalid file type"),  # refused by the upload itself
+    ("notes.docx", b"PK\x03\x04", "notes.docx: unsupported file type .docx"),
     ("binary.txt", b"\x00\x01\x02", "binary file"),
 ])
 def test_bad_files_are_clear_errors(client, tmp_path, name, data, message):

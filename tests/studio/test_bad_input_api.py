@@ -43,10 +43,7 @@ def files_in(directory) -> list:
     return [p for p in directory.rglob("*") if p.is_file()]
 
 
-UPLOADABLE = [case for case in BAD_FILES if not case[0].endswith(".exe")]
-
-
-@pytest.mark.parametrize("name, content, message", UPLOADABLE, ids=[name for name, _, _ in UPLOADABLE])
+@pytest.mark.parametrize("name, content, message", BAD_FILES, ids=[name for name, _, _ in BAD_FILES])
 def test_bad_upload(client, studio_server, tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
@@ -55,13 +52,12 @@ def test_bad_upload(client, studio_server, tmp_path, name, content, message):
     still_works(client)
 
 
-def test_unsupported_extension_is_refused_by_the_upload(client, tmp_path):
-    path = tmp_path / "tool.exe"
-    path.write_bytes(b"MZ\x90\x00")
-    message = refused(client.predict, "", handle_file(str(path)), *MODEL, api_name="/upload_document")
-    assert message.startswith("Invalid file type. Please upload a file that is one of these formats: ")
-    assert ".exe" not in message.split(":", 1)[1] and "'.pdf'" in message
-    still_works(client)
+@pytest.mark.parametrize("name", ["Apache-2.0", "LICENSE-2.0", "notes.v2", "README"])
+def test_names_that_are_not_extensions_upload_as_text(client, tmp_path, name):
+    path = tmp_path / name
+    path.write_text(DOCUMENT)
+    text, _, summary, _, _ = client.predict("", handle_file(str(path)), *MODEL, api_name="/upload_document")
+    assert text == DOCUMENT.strip() and f"**{name}**" in summary
 
 
 def test_upload_over_the_size_limit(client, studio_url, tmp_path):
