@@ -103,3 +103,11 @@ def prepare_smoke(out: Path) -> RunConfig:
     packed = data / "corpus.safetensors.xz"
     pack(data / "corpus", packed)
     return smoke_config(decoder, encoder, packed)
+
+
+def smoke_run(out: Path) -> RunConfig:
+    """The smoke run config, its data prepared under `out/smoke-data` on first use."""
+    data = out / "smoke-data"
+    if (data / "corpus.safetensors.xz").is_file():
+        return smoke_config(data / "bases" / "decoder", data / "bases" / "encoder", data / "corpus.safetensors.xz")
+    return prepare_smoke(out)

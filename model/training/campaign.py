@@ -1,0 +1,525 @@
+"""A training campaign: one embedded LCLM variant trained in wall-clock boxes that resume.
+
+    python -m model.training.campaign --variant cs4-concat --recipe curriculum --minutes 120 \
+        --state runs/cs4-concat/state --out runs/cs4-concat/out
+
+Each call trains for at most `--minutes`, stops cleanly before the box ends (or on Ctrl-C /
+SIGTERM), and leaves:
+  STATE/  trainable.safetensors   the trained tensors (LoRA matrices, memory rows, adapter), float32
+          optimizer.safetensors   AdamW moments; optimizer.json: the rest of the optimizer state
+          state.json              recipe, variant, step, tokens per objective, CPU and wall seconds,
+                                  every validation result so far
+          rng.safetensors         torch's RNG state (data order is a pure function of the step)
+  OUT/    final/                  the variant in the published layout, bfloat16 (load_lclm reads it)
+          metrics.json            the validation curve and the run's settings
+          curve.png               teacher-forced and free-running accuracy against tokens and time
+The next call with the same STATE resumes where this one stopped. `--init-from DIR` starts a
+new STATE from a checkpoint in the published layout (e.g. the committed model/weights/...).
+
+A recipe (RECIPES) says what is trained (encoder LoRA, adapter, memory-tag rows, optionally
+decoder LoRA), on which objectives (reconstruction of spans, interleaved next-token, or
+interleaved distillation from the full-context decoder) and the span-length curriculum.
+Validation, every `--eval-minutes`: teacher-forced top-1 token accuracy on fixed held-back
+64-token spans (at step 0 this is the decoder's prior: untrained latents tell it nothing), and
+free-running reconstruction token accuracy (greedy, the studio's Reconstruction path) on a few
+of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from model.fidelity import token_accuracy
+from model.generation import decode, prefill, stop_token_ids
+from model.precision import fast_dtype
+from model.prompts import memory_region, reconstruction_prompt
+from model.training.config import LoraSettings, RunConfig
+from model.training.data.corpus import stable_hash
+from model.training.data.shards import Split, load_corpus
+from model.training.examples import IGNORE, ExampleBuilder, Sample, collate, plan_spans
+from model.training.modeling import build_trainable, is_peft, load_optimizer, save_checkpoint, save_optimizer
+from model.training.trainer import StopRequested
+
+VALIDATION_SPAN = 64  # tokens per validation span (16 latents at 1:4)
+VALIDATION_SPANS = 32  # teacher-forced
+FREE_RUNNING_SPANS = 4  # greedy reconstruction, at the start and end of each call
+SAVE_MARGIN_S = 45.0  # stop this long before the box ends, for validation and saving
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Reconstruction spans of `span_tokens` until `until_tokens` span tokens are trained (0: no end)."""
+
+    span_tokens: int
+    until_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    phases: tuple[Phase, ...]
+    objectives: dict[str, float]  # reconstruction | interleaved | distill -> sampling weight
+    train_decoder: bool = False  # decoder LoRA trained (else the decoder is frozen and its LoRA off)
+    train_encoder: bool = True
+    encoder_lora_r: int = 64
+    decoder_lora_r: int = 16
+    lr: dict[str, float] = field(default_factory=lambda: {"adapter": 1e-3, "encoder": 1e-3, "decoder": 5e-4,
+                                                          "tags": 1e-3})
+    batch_tokens: int = 512  # span tokens per step (spans of 16: 32 a step; of 64: 8; of 256: 2)
+    warmup_steps: int = 20
+    interleaved_tokens: int = 512  # raw tokens of one interleaved / distillation sequence
+    interleaved_spans: tuple[int, int] = (16, 128)  # compressed span lengths inside it
+    reconstruction_range: tuple[int, int] | None = None  # uniform span lengths instead of phases
+    precision: str = "auto"  # auto (the device's fast type) | fp32
+
+    def phase(self, span_tokens_done: int) -> Phase:
+        for phase in self.phases:
+            if phase.until_tokens == 0 or span_tokens_done < phase.until_tokens:
+                return phase
+        return self.phases[-1]
+
+
+# The recipes compared in the study (bench/results/training/), the chosen one first.
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("curriculum", "decoder LoRA + encoder LoRA + adapter, reconstruction, spans 16 -> 64 -> 256",
+           phases=(Phase(16, 60_000), Phase(64, 300_000), Phase(256)), objectives={"reconstruction": 1.0},
+           train_decoder=True),
+    Recipe("frozen-recon", "frozen decoder; encoder LoRA + adapter on reconstruction of 64-token spans",
+           phases=(Phase(64),), objectives={"reconstruction": 1.0}),
+    Recipe("lora-recon", "as frozen-recon, plus LoRA on the decoder so it learns to read latents",
+           phases=(Phase(64),), objectives={"reconstruction": 1.0}, train_decoder=True),
+    Recipe("distill", "frozen decoder; reconstruction plus interleaved sequences whose target is the "
+           "full-context decoder's next-token distribution", phases=(Phase(64),),
+           objectives={"reconstruction": 0.5, "distill": 0.5}),
+    Recipe("current", "the four-stage config's first stage: adapter only, interleaved + reconstruction "
+           "(spans 32-512, sequences of 2048), LoRA r=16, float32, lr 1e-3",
+           phases=(Phase(64),), objectives={"interleaved": 1.0, "reconstruction": 1.0}, train_encoder=False,
+           encoder_lora_r=16, lr={"adapter": 1e-3, "encoder": 1e-3, "decoder": 5e-4, "tags": 1e-3},
+           batch_tokens=16 * 272, warmup_steps=30, interleaved_tokens=2048, interleaved_spans=(128, 1024),
+           reconstruction_range=(32, 512), precision="fp32"),
+)}
+
+VARIANTS = {f"cs{n}-{p}": f"smollm2-l6-smollm2-135m-cs{n}-{p}-w1024-causal-mlp"
+            for n in (4, 8, 16) for p in ("concat", "mean")}
+
+
+# ---- the model ---------------------------------------------------------------------------------
+def run_config(variant: str, recipe: Recipe, corpus: str | None) -> RunConfig:
+    if variant not in VARIANTS:
+        raise SystemExit(f"error: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    run = RunConfig.load(VARIANTS[variant])
+    return replace(run, lora=replace(run.lora, r=recipe.encoder_lora_r, alpha=2 * recipe.encoder_lora_r),
+                   decoder_lora=replace(run.lora, r=recipe.decoder_lora_r, alpha=2 * recipe.decoder_lora_r),
+                   **({"corpus": corpus} if corpus else {}))
+
+
+def set_decoder_lora(decoder: torch.nn.Module, enabled: bool) -> None:
+    """Switch the decoder's LoRA matrices on or off; the memory-token rows stay in use."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in decoder.modules():
+        if isinstance(module, LoraLayer):
+            module.enable_adapters(enabled)
+
+
+def trainable_groups(lclm, recipe: Recipe) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """The parameters the recipe trains, by learning-rate group, with their names in the LCLM."""
+    for p in lclm.parameters():
+        p.requires_grad_(False)
+    groups: dict[str, list] = {"adapter": [], "encoder": [], "decoder": [], "tags": []}
+    for name, p in lclm.named_parameters():
+        if name.startswith("adapter."):
+            groups["adapter"].append((name, p))
+        elif name.startswith("encoder.") and "lora_" in name and recipe.train_encoder:
+            groups["encoder"].append((name, p))
+        elif name.startswith("decoder.") and "trainable_tokens_" in name:
+            groups["tags"].append((name, p))
+        elif name.startswith("decoder.") and "lora_" in name and recipe.train_decoder:
+            groups["decoder"].append((name, p))
+    for params in groups.values():
+        for _, p in params:
+            p.requires_grad_(True)
+    return {g: ps for g, ps in groups.items() if ps}
+
+
+def freeze_to(lclm, dtype: torch.dtype) -> None:
+    """Store the weights nothing trains in `dtype` (no cast per forward under autocast)."""
+    for p in lclm.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def decoder_parts(decoder):
+    """(transformer body, LM head) of a causal LM, PEFT-wrapped or not."""
+    base = decoder.get_base_model() if is_peft(decoder) else decoder
+    return base.model, base.lm_head
+
+
+def label_logits(lclm, batch, latents: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a label, and those labels: ([n, vocab], [n]).
+    Only those positions go through the LM head."""
+    input_ids = batch.input_ids  # [B, L]
+    embeds = lclm.decoder.get_input_embeddings()(input_ids)  # [B, L, D]
+    if batch.regions:
+        latents = latents if latents is not None else lclm.encode_many(batch.documents)
+        flat = torch.cat([latents[d][a:b] for d, a, b in batch.regions])  # [placeholders, D]
+        mask = (input_ids == lclm.memory_token_id).unsqueeze(-1)  # [B, L, 1]
+        embeds = embeds.masked_scatter(mask, flat.to(embeds.dtype))
+    body, head = decoder_parts(lclm.decoder)
+    padded = bool((batch.attention_mask == 0).any())
+    hidden = body(inputs_embeds=embeds, attention_mask=batch.attention_mask if padded else None,
+                  use_cache=False).last_hidden_state  # [B, L, D]
+    targets = batch.labels[:, 1:]  # [B, L-1]
+    where = targets != IGNORE
+    return head(hidden[:, :-1][where]).float(), targets[where]  # [n, vocab], [n]
+
+
+# ---- objectives ---------------------------------------------------------------------------------
+class CampaignData:
+    """Samples of each objective; every micro-batch a pure function of (seed, split, step)."""
+
+    def __init__(self, builder: ExampleBuilder, corpus, recipe: Recipe, seed: int):
+        self.builder, self.corpus, self.recipe, self.seed = builder, corpus, recipe, seed
+
+    def split(self, name: str) -> Split:
+        split = self.corpus[name]
+        return split if split.num_tokens else self.corpus["train"]
+
+    @staticmethod
+    def exact(split: Split, rng: np.random.Generator, length: int) -> list[int]:
+        """A window of exactly `length` tokens (documents shorter than that are skipped)."""
+        for _ in range(1000):
+            window = split.window(rng, length)
+            if len(window) == length:
+                return window
+        raise ValueError(f"the corpus has no document of {length} tokens")
+
+    def step(self, step: int, span_tokens_done: int) -> tuple[str, list[Sample], int]:
+        """(objective, samples, span length or 0) of one training step."""
+        r = self.recipe
+        rng = np.random.default_rng(stable_hash(f"campaign:{self.seed}:train:{step}"))
+        names = sorted(r.objectives)
+        weights = np.array([r.objectives[n] for n in names])
+        objective = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        train = self.split("train")
+        if objective == "reconstruction":
+            if r.reconstruction_range is not None:
+                low, high = r.reconstruction_range
+                lengths = [int(rng.integers(low, high + 1)) for _ in range(max(1, r.batch_tokens // high))]
+                return objective, [self.builder.reconstruction(self.exact(train, rng, n)) for n in lengths], 0
+            span = r.phase(span_tokens_done).span_tokens
+            count = max(1, r.batch_tokens // span)
+            return objective, [self.builder.reconstruction(self.exact(train, rng, span)) for _ in range(count)], span
+        count = max(1, r.batch_tokens // r.interleaved_tokens)
+        samples = []
+        for _ in range(count):
+            raw = self.exact(train, rng, r.interleaved_tokens)
+            spans = plan_spans(len(raw), rng, 0.5, r.interleaved_spans)
+            sample = self.builder.interleaved(raw, spans)
+            sample.teacher = (raw, spans)  # the raw sequence the distillation teacher reads
+            samples.append(sample)
+        return objective, samples, 0
+
+    def validation_spans(self, length: int = VALIDATION_SPAN, count: int = VALIDATION_SPANS) -> list[list[int]]:
+        """The fixed held-back spans every validation reads (the same in every call)."""
+        rng = np.random.default_rng(stable_hash(f"campaign:validation:{length}"))
+        return [self.exact(self.split("validation"), rng, length) for _ in range(count)]
+
+
+def teacher_logits(lclm, samples: list[Sample]) -> torch.Tensor:
+    """The frozen decoder's logits on each raw sequence at the positions that predict the
+    plain-text tokens, in the order `label_logits` yields them: [n, vocab]."""
+    raws = torch.tensor([s.teacher[0] for s in samples])  # [B, T], equal lengths
+    keep = torch.zeros_like(raws, dtype=torch.bool)
+    for row, s in enumerate(samples):
+        at = 0
+        for kind, n in s.teacher[1]:
+            if kind == "text":
+                keep[row, at:at + n] = True
+            at += n
+    keep[:, 0] = False  # nothing predicts the first token
+    body, head = decoder_parts(lclm.decoder)
+    with torch.no_grad():
+        hidden = body(input_ids=raws, use_cache=False).last_hidden_state  # [B, T, D]
+        return head(hidden[:, :-1][keep[:, 1:]]).float()  # [n, vocab]
+
+
+def step_loss(lclm, objective: str, samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, int, int]:
+    """(loss, correct top-1 predictions, predicted tokens) of one step's samples."""
+    batch = collate(samples, pad_id)
+    logits, targets = label_logits(lclm, batch)
+    if objective == "distill":
+        target = teacher_logits(lclm, samples)
+        if target.shape != logits.shape:
+            raise ValueError(f"teacher positions {tuple(target.shape)} differ from the student's {tuple(logits.shape)}")
+        loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+    else:
+        loss = F.cross_entropy(logits, targets)
+    correct = int((logits.detach().argmax(-1) == targets).sum())
+    return loss, correct, int(targets.numel())
+
+
+# ---- validation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(lclm, builder: ExampleBuilder, spans: list[list[int]], pad_id: int, free_running: int,
+             autocast: bool) -> dict:
+    """Teacher-forced accuracy on the span tokens (end of turn excluded) and free-running
+    reconstruction token accuracy of the first `free_running` spans."""
+    lclm.eval()
+    correct = total = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for first in range(0, len(spans), 8):
+            batch = collate([builder.reconstruction(s) for s in spans[first:first + 8]], pad_id)
+            logits, targets = label_logits(lclm, batch)
+            hits = (logits.argmax(-1) == targets).view(-1, len(spans[0]) + 1)[:, :-1]  # [b, span], end of turn off
+            correct += int(hits.sum())
+            total += hits.numel()
+        stops = stop_token_ids(lclm.decoder_tokenizer, lclm.decoder)
+        scores = []
+        for ids in spans[:free_running]:
+            latents = lclm.encode(builder.to_encoder(ids))  # [M, D]
+            prompt = lclm.chat(reconstruction_prompt(memory_region(int(latents.shape[0]))))
+            state = prefill(lclm.decoder, lclm.prepare(prompt, [latents]).inputs_embeds)
+            scores.append(token_accuracy(ids, list(decode(lclm.decoder, state, len(ids) + 8, stops))))
+    lclm.train()
+    return {"teacher_forced": round(correct / max(total, 1), 4),
+            "free_running": round(float(np.mean(scores)), 4) if scores else None}
+
+
+# ---- state on disk ------------------------------------------------------------------------------
+def save_state(state_dir: Path, lclm, groups, optimizer, state: dict) -> None:
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {name: p.detach().float().contiguous() for params in groups.values() for name, p in params}
+    save_file(tensors, tmp / "trainable.safetensors")
+    save_optimizer(optimizer, tmp / "optimizer")
+    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    old = state_dir.with_name(state_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if state_dir.exists():
+        state_dir.rename(old)
+    tmp.rename(state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(state_dir: Path, lclm, groups, optimizer) -> dict:
+    tensors = load_file(state_dir / "trainable.safetensors")
+    params = {name: p for ps in groups.values() for name, p in ps}
+    if set(tensors) != set(params):
+        raise SystemExit(f"error: {state_dir} holds other tensors than this recipe trains")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    load_optimizer(optimizer, state_dir / "optimizer")
+    torch.set_rng_state(load_file(state_dir / "rng.safetensors")["torch"])
+    return json.loads((state_dir / "state.json").read_text())
+
+
+def plot_curve(evals: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "tokens", "tokens trained"), (axes[1], "wall_s", "wall minutes")):
+        xs = [e[key] / (60 if key == "wall_s" else 1) for e in evals]
+        ax.plot(xs, [e["teacher_forced"] for e in evals], marker="o", label="teacher-forced")
+        free = [(x, e["free_running"]) for x, e in zip(xs, evals) if e.get("free_running") is not None]
+        if free:
+            ax.plot(*zip(*free), marker="s", label="free-running")
+        ax.axhline(evals[0]["teacher_forced"], color="grey", lw=0.8, ls="--", label="prior (step 0)")
+        ax.set_xlabel(label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("token accuracy, validation")
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---- the campaign -------------------------------------------------------------------------------
+def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out: Path, corpus: str | None = None,
+             init_from: Path | None = None, eval_minutes: float = 5.0, seed: int = 0, quiet: bool = False,
+             run: RunConfig | None = None, free_running: int = FREE_RUNNING_SPANS,
+             validation_span: int = VALIDATION_SPAN) -> dict:
+    started_wall, started_cpu = time.perf_counter(), time.process_time()
+    box_s = minutes * 60
+    run = run or run_config(variant, recipe, corpus)
+    resuming = (state_dir / "state.json").is_file()
+    if resuming:  # the checkpoint the state started from holds what this recipe does not train
+        started_from = json.loads((state_dir / "state.json").read_text()).get("init_from")
+        init_from = Path(started_from) if started_from else None
+    lclm = build_trainable(run, init_from=init_from)
+    for model in (lclm.decoder, lclm.encoder.model):
+        # short training sequences: matmul attention beats the fused CPU kernel in bf16 several times
+        model.set_attn_implementation("eager")
+    if not recipe.train_decoder and init_from is None:
+        set_decoder_lora(lclm.decoder, False)  # freshly initialised LoRA is the identity: skip its compute
+    groups = trainable_groups(lclm, recipe)
+    use_bf16 = recipe.precision == "auto" and fast_dtype("cpu") == torch.bfloat16
+    if use_bf16:
+        freeze_to(lclm, torch.bfloat16)
+    optimizer = torch.optim.AdamW([{"params": [p for _, p in ps], "lr": recipe.lr[g], "name": g}
+                                   for g, ps in groups.items()], weight_decay=0.0)
+    builder = ExampleBuilder(lclm)
+    data = CampaignData(builder, load_corpus(run.corpus), recipe, seed)
+    pad_id = lclm.decoder_tokenizer.pad_token_id or 0
+    state = {"variant": variant, "recipe": asdict(recipe), "step": 0, "tokens": {}, "span_tokens": 0,
+             "cpu_s": 0.0, "wall_s": 0.0, "evals": [], "precision": "bf16" if use_bf16 else "fp32",
+             "calls": 0, "init_from": str(init_from) if init_from else None}
+    if resuming:
+        saved = load_state(state_dir, lclm, groups, optimizer)
+        if saved["variant"] != variant or saved["recipe"]["name"] != recipe.name:
+            raise SystemExit(f"error: {state_dir} belongs to {saved['recipe']['name']} on {saved['variant']}")
+        state.update({k: saved[k] for k in ("step", "tokens", "span_tokens", "cpu_s", "wall_s", "evals", "calls",
+                                            "init_from")})
+    state["calls"] += 1
+    validation = data.validation_spans(validation_span)
+    say = (lambda m: None) if quiet else tqdm.write
+    base_cpu, base_wall = state["cpu_s"], state["wall_s"]
+
+    def clocks() -> tuple[float, float]:
+        return (base_cpu + time.process_time() - started_cpu, base_wall + time.perf_counter() - started_wall)
+
+    def evaluate(free: int = 0) -> None:
+        result = validate(lclm, builder, validation, pad_id, free, use_bf16)
+        cpu, wall = clocks()
+        entry = {"step": state["step"], "tokens": sum(state["tokens"].values()), "cpu_s": round(cpu, 1),
+                 "wall_s": round(wall, 1), **result}
+        state["evals"].append(entry)
+        say(f"validation at step {entry['step']} ({entry['tokens']:,} tokens, {wall / 60:.1f} min): "
+            f"teacher-forced {result['teacher_forced']:.3f}, free-running {result['free_running']}")
+
+    lclm.train()
+    if not state["evals"]:
+        evaluate(free_running)  # step 0: the prior
+    last_eval = time.perf_counter()
+    bar = tqdm(total=int(box_s), unit="s", desc=f"{variant} {recipe.name}", disable=quiet,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}] {postfix}")
+    step_s, reason = 0.0, "box"
+    with StopRequested() as stop:
+        while True:
+            elapsed = time.perf_counter() - started_wall
+            if elapsed + step_s + min(SAVE_MARGIN_S, 0.2 * box_s) > box_s:
+                break
+            if stop.requested:
+                reason = "interrupted"
+                break
+            t0 = time.perf_counter()
+            step = state["step"]
+            factor = min(1.0, (step + 1) / recipe.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr[group["name"]] * factor
+            objective, samples, span = data.step(step, state["span_tokens"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                loss, correct, count = step_loss(lclm, objective, samples, pad_id)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for _, p in ps], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"][objective] = state["tokens"].get(objective, 0) + sum(s.tokens for s in samples)
+            if objective == "reconstruction":
+                state["span_tokens"] += sum(len(s.documents[0]) for s in samples)
+            step_s = 0.8 * step_s + 0.2 * (time.perf_counter() - t0) if step_s else time.perf_counter() - t0
+            total = sum(state["tokens"].values())
+            bar.n = min(int(time.perf_counter() - started_wall), int(box_s))
+            bar.set_postfix_str(f"step {state['step']} {objective[:5]} loss {float(loss.detach()):.3f} "
+                                f"acc {correct / max(count, 1):.2f} span {span} tok {total:,}")
+            if time.perf_counter() - last_eval > eval_minutes * 60:
+                evaluate()
+                last_eval = time.perf_counter()
+    bar.close()
+    if state["evals"][-1]["step"] != state["step"] or state["evals"][-1]["free_running"] is None:
+        evaluate(free_running)  # free-running reconstruction at the end of each call
+    state["cpu_s"], state["wall_s"] = (round(v, 1) for v in clocks())
+    save_state(state_dir, lclm, groups, optimizer, state)
+    write_outputs(lclm, out, state, run)
+    say(f"{reason}: step {state['step']}, {sum(state['tokens'].values()):,} tokens; state in {state_dir}, "
+        f"final/ in {out}; run the same command to continue")
+    return state
+
+
+def write_outputs(lclm, out: Path, state: dict, run: RunConfig) -> None:
+    """final/ (bfloat16, published layout), metrics.json and curve.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / "final"
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(lclm, tmp, dtype=torch.bfloat16)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    metrics = {k: state[k] for k in ("variant", "recipe", "step", "tokens", "span_tokens", "cpu_s", "wall_s",
+                                     "precision", "calls", "init_from", "evals")}
+    metrics["cpu"] = cpu_name()
+    metrics["threads"] = torch.get_num_threads()
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_curve(state["evals"], out / "curve.png",
+               f"{state['variant']} {state['recipe']['name']} ({state['precision']}, {cpu_name()})")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.training.campaign", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="cs4-concat", choices=sorted(VARIANTS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smoke run's tiny random pair and corpus (made under STATE/../smoke-data)")
+    parser.add_argument("--recipe", default="curriculum", choices=list(RECIPES))
+    parser.add_argument("--minutes", type=float, required=True, help="wall-clock box of this call")
+    parser.add_argument("--state", required=True, type=Path, help="resumable state directory")
+    parser.add_argument("--out", required=True, type=Path, help="final/, metrics.json and curve.png")
+    parser.add_argument("--corpus", help="shard directory or packed corpus (default: the variant's config)")
+    parser.add_argument("--init-from", type=Path, help="start a new state from this published-layout checkpoint")
+    parser.add_argument("--eval-minutes", type=float, default=5.0, help="validation every so many minutes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: every core; 1 beside other work)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0:
+        parser.error("--minutes must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run, variant = None, args.variant
+    if args.smoke:
+        from model.training.smoke import smoke_run
+
+        run, variant = smoke_run(args.state.resolve().parent), "smoke"
+    campaign(variant, RECIPES[args.recipe], args.minutes, args.state, args.out, args.corpus, args.init_from,
+             args.eval_minutes, args.seed, args.quiet, run=run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The training campaign: wall-clock boxes that resume, outputs within the return limits, a
+final/ the CLI loads, and each objective and the curriculum learning on a tiny random pair."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.training.campaign import (RECIPES, CampaignData, Phase, Recipe, freeze_to, set_decoder_lora, step_loss,
+                                     trainable_groups, validate)
+from model.training.examples import ExampleBuilder
+from model.training.modeling import build_trainable
+from model.training.smoke import smoke_run
+from tests.test_training import builder, lclm, tiny_corpus, tiny_run  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 2**20
+
+
+def campaign_command(state: Path, out: Path, minutes: float) -> list[str]:
+    return [sys.executable, "-m", "model.training.campaign", "--smoke", "--recipe", "curriculum", "--minutes",
+            str(minutes), "--eval-minutes", "0.2", "--threads", "1", "--quiet", "--state", str(state), "--out", str(out)]
+
+
+def test_campaign_box_resumes_and_its_final_loads_in_the_cli(tmp_path):
+    smoke_run(tmp_path)  # the tiny pair and corpus, made once before the boxes start
+    state, out = tmp_path / "state", tmp_path / "out"
+    tokens = []
+    for _ in range(2):
+        done = subprocess.run(campaign_command(state, out, 0.5), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        tokens.append(sum(metrics["tokens"].values()))
+    assert 0 < tokens[0] < tokens[1]
+    assert metrics["calls"] == 2 and metrics["evals"][0]["step"] == 0 and metrics["evals"][-1]["free_running"] is not None
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["step"] == metrics["step"] and saved["recipe"]["name"] == "curriculum"
+    files = [p for p in [*state.rglob("*"), *out.rglob("*")] if p.is_file()]
+    big = [p for p in files if p.suffix == ".safetensors"]
+    assert all(p.stat().st_size <= 16 * MiB for p in files)
+    assert sum(p.stat().st_size for p in files) <= 64 * MiB and len(big) <= 8
+    assert (out / "curve.png").stat().st_size > 0
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The tiny model reads this short document about a river and a mill. " * 8)
+    shown = subprocess.run([sys.executable, "-m", "app.cli", "compress", str(doc), "--checkpoint", str(out / "final"),
+                            "--ratio", "4", "--json", "--no-cache"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert json.loads(shown.stdout)["trained"] is True
+
+
+def test_a_state_of_another_recipe_is_refused(tmp_path):
+    smoke_run(tmp_path)
+    state, out = tmp_path / "state", tmp_path / "out"
+    state.mkdir()
+    (state / "state.json").write_text(json.dumps({"variant": "smoke", "recipe": {"name": "distill"}}))
+    done = subprocess.run(campaign_command(state, out, 0.5), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+
+
+def test_curriculum_phases_follow_the_tokens_trained():
+    recipe = RECIPES["curriculum"]
+    assert [recipe.phase(t).span_tokens for t in (0, 59_999, 60_000, 299_999, 300_000, 10**9)] == \
+        [16, 16, 64, 64, 256, 256]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint, tiny_corpus):  # noqa: F811
+    return tiny_run(tiny_checkpoint, tiny_corpus, "lora", stages=(0,))
+
+
+LEARNING = {
+    "reconstruction": Recipe("r", "", phases=(Phase(16),), objectives={"reconstruction": 1.0}, batch_tokens=64,
+                             warmup_steps=1, lr={"adapter": 3e-3, "encoder": 3e-3, "decoder": 3e-3, "tags": 3e-3}),
+    "decoder LoRA": Recipe("d", "", phases=(Phase(16),), objectives={"reconstruction": 1.0}, batch_tokens=64,
+                           warmup_steps=1, train_decoder=True,
+                           lr={"adapter": 3e-3, "encoder": 3e-3, "decoder": 3e-3, "tags": 3e-3}),
+    "interleaved": Recipe("i", "", phases=(Phase(16),), objectives={"interleaved": 1.0}, batch_tokens=96,
+                          warmup_steps=1, interleaved_tokens=48, interleaved_spans=(8, 16),
+                          lr={"adapter": 3e-3, "encoder": 3e-3, "decoder": 3e-3, "tags": 3e-3}),
+    "distill": Recipe("x", "", phases=(Phase(16),), objectives={"distill": 1.0}, batch_tokens=96, warmup_steps=1,
+                      interleaved_tokens=48, interleaved_spans=(8, 16),
+                      lr={"adapter": 3e-3, "encoder": 3e-3, "decoder": 3e-3, "tags": 3e-3}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEARNING))
+def test_each_objective_lowers_its_loss_on_a_fixed_batch(name, pair):
+    recipe = LEARNING[name]
+    lclm = build_trainable(replace(pair, lora=replace(pair.lora, r=recipe.encoder_lora_r // 16)))
+    if not recipe.train_decoder:
+        set_decoder_lora(lclm.decoder, False)
+    groups = trainable_groups(lclm, recipe)
+    assert ("decoder" in groups) == recipe.train_decoder and {"adapter", "encoder", "tags"} <= set(groups)
+    optimizer = torch.optim.AdamW([p for ps in groups.values() for _, p in ps], lr=3e-3)
+    from model.training.data.shards import load_corpus
+
+    data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), recipe, seed=0)
+    objective, samples, _ = data.step(0, 0)
+    assert objective == next(iter(recipe.objectives))
+    pad = lclm.decoder_tokenizer.pad_token_id or 0
+    losses = []
+    for _ in range(6):
+        loss, correct, count = step_loss(lclm, objective, samples, pad)
+        assert 0 <= correct <= count and count > 0
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    if not recipe.train_decoder:
+        assert not any(p.requires_grad for n, p in lclm.named_parameters() if n.startswith("decoder.") and "lora_" in n)
+
+
+def test_distillation_targets_are_the_full_context_decoder(pair):
+    """With the latents replaced by the raw text's own positions there is nothing to distil:
+    the teacher's logits at the plain-text positions equal the decoder's on the raw sequence."""
+    from model.training.campaign import teacher_logits
+    from model.training.data.shards import load_corpus
+
+    recipe = LEARNING["distill"]
+    lclm = build_trainable(pair)
+    set_decoder_lora(lclm.decoder, False)
+    data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), recipe, seed=0)
+    _, samples, _ = data.step(0, 0)
+    target = teacher_logits(lclm, samples)
+    raw, spans = samples[0].teacher
+    text_positions = [i for i, kind in enumerate(k for k, n in spans for _ in range(n)) if kind == "text" and i > 0]
+    with torch.no_grad():
+        full = lclm.decoder(input_ids=torch.tensor([raw])).logits[0]  # [T, vocab]
+    first = full[[i - 1 for i in text_positions]]
+    assert torch.allclose(target[: len(text_positions)], first.float(), atol=1e-4)
+
+
+def test_validation_measures_the_prior_and_free_running_accuracy(pair):
+    lclm = build_trainable(pair)
+    freeze_to(lclm, torch.float32)
+    from model.training.data.shards import load_corpus
+
+    data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), RECIPES["frozen-recon"], seed=0)
+    spans = data.validation_spans(length=16, count=4)
+    assert spans == data.validation_spans(length=16, count=4) and all(len(s) == 16 for s in spans)
+    result = validate(lclm, data.builder, spans, lclm.decoder_tokenizer.pad_token_id or 0, 2, autocast=False)
+    assert 0 <= result["teacher_forced"] <= 1 and 0 <= result["free_running"] <= 1
