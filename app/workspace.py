@@ -262,7 +262,8 @@ class Workspace:
                 yield state
                 continue
             try:
-                yield from stream(run, baseline.ask(self.studio, text, question, variant, max_new_tokens))
+                yield from stream(run, baseline.ask(self.studio, text, question, variant, max_new_tokens,
+                                                    prompt_profile))
             except Exception as err:  # a comparison that fails here says so; the answers so far stay
                 if not isinstance(err, UserError):
                     log.exception("%s failed", run.name)

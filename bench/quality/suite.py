@@ -21,6 +21,7 @@ from tqdm import tqdm
 from app.service import Studio
 from bench.quality.metrics import bleu, rouge_l
 from model.baselines import press_answer
+from model.prompts import PROMPT_PROFILES
 from model.training.data.synthetic import Haystack, TaskExample, eval_seed, make_task, score
 
 
@@ -63,13 +64,13 @@ def ruler_examples(haystack: Haystack, tasks: list[str], lengths: list[int],
 
 def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens: int, prompt_profile: str = "paper",
            expand_new_tokens: int | None = None) -> dict:
-    """One method on one example: reply, decoder positions, the prompt profile (None for presses,
-    which keep their own prompt) and, for EXPAND, the rounds used and the chunks read (from 1)."""
+    """One method on one example: reply, decoder positions, the prompt profile and, for EXPAND,
+    the rounds used and the chunks read (numbered from 1)."""
     if method.kind == "press":
-        model = studio.model(ratio=16, pooling="mean")  # any variant: only its decoder is used
+        model = studio.model()  # any variant: only its decoder is used
         result = press_answer(model.decoder, model.decoder_tokenizer, example.context, example.question,
-                              method.press, method.ratio, max_new_tokens)
-        return {"reply": result.answer, "positions": result.positions, "prompt_profile": None}
+                              method.press, method.ratio, max_new_tokens, PROMPT_PROFILES[prompt_profile].question)
+        return {"reply": result.answer, "positions": result.positions, "prompt_profile": prompt_profile}
     ratio = None if method.kind == "full" else method.ratio
     pooling = None if method.kind == "full" else method.pooling
     tokens = expand_new_tokens if method.kind == "expand" else max_new_tokens  # None: 256 per EXPAND round
