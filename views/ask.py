@@ -19,7 +19,7 @@ from views.common import MODEL_SLOT, Shared, user_errors
 NO_KVPRESS = "none"
 CHECKPOINT_PROFILE = "checkpoint default"  # paper for published checkpoints, studio for the embedded model
 FULL = "full context"
-TRANSCRIPT_COLUMNS = ["round", "forced", "action", "expanded", "ignored", "positions", "reply"]
+TRANSCRIPT_COLUMNS = ["round", "prefilled", "action", "expanded", "ignored", "prompt tokens", "reply"]
 READOUT_COLUMNS = ["method", "status", "TTFT ms", "compress ms", "prefill ms", "tokens/s", "tokens", "peak MiB",
                    "KV cache MiB", "positions"]
 STREAM_INTERVAL_S = 0.1  # at most this often a streamed update goes to the page
@@ -85,7 +85,7 @@ def ttft_markdown(readouts: list[dict]) -> str:
 
 def transcript_table(rounds: list[dict]) -> pd.DataFrame:
     rows = [[r["number"], r["forced"] or "", r["action"], ", ".join(map(str, r["expanded"])), "; ".join(r["ignored"]),
-             r["positions"], r["raw_output"]] for r in rounds]
+             r["prompt_tokens"], r["raw_output"]] for r in rounds]
     return pd.DataFrame(rows, columns=TRANSCRIPT_COLUMNS)
 
 
