@@ -5,8 +5,10 @@ Each decision round the model replies `EXPAND: i, j` (those chunks are then show
 text) or `ANSWER: ...`:
 - the first round must expand: an answer given before any chunk was expanded is demoted to
   expanding the chunk numbers the reply mentions (at most 5), or chunk 1;
-- the last directive in a reply wins; numbers outside 1..K are dropped and reported;
-  a reply with neither directive is taken whole as the answer;
+- the last directive in a reply wins (as in the authors' parser, `EXPAND:` counts when digits,
+  commas or whitespace follow it, `ANSWER:` when anything does); the answer is the text after
+  that last `ANSWER:`; numbers outside 1..K are dropped and reported; a reply with neither
+  directive is taken whole as the answer;
 - an EXPAND that names no new chunk ends the loop, and so does the last decision round
   (whose new chunks are not read, as in the authors' agent);
 - unless a later round answered, one forced final round follows, told that no expansion
@@ -28,8 +30,8 @@ DEFAULT_ROUNDS = 5
 MAX_DEMOTED = 5  # chunks read when a first-round answer is demoted
 ACTIONS = ("expand", "answer", "demoted", "forced")
 
-DIRECTIVE = re.compile(r"\b(EXPAND|ANSWER)\s*:", re.IGNORECASE)
-NUMBER_LIST = re.compile(r"[0-9,\s]*")  # what an EXPAND directive names: digits, commas, whitespace
+DIRECTIVE = re.compile(r"(EXPAND|ANSWER)\s*:", re.IGNORECASE)
+NUMBER_LIST = re.compile(r"[0-9,\s]+")  # what an EXPAND directive names: digits, commas, whitespace
 MENTIONED = re.compile(r"\b[0-9]{1,3}\b")
 
 
@@ -48,9 +50,11 @@ def in_range(item: str, num_chunks: int) -> bool:
 
 def parse_reply(text: str, num_chunks: int) -> Reply:
     """One model reply: the last EXPAND/ANSWER directive decides; no directive: all of it is the answer."""
-    directives = list(DIRECTIVE.finditer(text))
+    text = text.strip()
+    directives = [d for d in DIRECTIVE.finditer(text) if (
+        text[d.end():].strip() if d.group(1).upper() == "ANSWER" else NUMBER_LIST.match(text, d.end()))]
     if not directives:
-        return Reply("answer", answer=text.strip())
+        return Reply("answer", answer=text)
     last = directives[-1]
     if last.group(1).upper() == "ANSWER":
         return Reply("answer", answer=text[last.end():].strip())

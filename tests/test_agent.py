@@ -20,6 +20,10 @@ from model.prompts import MEMORY_END, MEMORY_START, PROMPT_PROFILES, default_pro
     ("EXPAND: 007", "expand", [], ""),  # 7 > 5 chunks
     ("EXPAND: 02", "expand", [2], ""),
     ("EXPAND: chunk 2", "expand", [], ""),  # not a number list: names nothing
+    ("I will EXPAND:", "answer", [], "I will EXPAND:"),  # nothing after the colon: not a directive
+    ("REEXPAND:3", "expand", [3], ""),  # no word boundary needed, as in the authors' parser
+    ("The code is 7ANSWER: 42", "answer", [], "42"),
+    ("EXPAND: 2 ANSWER: ", "expand", [2], ""),  # nothing after ANSWER: not a directive
     ("The code is 5521.", "answer", [], "The code is 5521."),  # no directive: all of it is the answer
     ("", "answer", [], ""),
     ("answer:  Paris  ", "answer", [], "Paris"),
