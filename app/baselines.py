@@ -21,7 +21,6 @@ from app.service import AskEvent, Studio, guard_stream
 from model.baselines import PRESSES, QUESTION_MARK, make_press, matched_ratio
 from model.errors import UserError
 from model.generation import StreamingDetokenizer, stop_token_ids
-from model.prompts import question_prompt
 
 KVPRESS_MISSING = "kvpress not installed (pip install kvpress)"
 
@@ -34,7 +33,8 @@ class Baseline:
         return None
 
     def ask(self, studio: Studio, text: str, question: str, variant: Variant,
-            max_new_tokens: int | None) -> Iterator[AskEvent]:
+            max_new_tokens: int | None, prompt_profile: str | None = None) -> Iterator[AskEvent]:
+        """`prompt_profile`: the question's layout, as in `Studio.ask` (None: the checkpoint's default)."""
         raise NotImplementedError
 
 
@@ -43,8 +43,9 @@ class FullContext(Baseline):
 
     name = "full context"
 
-    def ask(self, studio, text, question, variant, max_new_tokens):
-        return studio.ask(text, question, "full", variant.ratio, variant.pooling, variant.spec, max_new_tokens)
+    def ask(self, studio, text, question, variant, max_new_tokens, prompt_profile=None):
+        return studio.ask(text, question, "full", variant.ratio, variant.pooling, variant.spec, max_new_tokens,
+                          prompt_profile=prompt_profile)
 
 
 @dataclass(frozen=True)
@@ -61,18 +62,18 @@ class KVPress(Baseline):
     def unavailable(self) -> str | None:
         return None if importlib.util.find_spec("kvpress") else KVPRESS_MISSING
 
-    def ask(self, studio, text, question, variant, max_new_tokens):
+    def ask(self, studio, text, question, variant, max_new_tokens, prompt_profile=None):
         reason = self.unavailable()
         if reason:
             raise UserError(reason)
         return guard_stream(kvpress_answer(studio, self.press, text, question, variant,
-                                           max_new_tokens or studio.settings.max_new_tokens))
+                                           max_new_tokens or studio.settings.max_new_tokens, prompt_profile))
 
 
-def split_chat_prompt(model, text: str, question: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chat prompt of a question over `text` (as the full-context answer reads it), cut after
-    the document: ([1, C] context ids, compressed by the press; [1, Q] question ids, kept)."""
-    context, rest = model.chat(question_prompt(text + QUESTION_MARK, question)).split(QUESTION_MARK)
+def split_chat_prompt(model, text: str, question: str, profile) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chat prompt of a question over `text` (as the full-context answer reads it, in `profile`'s
+    layout), cut after the document: ([1, C] context ids, compressed by the press; [1, Q] question ids, kept)."""
+    context, rest = model.chat(profile.question(text + QUESTION_MARK, question)).split(QUESTION_MARK)
     tokenize = model.decoder_tokenizer
     context_ids = tokenize(context, add_special_tokens=False, return_tensors="pt")["input_ids"]
     rest_ids = tokenize(rest, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -81,17 +82,18 @@ def split_chat_prompt(model, text: str, question: str) -> tuple[torch.Tensor, to
 
 @torch.inference_mode()
 def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, variant: Variant,
-                   max_new_tokens: int) -> Iterator[AskEvent]:
+                   max_new_tokens: int, prompt_profile: str | None = None) -> Iterator[AskEvent]:
     """As kvpress's own pipeline (and bench/speed): the context is prefilled under the press
     (compress_ms), the question over the compressed cache at its uncompressed positions
     (prefill_ms), then greedy decoding; positions = KV pairs kept + the question."""
     model = studio.model(variant.spec, variant.ratio, variant.pooling)
+    profile = studio.prompt_profile(model, prompt_profile)
     document = studio.tokenize(model, text)
     decoder, device = model.decoder, model.device
     measurement = Measurement(device=str(device))
     clock = Clock(device)
     with PeakMemory(device) as memory:
-        context_ids, question_ids = split_chat_prompt(model, text, question)  # [1, C], [1, Q]
+        context_ids, question_ids = split_chat_prompt(model, text, question, profile)  # [1, C], [1, Q]
         context_len, question_len = context_ids.shape[1], question_ids.shape[1]
         if model.max_positions and context_len + question_len + max_new_tokens > model.max_positions:
             raise UserError(f"the prompt needs {context_len + question_len:,} decoder positions plus {max_new_tokens} "
@@ -136,7 +138,8 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
     measurement.finish(clock.ms())
     yield AskEvent("done", result={
         "answer": detok.text.strip(), "mode": f"kvpress {press_name}", "question": question, "ratio": variant.ratio,
-        "pooling": None, "checkpoint": model.checkpoint_id, "tokens": len(document), "latents": 0, "cached": False,
+        "pooling": None, "checkpoint": model.checkpoint_id, "prompt_profile": profile.name, "tokens": len(document),
+        "latents": 0, "cached": False,
         "trained": True, **measurement.to_dict(), "prefilled_positions": context_len + question_len,
         "press_ratio": round(matched_ratio(variant.ratio), 4),
     })

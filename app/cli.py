@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from app.settings import MODES, POOLINGS, RATIOS
+from app.settings import MODES, POOLINGS, PROFILES, RATIOS
 
 EXIT_USER_ERROR = 2
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LCLM directory in the published layout, or a hub id (default: the embedded model)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
         p.add_argument("--no-cache", action="store_true", help="neither read nor write the latent cache")
+        p.add_argument("--chunk-tokens", type=int, default=None,
+                       help="decoder tokens per EXPAND / reconstruction chunk (default: 256, as in the paper)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
     common(sub.add_parser("compress", help="compress a document into latents"))
@@ -37,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--question", "-q", required=True)
     ask.add_argument("--mode", choices=MODES, default="lclm",
                      help="full: the decoder reads the raw text; lclm: it reads latents; expand: latents + EXPAND tool")
-    ask.add_argument("--max-new-tokens", type=int, default=None)
+    ask.add_argument("--max-new-tokens", type=int, default=None, help="default: 128; with expand, 256 per round")
+    ask.add_argument("--prompt-profile", choices=PROFILES, default=None,
+                     help="paper: the authors' prompts (default for --checkpoint); studio: the studio's short "
+                          "prompts (default for the embedded model)")
     rec = sub.add_parser("reconstruct", help="let the decoder reproduce each chunk from its latents")
     common(rec)
     rec.add_argument("--max-chunks", type=int, default=None, help="reconstruct only the first K chunks")
@@ -76,7 +81,12 @@ def run(args: argparse.Namespace) -> int:
     from app.service import Studio
     from app.settings import Settings
 
-    settings = Settings.from_env(device=args.device)
+    if args.chunk_tokens is not None and args.chunk_tokens < 1:
+        from model.errors import UserError
+
+        raise UserError(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
+    settings = Settings.from_env(device=args.device, chunk_tokens=args.chunk_tokens,
+                                 prompt_profile=getattr(args, "prompt_profile", None))
     studio = Studio(settings, checkpoint=args.checkpoint)
     progress = Progress()
     use_cache = not args.no_cache

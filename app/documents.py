@@ -63,9 +63,8 @@ class DocumentStore:
 class Cell:
     """One chunk of the document strip."""
 
-    index: int
-    start_token: int
-    end_token: int
+    index: int  # the chunk's number, from 1
+    tokens: int  # decoder tokens
     start_char: int
     end_char: int
     preview: str
@@ -93,15 +92,11 @@ def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
 
 
 def layout(studio, model, text: str) -> Layout:
-    """Tokens, encoder windows and EXPAND chunks of `text` under `model` (its encoder tokenizer)."""
+    """Tokens and encoder windows of `text` under `model` (its encoder tokenizer), and its EXPAND
+    chunks (the decoder's tokenizer)."""
     document = studio.tokenize(model, text)
     config = model.config
-    cells = []
-    for chunk in studio.chunks(model, len(document)):
-        start_char = document.offsets[chunk.start][0]
-        end_char = document.offsets[chunk.end - 1][1]
-        cells.append(Cell(chunk.index, chunk.start, chunk.end, start_char, end_char,
-                          preview(text[start_char:end_char])))
+    cells = [Cell(c.number, c.tokens, c.start_char, c.end_char, preview(c.text)) for c in studio.chunks(model, text)]
     return Layout(
         tokens=len(document), windows=-(-len(document) // config.encoder_window_size),
         window_size=config.encoder_window_size, latents=model.count_latents(len(document)),

@@ -48,19 +48,21 @@ def strip_html(cells: Sequence[StripCell], caption: str = "") -> str:
 
 
 def document_strip(cells: Sequence[Cell], expanded: dict[int, int] | None = None) -> str:
-    """The document as a strip of chunks; `expanded` maps a chunk to the EXPAND round that read it."""
+    """The document as a strip of chunks (numbered from 1, widths by decoder tokens); `expanded`
+    maps a chunk number to the EXPAND round that read it, and those chunks are lit."""
     expanded = expanded or {}
     strip = []
     for cell in cells:
-        tooltip = f"chunk {cell.index}: tokens {cell.start_token}-{cell.end_token}\n{cell.preview}"
+        tooltip = (f"chunk {cell.index}: {cell.tokens} tokens, characters {cell.start_char}-{cell.end_char}\n"
+                   f"{cell.preview}")
         if cell.index in expanded:
             round_number = expanded[cell.index]
             colour = ROUND_COLOURS[(round_number - 1) % len(ROUND_COLOURS)]
-            strip.append(StripCell(f"{cell.index} (r{round_number})", cell.end_token - cell.start_token, colour,
+            strip.append(StripCell(f"{cell.index} (r{round_number})", cell.tokens, colour,
                                    f"expanded in round {round_number}\n{tooltip}", selected=True))
         else:
-            colour = "#dfe7f1" if cell.index % 2 == 0 else "#c9d6e6"
-            strip.append(StripCell(str(cell.index), cell.end_token - cell.start_token, colour, tooltip))
+            colour = "#dfe7f1" if cell.index % 2 == 1 else "#c9d6e6"
+            strip.append(StripCell(str(cell.index), cell.tokens, colour, tooltip))
     caption = f"{len(cells)} chunks"
     if expanded:
         caption += "; expanded: " + ", ".join(f"chunk {i} (round {r})" for i, r in sorted(expanded.items()))

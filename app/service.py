@@ -1,12 +1,17 @@
 """The studio's services, shared by the CLI and the UI: compress, ask (full context, LCLM,
 LCLM + EXPAND) and reconstruct. Models and the latent cache are process-wide; a request
-carries only the document text and its choices."""
+carries only the document text and its choices.
+
+Plain LCLM answers read the whole document's latents. EXPAND and reconstruction read the
+document as chunks (model/chunking.py), each chunk's text compressed on its own and cached
+under its own key, so a second question on the same document runs no encoder."""
 
 from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -16,13 +21,14 @@ from safetensors.torch import load_file
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
 from app.settings import MODES, POOLINGS, RATIOS, Settings
 from cache import LatentCache, document_sha256, latent_key
-from model.agent import Chunk, ExpandAgent, Round, make_chunks
+from model.agent import ExpandAgent, Round
+from model.chunking import Chunk, chunk_text
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.fidelity import token_accuracy
 from model.generation import Sampling, StreamingDetokenizer, decode, prefill, stop_token_ids
 from model.lclm import LCLM, DocumentTokens
 from model.loading import CheckpointParts, build_lclm, resolve
-from model.prompts import question_prompt, reconstruction_prompt
+from model.prompts import PROMPT_PROFILES, PromptProfile, default_prompt_profile, reconstruction_prompt
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 T = TypeVar("T")
@@ -69,7 +75,7 @@ class AskEvent:
 
 @dataclass
 class ChunkReconstruction:
-    index: int
+    index: int  # the chunk's number, from 1
     original: str
     reconstructed: str
     token_accuracy: float
@@ -86,6 +92,7 @@ class Studio:
         self._parts: dict[tuple, CheckpointParts] = {}
         self._lock = threading.RLock()
         self._cache: LatentCache | None = None
+        self._chunks: OrderedDict[tuple, list[Chunk]] = OrderedDict()  # a few recent documents' chunks
 
     # ---- shared resources --------------------------------------------------------
     @property
@@ -158,7 +165,7 @@ class Studio:
             compress_ms, cached = clock.ms(), False
             if use_cache:
                 self.cache.put(key, latents, {"tokens": len(document), "checkpoint": model.checkpoint_id})
-        chunks = self.chunks(model, len(document))
+        chunks = self.chunks(model, text)
         result = CompressResult(
             tokens=len(document), latents=int(latents.shape[0]), window=config.encoder_window_size,
             ratio=config.compression_ratio, pooling=config.pooling, compress_ms=round(compress_ms, 3),
@@ -167,52 +174,103 @@ class Studio:
         )
         return Compressed(model, document, latents, result)
 
-    def chunks(self, model: LCLM, num_tokens: int) -> list[Chunk]:
+    def chunks(self, model: LCLM, text: str) -> list[Chunk]:
+        """The EXPAND chunks of `text`: at most `settings.chunk_tokens` decoder tokens each."""
+        key = (document_sha256(text), model.checkpoint_id, self.settings.chunk_tokens)
+        with self._lock:
+            if key in self._chunks:
+                self._chunks.move_to_end(key)
+                return self._chunks[key]
+        chunks = chunk_text(text, model.decoder_tokenizer, self.settings.chunk_tokens)
+        with self._lock:
+            self._chunks[key] = chunks
+            while len(self._chunks) > 8:
+                self._chunks.popitem(last=False)
+        return chunks
+
+    def chunk_latents(self, model: LCLM, chunks: Sequence[Chunk], use_cache: bool = True,
+                      progress: ProgressFn | None = None) -> tuple[list[torch.Tensor], float, bool]:
+        """Each chunk's text compressed on its own, exactly as `compress` would compress it
+        (the cache key is that of a document holding only the chunk's text):
+        ([M_i, dec_hidden] per chunk, compress ms (0 when every chunk was cached), all cached)."""
         config = model.config
-        return make_chunks(num_tokens, self.settings.chunk_tokens, config.encoder_window_size, config.compression_ratio)
+        model_id = f"{model.checkpoint_id}@{model.dtype}"
+        clock = Clock(model.device)
+        latents, encoded = [], 0
+        for done, chunk in enumerate(chunks):
+            ids = model.encoder_tokenizer(chunk.text, add_special_tokens=False)["input_ids"]
+            key = latent_key(document_sha256(chunk.text), model_id, config.compression_ratio, config.pooling)
+            hit = self.cache.get(key) if use_cache else None
+            if hit is not None and hit.latents.shape[0] == model.count_latents(len(ids)):
+                region = hit.latents.to(model.device, model.dtype)  # [M_i, D]
+            else:
+                region = guard_memory(model.compress, ids)  # [M_i, D]
+                encoded += 1
+                if use_cache:
+                    self.cache.put(key, region, {"tokens": len(ids), "checkpoint": model.checkpoint_id})
+            latents.append(region)
+            if progress:
+                progress("encoding chunks", done + 1, len(chunks))
+        return latents, (clock.ms() if encoded else 0.0), encoded == 0
+
+    def prompt_profile(self, model: LCLM, name: str | None = None) -> PromptProfile:
+        """The named profile, else the settings' one, else the checkpoint's default."""
+        name = name or self.settings.prompt_profile or default_prompt_profile(model.checkpoint_id)
+        if name not in PROMPT_PROFILES:
+            raise UserError(f"prompt profile must be one of {', '.join(PROMPT_PROFILES)}, got {name!r}")
+        return PROMPT_PROFILES[name]
 
     # ---- ask -----------------------------------------------------------------------
     def ask(self, text: str, question: str, mode: str = "lclm", ratio: int | None = None,
             pooling: str | None = None, checkpoint: str | None = None, max_new_tokens: int | None = None,
             use_cache: bool = True, sampling: Sampling = Sampling(),
-            progress: ProgressFn | None = None) -> Iterator[AskEvent]:
+            progress: ProgressFn | None = None, prompt_profile: str | None = None) -> Iterator[AskEvent]:
         """Stream an answer: "token" events, "round" events (EXPAND), then one "done" event.
+        `max_new_tokens` is per EXPAND round in that mode (default `settings.expand_new_tokens`).
         Running out of memory ends the stream with `OutOfMemory`, the request's memory released."""
         return guard_stream(self._ask(text, question, mode, ratio, pooling, checkpoint, max_new_tokens, use_cache,
-                                      sampling, progress))
+                                      sampling, progress, prompt_profile))
 
     def _ask(self, text: str, question: str, mode: str, ratio: int | None, pooling: str | None,
              checkpoint: str | None, max_new_tokens: int | None, use_cache: bool, sampling: Sampling,
-             progress: ProgressFn | None) -> Iterator[AskEvent]:
+             progress: ProgressFn | None, prompt_profile: str | None) -> Iterator[AskEvent]:
         if mode not in MODES:
             raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not question or not question.strip():
             raise UserError("the question is empty")
-        max_new_tokens = max_new_tokens or self.settings.max_new_tokens
+        max_new_tokens = max_new_tokens or (
+            self.settings.expand_new_tokens if mode == "expand" else self.settings.max_new_tokens)
         if max_new_tokens < 1:
             raise UserError("max new tokens must be at least 1")
         model = self.model(checkpoint, ratio, pooling, progress)
+        profile = self.prompt_profile(model, prompt_profile)
+        extra: dict = {}
         measurement = Measurement(device=str(model.device))
         clock = Clock(model.device)
         with PeakMemory(model.device) as memory:
             if mode == "full":
                 document = self.tokenize(model, text)
                 info = {"tokens": len(document), "latents": 0, "compress_ms": 0.0, "cached": False, "trained": True}
-                prompt = model.chat(question_prompt(text, question))
+                prompt = model.chat(profile.question(text, question))
                 answer, _ = yield from self._generate(model, prompt, [], max_new_tokens, sampling, clock, measurement)
-                rounds = None
+            elif mode == "expand":
+                document = self.tokenize(model, text)
+                chunks = self.chunks(model, text)
+                latents, compress_ms, cached = self.chunk_latents(model, chunks, use_cache, progress)
+                measurement.compress_ms = compress_ms
+                info = {"tokens": len(document), "latents": sum(int(r.shape[0]) for r in latents),
+                        "compress_ms": round(compress_ms, 3), "cached": cached, "trained": model.config.trained}
+                answer, rounds = yield from self._expand(model, chunks, latents, question, profile, max_new_tokens,
+                                                         sampling, clock, measurement)
+                extra = {"chunk_tokens": self.settings.chunk_tokens, "chunks": [c.to_dict() for c in chunks],
+                         "expanded": sorted({n for r in rounds for n in r["expanded"]}), "rounds": rounds}
             else:
                 compressed = self.compress(text, ratio, pooling, checkpoint, use_cache, progress)
                 measurement.compress_ms = compressed.result.compress_ms
                 info = {k: getattr(compressed.result, k) for k in ("tokens", "latents", "compress_ms", "cached", "trained")}
-                if mode == "lclm":
-                    prompt = model.chat(question_prompt(model.memory_region(info["latents"]), question))
-                    answer, _ = yield from self._generate(model, prompt, [compressed.latents], max_new_tokens,
-                                                          sampling, clock, measurement)
-                    rounds = None
-                else:
-                    answer, rounds = yield from self._expand(compressed, question, max_new_tokens, sampling, clock,
-                                                             measurement)
+                prompt = model.chat(profile.question(model.memory_region(info["latents"]), question))
+                answer, _ = yield from self._generate(model, prompt, [compressed.latents], max_new_tokens,
+                                                      sampling, clock, measurement)
         total_ms = clock.ms()
         measurement.peak_mem_bytes = memory.peak
         measurement.peak_mem_above_weights_bytes = memory.above_baseline
@@ -222,12 +280,11 @@ class Studio:
             "answer": answer.strip(), "mode": mode, "question": question,
             "ratio": model.config.compression_ratio if mode != "full" else None,
             "pooling": model.config.pooling if mode != "full" else None,
-            "checkpoint": model.checkpoint_id, **info, **measurement.to_dict(),
+            "checkpoint": model.checkpoint_id, "prompt_profile": profile.name, **info, **measurement.to_dict(),
+            **extra,
         }
         if not result["trained"]:
             result["note"] = UNTRAINED_NOTE
-        if rounds is not None:
-            result["rounds"] = rounds
         yield AskEvent("done", result=result)
 
     def _generate(self, model: LCLM, prompt: str, regions: list[torch.Tensor], max_new_tokens: int,
@@ -265,18 +322,16 @@ class Studio:
             measurement.ttft_ms = clock.ms()
         return detok.text, prepared.positions
 
-    def _expand(self, compressed: Compressed, question: str, max_new_tokens: int, sampling: Sampling, clock: Clock,
+    def _expand(self, model: LCLM, chunks: list[Chunk], chunk_latents: list[torch.Tensor], question: str,
+                profile: PromptProfile, max_new_tokens: int, sampling: Sampling, clock: Clock,
                 measurement: Measurement) -> Generator[AskEvent, None, tuple[str, list[dict]]]:
-        model, document = compressed.model, compressed.document
-        chunks = self.chunks(model, len(document))
-        chunk_latents = [compressed.latents[c.latent_start:c.latent_end] for c in chunks]  # [M_i, D] each
-        chunk_texts = [document.text_of(c.start, c.end) for c in chunks]
-
+        """The EXPAND agent over the chunks' own latents ([M_i, D] each); (answer, rounds)."""
         def generate(prompt: str, regions: list[torch.Tensor], prefix: str):
             return (yield from self._generate(model, model.chat(prompt), regions, max_new_tokens, sampling, clock,
                                               measurement, prefix))
 
-        runner = ExpandAgent(self.settings.max_expand_rounds).run(question, chunk_latents, chunk_texts, generate)
+        runner = ExpandAgent(self.settings.max_expand_rounds, profile).run(
+            question, chunk_latents, [c.text for c in chunks], generate)
         rounds: list[dict] = []
         while True:
             try:
@@ -298,20 +353,21 @@ class Studio:
 
     def _reconstruct(self, text: str, ratio: int | None, pooling: str | None, checkpoint: str | None,
                      use_cache: bool, max_chunks: int | None, progress: ProgressFn | None) -> dict:
-        compressed = self.compress(text, ratio, pooling, checkpoint, use_cache, progress)
-        model, document = compressed.model, compressed.document
-        chunks = self.chunks(model, len(document))[: max_chunks or None]
+        model = self.model(checkpoint, ratio, pooling, progress)
+        document = self.tokenize(model, text)
+        all_chunks = self.chunks(model, text)
+        chunks = all_chunks[: max_chunks or None]
+        latents, compress_ms, cached = self.chunk_latents(model, chunks, use_cache, progress)
         stops = stop_token_ids(model.decoder_tokenizer, model.decoder)
         results: list[ChunkReconstruction] = []
-        for done, chunk in enumerate(chunks):
-            original = document.text_of(chunk.start, chunk.end)
+        for done, (chunk, region) in enumerate(zip(chunks, latents)):  # region: [M_i, D], the chunk alone
+            original = chunk.text
             reference = model.decoder_tokenizer(original, add_special_tokens=False)["input_ids"]
-            region = compressed.latents[chunk.latent_start:chunk.latent_end]
             prompt = model.chat(reconstruction_prompt(model.memory_region(int(region.shape[0]))))
             state = prefill(model.decoder, model.prepare(prompt, [region]).inputs_embeds)
             generated = list(decode(model.decoder, state, len(reference) + 8, stops))
             results.append(ChunkReconstruction(
-                index=chunk.index, original=original,
+                index=chunk.number, original=original,
                 reconstructed=model.decoder_tokenizer.decode(generated, skip_special_tokens=True),
                 token_accuracy=round(token_accuracy(reference, generated), 4), reference_tokens=len(reference),
             ))
@@ -319,9 +375,13 @@ class Studio:
                 progress("reconstructing chunks", done + 1, len(chunks))
         matched = sum(r.token_accuracy * r.reference_tokens for r in results)
         total = sum(r.reference_tokens for r in results)
-        out = {**compressed.result.to_dict(), "token_accuracy": round(matched / total, 4) if total else 0.0,
-               "chunks": [asdict(r) for r in results]}
-        if not compressed.result.trained:
+        config = model.config
+        out = {"tokens": len(document), "latents": sum(int(r.shape[0]) for r in latents),
+               "window": config.encoder_window_size, "ratio": config.compression_ratio, "pooling": config.pooling,
+               "compress_ms": round(compress_ms, 3), "checkpoint": model.checkpoint_id, "cached": cached,
+               "trained": config.trained, "chunk_tokens": self.settings.chunk_tokens, "total_chunks": len(all_chunks),
+               "token_accuracy": round(matched / total, 4) if total else 0.0, "chunks": [asdict(r) for r in results]}
+        if not config.trained:
             out["note"] = UNTRAINED_NOTE
         return out
 

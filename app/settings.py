@@ -6,11 +6,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.agent import DEFAULT_ROUNDS
+from model.chunking import DEFAULT_CHUNK_TOKENS
 from model.embedded import default_data_dir
+from model.prompts import PROMPT_PROFILES
 
 RATIOS = (4, 8, 16)
 POOLINGS = ("mean", "concat", "eos")
 MODES = ("full", "lclm", "expand")
+PROFILES = tuple(PROMPT_PROFILES)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -27,14 +31,16 @@ def _env_int(name: str, default: int) -> int:
 class Settings:
     """Everything configurable. Environment variables (read by `from_env`):
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
-    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_DEVICE."""
+    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
     max_document_tokens: int = 131072
-    chunk_tokens: int = 512
-    max_expand_rounds: int = 5
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # decoder tokens per EXPAND / reconstruction chunk
+    max_expand_rounds: int = DEFAULT_ROUNDS  # EXPAND decision rounds, before the forced final one
     max_new_tokens: int = 128
+    expand_new_tokens: int = 256  # new tokens per EXPAND round when a request names none
+    prompt_profile: str | None = None  # None: per checkpoint (model.prompts.default_prompt_profile)
     device: str | None = None  # None: CUDA when present, else CPU
 
     def __post_init__(self) -> None:
@@ -43,8 +49,10 @@ class Settings:
             raise ValueError("max_document_tokens must be positive")
         if self.chunk_tokens < 1:
             raise ValueError("chunk_tokens must be positive")
-        if self.max_expand_rounds < 2:
-            raise ValueError("max_expand_rounds must be at least 2 (one to expand, one to answer)")
+        if self.max_expand_rounds < 1:
+            raise ValueError("max_expand_rounds must be at least 1")
+        if self.prompt_profile is not None and self.prompt_profile not in PROMPT_PROFILES:
+            raise ValueError(f"prompt_profile must be one of {', '.join(PROMPT_PROFILES)}, got {self.prompt_profile!r}")
 
     @property
     def cache_dir(self) -> Path:
@@ -58,6 +66,7 @@ class Settings:
             max_document_tokens=_env_int("LCLM_STUDIO_MAX_TOKENS", cls.max_document_tokens),
             chunk_tokens=_env_int("LCLM_STUDIO_CHUNK_TOKENS", cls.chunk_tokens),
             device=os.environ.get("LCLM_STUDIO_DEVICE") or None,
+            prompt_profile=os.environ.get("LCLM_STUDIO_PROMPT_PROFILE") or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -191,7 +191,8 @@ class Workspace:
         key = (document.sha256, model.checkpoint_id)
         with self._lock:
             cached = self._reconstructions.get(key)
-        total = len(self.studio.chunks(model, len(self.studio.tokenize(model, document.text))))
+        self.studio.tokenize(model, document.text)  # the document's limits first
+        total = len(self.studio.chunks(model, document.text))
         wanted = min(total, max_chunks or total)
         if cached is not None and len(cached["chunks"]) >= wanted:
             return {**cached, "chunks": cached["chunks"][:wanted], "total_chunks": total}
@@ -218,8 +219,10 @@ class Workspace:
 
     # ---- ask ---------------------------------------------------------------------------
     def ask(self, session: str, doc_id: str | None, question: str, variant: Variant, expand: bool = False,
-            baselines: list[str] = (), max_new_tokens: int | None = None) -> Iterator[AskState]:
-        """Stream the LCLM's answer (with EXPAND where asked), then each chosen baseline's."""
+            baselines: list[str] = (), max_new_tokens: int | None = None,
+            prompt_profile: str | None = None) -> Iterator[AskState]:
+        """Stream the LCLM's answer (with EXPAND where asked), then each chosen baseline's.
+        `prompt_profile`: a name in model.prompts.PROMPT_PROFILES; None: the checkpoint's default."""
         text = self.documents.get(doc_id).text
         if not question or not question.strip():
             raise UserError("the question is empty")
@@ -252,7 +255,7 @@ class Workspace:
 
         yield state
         yield from stream(main, self.studio.ask(text, question, mode, variant.ratio, variant.pooling, variant.spec,
-                                                max_new_tokens))
+                                                max_new_tokens, prompt_profile=prompt_profile))
         for run in state.methods[1:]:
             baseline = BASELINES[run.name]
             reason = baseline.unavailable()
@@ -261,7 +264,8 @@ class Workspace:
                 yield state
                 continue
             try:
-                yield from stream(run, baseline.ask(self.studio, text, question, variant, max_new_tokens))
+                yield from stream(run, baseline.ask(self.studio, text, question, variant, max_new_tokens,
+                                                    prompt_profile))
             except Exception as err:  # a comparison that fails here says so; the answers so far stay
                 if not isinstance(err, UserError):
                     log.exception("%s failed", run.name)

@@ -1,6 +1,19 @@
-"""The EXPAND agent: every chunk of the document is its own memory region; each round the
-model replies `EXPAND: i, j` (the raw text of those chunks is added) or `ANSWER: ...`.
-The first round must expand and the last must answer (both forced by prefilling the reply)."""
+"""The EXPAND agent, with the round structure of the paper's agent.
+
+Every chunk of the document (model/chunking.py) is its own memory region, numbered from 1.
+Each decision round the model replies `EXPAND: i, j` (those chunks are then shown as plain
+text) or `ANSWER: ...`:
+- the first round must expand: an answer given before any chunk was expanded is demoted to
+  expanding the chunk numbers the reply mentions (at most 5), or chunk 1;
+- the last directive in a reply wins (as in the authors' parser, `EXPAND:` counts when digits,
+  commas or whitespace follow it, `ANSWER:` when anything does); the answer is the text after
+  that last `ANSWER:`; numbers outside 1..K are dropped and reported; a reply with neither
+  directive is taken whole as the answer;
+- an EXPAND that names no new chunk ends the loop, and so does the last decision round
+  (whose new chunks are not read, as in the authors' agent);
+- unless a later round answered, one forced final round follows, told that no expansion
+  rounds remain.
+The prompt texts come from a prompt profile (model/prompts.py)."""
 
 from __future__ import annotations
 
@@ -11,137 +24,125 @@ from typing import Any
 
 import torch
 
-from model.prompts import expand_prompt, memory_region
+from model.prompts import PROMPT_PROFILES, PromptProfile, memory_region
 
+DEFAULT_ROUNDS = 5
+MAX_DEMOTED = 5  # chunks read when a first-round answer is demoted
+ACTIONS = ("expand", "answer", "demoted", "forced")
 
-@dataclass(frozen=True)
-class Chunk:
-    index: int
-    start: int  # encoder token range [start, end)
-    end: int
-    latent_start: int  # latent range [latent_start, latent_end) in the document's latents
-    latent_end: int
-
-
-def chunk_size(chunk_tokens: int, window: int, ratio: int) -> int:
-    """Chunk length in tokens: a multiple of the window when at least one window long,
-    else a multiple of the ratio, so chunks never split a latent's group."""
-    if chunk_tokens >= window:
-        return max(1, round(chunk_tokens / window)) * window
-    return max(1, chunk_tokens // ratio) * ratio
-
-
-def make_chunks(num_tokens: int, chunk_tokens: int, window: int, ratio: int) -> list[Chunk]:
-    """Cut T tokens into chunks of about `chunk_tokens` that never cross an encoder window
-    (for chunks shorter than a window) or split one (for longer chunks)."""
-    size = chunk_size(chunk_tokens, window, ratio)
-    bounds: list[tuple[int, int]] = []
-    if size >= window:
-        bounds = [(s, min(s + size, num_tokens)) for s in range(0, num_tokens, size)]
-    else:
-        for w_start in range(0, num_tokens, window):
-            w_end = min(w_start + window, num_tokens)
-            bounds += [(s, min(s + size, w_end)) for s in range(w_start, w_end, size)]
-    chunks, latent = [], 0
-    for index, (start, end) in enumerate(bounds):
-        # latents of [start, end): groups of `ratio` restart at each window boundary
-        count = sum(
-            -(-(min(end, w + window) - max(start, w)) // ratio)
-            for w in range(start - start % window, end, window)
-        )
-        chunks.append(Chunk(index, start, end, latent, latent + count))
-        latent += count
-    return chunks
+DIRECTIVE = re.compile(r"(EXPAND|ANSWER)\s*:", re.IGNORECASE)
+NUMBER_LIST = re.compile(r"[0-9,\s]+")  # what an EXPAND directive names: digits, commas, whitespace
+MENTIONED = re.compile(r"\b[0-9]{1,3}\b")
 
 
 @dataclass
 class Reply:
-    action: str  # "expand", "answer" or "invalid"
-    indices: list[int] = field(default_factory=list)  # valid, new chunk ids to expand
-    ignored: list[str] = field(default_factory=list)  # what was asked for and not honoured, with why
+    action: str  # "expand" or "answer"
+    numbers: list[int] = field(default_factory=list)  # EXPAND: chunk numbers in 1..K, sorted, once each
+    ignored: list[str] = field(default_factory=list)  # numbers dropped, with why
     answer: str = ""
 
 
-ACTION = re.compile(r"\b(EXPAND|ANSWER)\s*[:(]?", re.IGNORECASE)
+def in_range(item: str, num_chunks: int) -> bool:
+    """Whether the digits `item` name a chunk 1..num_chunks (no int() of a huge number)."""
+    return len(item.lstrip("0")) <= len(str(num_chunks)) and 1 <= int(item) <= num_chunks
 
 
-def parse_reply(text: str, num_chunks: int, expanded: Sequence[int] = ()) -> Reply:
-    """Parse one model reply. The first EXPAND/ANSWER keyword decides; indices that are out
-    of range, repeated or already expanded are ignored and reported."""
-    match = ACTION.search(text)
-    if not match:
-        return Reply("invalid", ignored=["no EXPAND or ANSWER in the reply"])
-    rest = text[match.end():]
-    if match.group(1).upper() == "ANSWER":
-        return Reply("answer", answer=rest.strip())
-    line = rest.split("\n", 1)[0]
-    indices, ignored = [], []
-    for item in re.findall(r"[^\s,;()\[\]]+", line):
-        item = item.strip(".")
-        if item.lower() in ("and", "chunk", "chunks", "expand", ""):
-            continue
-        if not re.fullmatch(r"[0-9]+", item):
-            ignored.append(f"{item!r}: not a chunk number")
-        elif len(item.lstrip("0")) > len(str(num_chunks)) or int(item) >= num_chunks:  # no int() of huge numbers
-            ignored.append(f"{item}: no such chunk (0-{num_chunks - 1})" if num_chunks else f"{item}: no such chunk")
-        elif int(item) in expanded:
-            ignored.append(f"{item}: already expanded")
-        elif int(item) in indices:
-            ignored.append(f"{item}: repeated")
-        else:
-            indices.append(int(item))
-    if not indices:
-        return Reply("invalid", ignored=ignored or ["EXPAND named no chunk"])
-    return Reply("expand", indices=indices, ignored=ignored)
+def parse_reply(text: str, num_chunks: int) -> Reply:
+    """One model reply: the last EXPAND/ANSWER directive decides; no directive: all of it is the answer."""
+    text = text.strip()
+    directives = [d for d in DIRECTIVE.finditer(text) if (
+        text[d.end():].strip() if d.group(1).upper() == "ANSWER" else NUMBER_LIST.match(text, d.end()))]
+    if not directives:
+        return Reply("answer", answer=text)
+    last = directives[-1]
+    if last.group(1).upper() == "ANSWER":
+        return Reply("answer", answer=text[last.end():].strip())
+    listed = NUMBER_LIST.match(text, last.end()).group(0)
+    numbers, ignored = set(), []
+    for item in re.findall(r"[0-9]+", listed):
+        if in_range(item, num_chunks):
+            numbers.add(int(item))
+        elif f"{item}: no such chunk (1-{num_chunks})" not in ignored:
+            ignored.append(f"{item}: no such chunk (1-{num_chunks})")
+    return Reply("expand", sorted(numbers), ignored)
+
+
+def mentioned_chunks(text: str, num_chunks: int) -> list[int]:
+    """The chunks a demoted answer expands: the numbers of 1-3 digits it mentions that name a
+    chunk, smallest first, at most MAX_DEMOTED; chunk 1 when it mentions none."""
+    numbers = sorted({int(n) for n in MENTIONED.findall(text) if 1 <= int(n) <= num_chunks})
+    return numbers[:MAX_DEMOTED] or [1]
 
 
 @dataclass
 class Round:
     number: int
-    raw_output: str
-    action: str
-    forced: str | None  # the reply prefix the round was forced to start with
-    expanded: list[int]
-    ignored: list[str]
-    positions: int = 0
+    raw_output: str  # the reply, with any prefilled prefix
+    action: str  # one of ACTIONS
+    forced: str | None  # the reply prefix the round was prefilled with (studio profile), else None
+    expanded: list[int]  # chunks (numbered from 1) this round added as plain text
+    ignored: list[str]  # what the reply asked for and did not get, with why
+    prompt_tokens: int = 0  # decoder positions of the round's prompt, placeholders and prefix included
+    positions: int = 0  # the same number, under the name the other modes use
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # generate(prompt_text, regions, assistant_prefix): a generator that may yield progress items
-# (passed through) and returns (raw reply text, decoder positions).
+# (passed through) and returns (reply text after the prefix, decoder positions).
 GenerateFn = Callable[[str, list[torch.Tensor], str], Generator[Any, None, tuple[str, int]]]
 
 
 class ExpandAgent:
-    def __init__(self, max_rounds: int = 5):
-        if max_rounds < 2:
-            raise ValueError("max_rounds must be at least 2")
+    def __init__(self, max_rounds: int = DEFAULT_ROUNDS, profile: str | PromptProfile = "paper"):
+        if max_rounds < 1:
+            raise ValueError("max_rounds must be at least 1")
         self.max_rounds = max_rounds
+        self.profile = PROMPT_PROFILES[profile] if isinstance(profile, str) else profile
 
     def run(self, question: str, chunk_latents: Sequence[torch.Tensor], chunk_texts: Sequence[str],
             generate: GenerateFn) -> Generator[Any, None, str]:
-        """Yields what `generate` yields plus one `Round` after each round; returns the answer."""
-        expanded: dict[int, str] = {}
+        """Yields what `generate` yields plus one `Round` after each round; returns the answer.
+        `chunk_latents[i]` ([M_i, dec_hidden]) and `chunk_texts[i]` are chunk number i + 1."""
         regions = list(chunk_latents)
+        count = len(regions)
         contexts = [memory_region(int(r.shape[0])) for r in regions]
-        must_answer = False
+        expanded: dict[int, str] = {}  # chunk number -> text, shown as plain text
+
+        def ask(prompt: str, prefix: str):
+            raw, positions = yield from generate(prompt, regions, prefix)
+            return prefix + raw, positions
+
+        number = 0
         for number in range(1, self.max_rounds + 1):
-            if number == 1:
-                forced = "EXPAND:"
-            elif number == self.max_rounds or must_answer or len(expanded) == len(regions):
-                forced = "ANSWER:"
-            else:
-                forced = None
-            prefix = forced or ""
-            raw, positions = yield from generate(expand_prompt(contexts, expanded, question), regions, prefix)
-            reply = parse_reply(prefix + raw, len(regions), list(expanded))
-            yield Round(number, prefix + raw, reply.action, forced, reply.indices, reply.ignored, positions)
+            rounds_left = self.max_rounds - number  # decision rounds after this one
+            prefix = "" if expanded else self.profile.first_reply_prefix
+            text, positions = yield from ask(
+                self.profile.expand_round(contexts, expanded, question, rounds_left), prefix)
+            reply = parse_reply(text, count)
+            if reply.action == "answer" and not expanded:  # no answer before something was read
+                demoted = mentioned_chunks(text, count)
+                expanded.update({n: chunk_texts[n - 1] for n in demoted})
+                yield Round(number, text, "demoted", prefix or None, demoted, [], positions, positions)
+                if rounds_left == 0:
+                    break
+                continue
             if reply.action == "answer":
+                yield Round(number, text, "answer", prefix or None, [], [], positions, positions)
                 return reply.answer
-            if reply.action == "expand":
-                expanded.update({i: chunk_texts[i] for i in reply.indices})
-            else:
-                must_answer = True  # a reply that is neither: the next round must answer
-        raise AssertionError("unreachable: the last round is forced to answer")
+            new = [n for n in reply.numbers if n not in expanded]
+            ignored = reply.ignored + [f"{n}: already expanded" for n in reply.numbers if n in expanded]
+            if rounds_left == 0:
+                ignored += [f"{n}: no expansion rounds left" for n in new]
+                new = []
+            yield Round(number, text, "expand", prefix or None, new, ignored, positions, positions)
+            if not new:
+                break
+            expanded.update({n: chunk_texts[n - 1] for n in new})
+        prefix = self.profile.final_reply_prefix
+        text, positions = yield from ask(self.profile.final_round(contexts, expanded, question), prefix)
+        reply = parse_reply(text, count)
+        yield Round(number + 1, text, "forced", prefix or None, [], [], positions, positions)
+        return reply.answer if reply.action == "answer" else text.strip()

@@ -2,13 +2,15 @@
 KV-cache compression with presses from the `kvpress` package at the matched ratio
 1 - 1/N (the share of the context's KV pairs removed when an LCLM compresses 1:N).
 
-Each press is registered in PRESSES; the prompt is the same `question_prompt` the LCLM
-answers, split so that the document (with the instruction before it) is the compressed
-context and the question stays uncompressed, as in kvpress's own pipeline.
+Each press is registered in PRESSES; the prompt is a question prompt of the LCLM's
+(`question_prompt` unless one is given, e.g. a profile's), split so that the document (with
+any instruction before it) is the compressed context and the question stays uncompressed,
+as in kvpress's own pipeline.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,22 +52,22 @@ class BaselineAnswer:
     positions: int  # KV positions the decoder keeps for the context after compression, plus the question
 
 
-def split_prompt(text: str, question: str) -> tuple[str, str]:
-    """(context, question part) of `question_prompt(text, question)`: their concatenation is that prompt."""
-    marked = question_prompt(text + QUESTION_MARK, question)
+def split_prompt(text: str, question: str, prompt: Callable[[str, str], str] = question_prompt) -> tuple[str, str]:
+    """(context, question part) of `prompt(text, question)`: their concatenation is that prompt."""
+    marked = prompt(text + QUESTION_MARK, question)
     context, rest = marked.split(QUESTION_MARK)
     return context, rest
 
 
 @torch.inference_mode()
 def press_answer(decoder, tokenizer, text: str, question: str, press_name: str | None, compression_ratio: int = 1,
-                 max_new_tokens: int = 32) -> BaselineAnswer:
+                 max_new_tokens: int = 32, prompt: Callable[[str, str], str] = question_prompt) -> BaselineAnswer:
     """Greedy answer of the decoder over the raw text, its context KV cache compressed by a
     press at 1 - 1/N (press_name None: no compression, i.e. full context)."""
     from kvpress import KVPressTextGenerationPipeline
 
     pipe = KVPressTextGenerationPipeline(model=decoder, tokenizer=tokenizer, device=decoder.device)
-    context, rest = split_prompt(text, question)
+    context, rest = split_prompt(text, question, prompt)
     press = make_press(press_name, compression_ratio) if press_name else None
     out = pipe(context, question=rest, press=press, max_new_tokens=max_new_tokens)
     context_tokens = len(tokenizer(context, add_special_tokens=False)["input_ids"])

@@ -1,56 +1,54 @@
-"""EXPAND agent: chunking, reply parsing and the round loop (no model needed)."""
+"""EXPAND agent: reply parsing and the round loop with scripted replies (no model), and the
+prompt layout of each profile as the tiny checkpoint's decoder reads it."""
 
 import pytest
 import torch
 
-from model.agent import ExpandAgent, chunk_size, make_chunks, parse_reply
-from model.encoder import count_latents
+from model.agent import ExpandAgent, mentioned_chunks, parse_reply
+from model.prompts import MEMORY_END, MEMORY_START, PROMPT_PROFILES, default_prompt_profile
 
 
-@pytest.mark.parametrize("tokens,chunk,window,ratio", [
-    (3000, 512, 1024, 16), (3000, 512, 1024, 4), (1000, 384, 1024, 8), (5000, 2048, 1024, 16),
-    (17, 8, 16, 4), (1, 512, 1024, 16), (1030, 500, 1024, 16),
+# ---- parsing ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,action,numbers,answer", [
+    ("EXPAND: 2, 3", "expand", [2, 3], ""),
+    ("EXPAND: 1\nANSWER: 42", "answer", [], "42"),  # both: the last one wins
+    ("ANSWER: maybe 7.\nEXPAND: 4", "expand", [4], ""),
+    ("Let me see. EXPAND:   2 ,\n 4,5", "expand", [2, 4, 5], ""),  # spaces and newlines inside the list
+    ("expand: 3", "expand", [3], ""),
+    ("EXPAND: 3, 3, 2, 3", "expand", [2, 3], ""),  # duplicates merged, sorted
+    ("EXPAND: 0", "expand", [], ""),
+    ("EXPAND: 007", "expand", [], ""),  # 7 > 5 chunks
+    ("EXPAND: 02", "expand", [2], ""),
+    ("EXPAND: chunk 2", "expand", [], ""),  # not a number list: names nothing
+    ("I will EXPAND:", "answer", [], "I will EXPAND:"),  # nothing after the colon: not a directive
+    ("REEXPAND:3", "expand", [3], ""),  # no word boundary needed, as in the authors' parser
+    ("The code is 7ANSWER: 42", "answer", [], "42"),
+    ("EXPAND: 2 ANSWER: ", "expand", [2], ""),  # nothing after ANSWER: not a directive
+    ("The code is 5521.", "answer", [], "The code is 5521."),  # no directive: all of it is the answer
+    ("", "answer", [], ""),
+    ("answer:  Paris  ", "answer", [], "Paris"),
 ])
-def test_chunks_cover_the_document_and_its_latents(tokens, chunk, window, ratio):
-    chunks = make_chunks(tokens, chunk, window, ratio)
-    assert chunks[0].start == 0 and chunks[-1].end == tokens
-    assert all(a.end == b.start and a.latent_end == b.latent_start for a, b in zip(chunks, chunks[1:]))
-    assert chunks[-1].latent_end == count_latents(tokens, window, ratio)
-    size = chunk_size(chunk, window, ratio)
-    for c in chunks:
-        assert c.end - c.start <= size
-        # a chunk shorter than a window never crosses a window boundary
-        if size < window:
-            assert c.start // window == (c.end - 1) // window
+def test_parse_reply(text, action, numbers, answer):
+    reply = parse_reply(text, num_chunks=5)
+    assert (reply.action, reply.numbers, reply.answer) == (action, numbers, answer)
 
 
-def test_chunk_size_aligns_to_ratio_and_window():
-    assert chunk_size(512, 1024, 16) == 512
-    assert chunk_size(500, 1024, 16) == 496
-    assert chunk_size(3, 1024, 16) == 16
-    assert chunk_size(1500, 1024, 16) == 1024
-    assert chunk_size(2100, 1024, 16) == 2048
+def test_parse_drops_and_reports_out_of_range_and_huge_numbers():
+    reply = parse_reply("EXPAND: 0, 2, 6, " + "9" * 5000 + ", 6", num_chunks=5)
+    assert reply.numbers == [2]
+    assert reply.ignored == ["0: no such chunk (1-5)", "6: no such chunk (1-5)", f"{'9' * 5000}: no such chunk (1-5)"]
 
 
-def test_parse_expand_with_bad_indices_reported():
-    reply = parse_reply("EXPAND: 2, 9, x, 2, 1", num_chunks=5, expanded=[1])
-    assert reply.action == "expand" and reply.indices == [2]
-    assert reply.ignored == ["9: no such chunk (0-4)", "'x': not a chunk number", "2: repeated", "1: already expanded"]
+def test_demotion_expands_mentioned_chunks_at_most_five_or_chunk_one():
+    assert mentioned_chunks("It is in chunk 3 or 12, maybe 2.", 20) == [2, 3, 12]
+    assert mentioned_chunks("1 2 3 4 5 6 7", 10) == [1, 2, 3, 4, 5]
+    assert mentioned_chunks("Chunk 99 or 1234 or 0", 10) == [1]
+    assert mentioned_chunks("no numbers", 10) == [1]
 
 
-def test_parse_answer_and_case_and_tool_syntax():
-    assert parse_reply("answer: Paris.", 3).answer == "Paris."
-    assert parse_reply("Let me look. EXPAND(0)", 3).indices == [0]
-    assert parse_reply("EXPAND: chunks 1 and 2", 3).indices == [1, 2]
-
-
-@pytest.mark.parametrize("text", ["", "I don't know", "EXPAND:", "EXPAND: 99"])
-def test_parse_invalid_replies(text):
-    assert parse_reply(text, 3).action == "invalid"
-
-
+# ---- the round loop -----------------------------------------------------------------------------
 def scripted(replies):
-    """A fake `generate` that returns scripted replies and records the prefixes it was forced to."""
+    """A fake `generate` returning scripted replies; it records (prompt, prefix) per call."""
     calls = []
 
     def generate(prompt, regions, prefix):
@@ -61,38 +59,113 @@ def scripted(replies):
     return generate, calls
 
 
-def run(agent, generate, n=3):
+def run(generate, n=6, rounds=5, profile="paper"):
     latents = [torch.zeros(2, 4) for _ in range(n)]
-    texts = [f"text of chunk {i}" for i in range(n)]
+    texts = [f"text of chunk {i + 1}" for i in range(n)]
     items = []
-    runner = agent.run("Q?", latents, texts, generate)
+    runner = ExpandAgent(rounds, profile).run("Q?", latents, texts, generate)
     while True:
         try:
             items.append(next(runner))
         except StopIteration as stop:
-            return stop.value, items
+            return stop.value, [i for i in items if not isinstance(i, str)], items.count("tick")
 
 
-def test_agent_expands_then_answers_with_chunk_text_in_prompt():
-    generate, calls = scripted([" 1", "ANSWER: 42"])
-    answer, items = run(ExpandAgent(5), generate)
-    rounds = [i for i in items if not isinstance(i, str)]
-    assert answer == "42"
-    assert calls[0][1] == "EXPAND:"  # the first round is forced to expand
-    assert "text of chunk 1" in calls[1][0] and "text of chunk 0" not in calls[1][0]
-    assert [r.action for r in rounds] == ["expand", "answer"] and rounds[0].expanded == [1]
-    assert items.count("tick") == 2  # generate's own events pass through
+def test_expand_then_answer_shows_expanded_text_in_chunk_order():
+    generate, calls = scripted(["EXPAND: 4, 2", "ANSWER: 42"])
+    answer, rounds, ticks = run(generate)
+    assert answer == "42" and ticks == 2  # generate's own events pass through
+    assert [(r.action, r.expanded) for r in rounds] == [("expand", [2, 4]), ("answer", [])]
+    second = calls[1][0]
+    assert second.index("text of chunk 2") < second.index("text of chunk 4") < second.index("Question: Q?")
+    assert "text of chunk 1" not in second and calls[0][1] == calls[1][1] == ""  # paper: nothing prefilled
 
 
-def test_agent_forces_an_answer_after_max_rounds():
-    generate, calls = scripted([" 0", "EXPAND: 1", " the end"])
-    answer, items = run(ExpandAgent(3), generate)
-    assert [c[1] for c in calls] == ["EXPAND:", "", "ANSWER:"]
-    assert answer == "the end"
+def test_first_round_answer_is_demoted_to_the_chunks_it_mentions():
+    generate, calls = scripted(["ANSWER: it is in chunk 3", "ANSWER: 7"])
+    answer, rounds, _ = run(generate)
+    assert answer == "7"
+    assert (rounds[0].action, rounds[0].expanded) == ("demoted", [3])
+    assert "text of chunk 3" in calls[1][0]
 
 
-def test_agent_invalid_reply_leads_to_forced_answer():
-    generate, calls = scripted([" 7", " oops"])
-    answer, _ = run(ExpandAgent(5), generate)
-    assert [c[1] for c in calls] == ["EXPAND:", "ANSWER:"]
-    assert answer == "oops"
+def test_expand_of_nothing_new_ends_the_loop_with_a_forced_round():
+    generate, calls = scripted(["EXPAND: 1", "EXPAND: 1, 9", "ANSWER: done"])
+    answer, rounds, _ = run(generate)
+    assert answer == "done" and len(calls) == 3
+    assert [r.action for r in rounds] == ["expand", "expand", "forced"]
+    assert rounds[1].expanded == [] and rounds[1].ignored == ["9: no such chunk (1-6)", "1: already expanded"]
+    assert "no expansion rounds left" in calls[2][0]
+
+
+def test_rounds_run_out_then_one_forced_round():
+    generate, calls = scripted(["EXPAND: 1", "EXPAND: 2", "EXPAND: 3", "the answer is 5"])
+    answer, rounds, _ = run(generate, rounds=3)
+    assert [r.action for r in rounds] == ["expand", "expand", "expand", "forced"]
+    assert rounds[2].expanded == [] and rounds[2].ignored == ["3: no expansion rounds left"]
+    assert answer == "the answer is 5"  # a forced reply without a directive is the answer
+    assert [r.number for r in rounds] == [1, 2, 3, 4]
+    assert "text of chunk 3" not in calls[3][0] and "text of chunk 2" in calls[3][0]
+
+
+def test_studio_profile_prefills_the_first_and_the_forced_reply():
+    generate, calls = scripted([" 2", "EXPAND: 5, 2", "EXPAND: 1", " 42"])
+    answer, rounds, _ = run(generate, rounds=3, profile="studio")
+    assert [c[1] for c in calls] == ["EXPAND:", "", "", "ANSWER:"]
+    assert rounds[0].raw_output == "EXPAND: 2" and rounds[0].forced == "EXPAND:"
+    assert answer == "42" and rounds[-1].action == "forced"
+
+
+def test_default_profile_per_checkpoint():
+    assert default_prompt_profile("embedded:smollm2-135m-cs16-mean:untrained") == "studio"
+    assert default_prompt_profile("hub:latent-context/0.6b-4b-LCLM-16x") == "paper"
+    assert default_prompt_profile("/models/lclm@abc") == "paper"
+
+
+# ---- golden layout on the tiny checkpoint -----------------------------------------------------------
+def test_paper_prompt_layout_as_the_decoder_reads_it(tiny_lclm_factory):
+    lclm = tiny_lclm_factory()
+    latents = [torch.randn(k, lclm.decoder_hidden_size) for k in (3, 1, 2)]
+    texts = ["The vault code is 5521.", "The grass is green.", "The sky is blue."]
+    prepared = []
+
+    def generate(prompt, regions, prefix):
+        prompt = lclm.chat(prompt, prefix)
+        prepared.append((prompt, lclm.prepare(prompt, regions)))
+        yield from ()
+        return ["EXPAND: 3, 1", "ANSWER: 5521"][len(prepared) - 1], prepared[-1][1].positions
+
+    runner = ExpandAgent(5, "paper").run("What is the vault code?", latents, texts, generate)
+    rounds = [item for item in iter_all(runner)]
+    first, second = prepared[0][0], prepared[1][0]
+    tokenizer = lclm.decoder_tokenizer
+    start_id = tokenizer.convert_tokens_to_ids(MEMORY_START)
+    for prompt, tokens in prepared:
+        ids = tokens.input_ids[0].tolist()
+        assert ids.count(start_id) == 3 and ids.count(lclm.memory_token_id) == 6  # one region per chunk
+        assert prompt.startswith("<|im_start|>user\n[Compressed document, one memory region per chunk]\nChunk 1: "
+                                 + MEMORY_START)
+        assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert [line.split(":")[0] for line in prompt.split("\n") if line.startswith("Chunk ")][:3] == \
+            ["Chunk 1", "Chunk 2", "Chunk 3"]
+    assert "You must EXPAND at least one chunk" in first and "[Expanded chunks" not in first
+    assert "You have 4 expansion round(s) left after this one." in first
+    assert "You have 3 expansion round(s) left after this one." in second
+    expanded = second.split("[Expanded chunks, as plain text]\n")[1]
+    assert expanded.startswith("The vault code is 5521.\n\nThe sky is blue.\n\nQuestion: What is the vault code?")
+    assert "ANSWER: <your final answer>" in second and MEMORY_END + "\nChunk 2" in second
+    assert [r.action for r in rounds] == ["expand", "answer"] and rounds[1].prompt_tokens == prepared[1][1].positions
+
+    prompt = PROMPT_PROFILES["paper"].final_round(["R"], {1: "x"}, "Q?")
+    assert "You have 0 expansion round(s) left" in prompt
+    assert prompt.endswith("There are no expansion rounds left. Reply now with `ANSWER: <your final answer>`.")
+    assert PROMPT_PROFILES["paper"].question(MEMORY_START + MEMORY_END, " Q? ") == MEMORY_START + MEMORY_END + "\n\nQ?"
+
+
+def iter_all(runner):
+    while True:
+        try:
+            item = next(runner)
+        except StopIteration:
+            return
+        yield item

@@ -65,9 +65,26 @@ def test_ask_json_fields(capsys, doc, tiny_checkpoint, mode):
         assert result["latents"] == 0 and result["cached"] is False
     else:
         assert 0 < result["latents"] < result["tokens"]
+    assert result["prompt_profile"] == "paper"  # the default for a checkpoint directory
     if mode == "expand":
-        assert result["rounds"] and result["rounds"][0]["forced"] == "EXPAND:"
-        assert all("expanded" in r and "raw_output" in r for r in result["rounds"])
+        assert result["rounds"] and result["rounds"][0]["action"] in ("expand", "demoted")
+        for key in ("number", "prompt_tokens", "expanded", "ignored", "raw_output", "action", "forced"):
+            assert all(key in r for r in result["rounds"]), key
+        assert [c["index"] for c in result["chunks"]] == list(range(1, len(result["chunks"]) + 1))
+        assert all({"start_char", "end_char", "tokens"} <= set(c) for c in result["chunks"])
+
+
+def test_ask_expand_chunk_tokens_and_prompt_profile_flags(capsys, doc, tiny_checkpoint):
+    code, out, err = run_cli(capsys, "ask", doc, "-q", "What is the vault code?", "--mode", "expand",
+                             "--checkpoint", tiny_checkpoint, "--max-new-tokens", 3, "--chunk-tokens", 12,
+                             "--prompt-profile", "studio", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_profile"] == "studio" and result["chunk_tokens"] == 12
+    assert result["rounds"][0]["forced"] == "EXPAND:" and all(c["tokens"] <= 12 for c in result["chunks"])
+    code, _, err = run_cli(capsys, "ask", doc, "-q", "Q?", "--mode", "expand", "--checkpoint", tiny_checkpoint,
+                           "--chunk-tokens", 0)
+    assert_one_line_error(code, err, "--chunk-tokens must be at least 1")
 
 
 def test_reconstruct_reports_per_chunk_accuracy(capsys, doc, tiny_checkpoint):
@@ -76,6 +93,7 @@ def test_reconstruct_reports_per_chunk_accuracy(capsys, doc, tiny_checkpoint):
     result = json.loads(out)
     assert result["chunks"] and all(0.0 <= c["token_accuracy"] <= 1.0 for c in result["chunks"])
     assert "".join(c["original"] for c in result["chunks"]).replace(" ", "") == DOC.replace(" ", "")
+    assert [c["index"] for c in result["chunks"]] == list(range(1, len(result["chunks"]) + 1))
 
 
 def test_missing_file(capsys, tmp_path):

@@ -43,7 +43,14 @@ def test_lclm_runs_end_to_end_and_says_untrained(studio):
 
 def test_expand_and_reconstruct_run(studio):
     _, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="expand", ratio=16, max_new_tokens=8))
-    assert result["rounds"][0]["forced"] == "EXPAND:" and result["rounds"][-1]["action"] == "answer"
+    assert result["prompt_profile"] == "studio"  # the embedded model's default
+    assert result["rounds"][0]["forced"] == "EXPAND:" and result["rounds"][-1]["action"] in ("answer", "forced")
+    assert len(result["chunks"]) > 1 and all(c["tokens"] <= 256 for c in result["chunks"])
+    _, paper = final(studio.ask(NEEDLE_DOC, QUESTION, mode="expand", ratio=16, max_new_tokens=8,
+                                prompt_profile="paper"))
+    assert paper["prompt_profile"] == "paper" and paper["cached"] is True  # the chunks' latents from the first run
+    assert paper["rounds"][0]["forced"] is None and paper["rounds"][-1]["action"] in ("answer", "forced")
+    assert paper["expanded"] and all(1 <= n <= len(paper["chunks"]) for n in paper["expanded"])
     rec = studio.reconstruct(NEEDLE_DOC, ratio=16, max_chunks=1)
     assert rec["trained"] is False and len(rec["chunks"]) == 1
     assert 0.0 <= rec["chunks"][0]["token_accuracy"] <= 1.0

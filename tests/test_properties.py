@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.ingest import SUPPORTED_SUFFIXES, clean_text, read_bytes
-from model.agent import ACTION, parse_reply
+from model.agent import parse_reply
 from model.errors import UserError
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -55,44 +55,37 @@ chunk_words = st.one_of(st.integers(-3, 40).map(str), st.sampled_from(["and", "c
 replies = st.one_of(
     st.text(max_size=300),
     st.builds(lambda keyword, sep, words, tail: keyword + sep + sep.join(words) + tail,
-              st.sampled_from(["EXPAND:", "expand(", "ANSWER:", "Expand", "EXPAND: chunks"]),
+              st.sampled_from(["EXPAND:", "expand(", "ANSWER:", "Expand", "EXPAND: chunks", "ANSWER: 3\nEXPAND :"]),
               st.sampled_from([" ", ", ", ";", "\n"]), st.lists(chunk_words, max_size=8), st.text(max_size=30)),
 )
 
 
-def named_items(text: str) -> list[str]:
-    """What an EXPAND reply names: the words on the line after the first EXPAND keyword."""
-    match = ACTION.search(text)
-    if not match or match.group(1).upper() != "EXPAND":
+def named_numbers(text: str) -> list[str]:
+    """The digit runs an EXPAND reply names: those right after the last directive, if it is EXPAND."""
+    text = text.strip()
+    directives = [d for d in re.finditer(r"(EXPAND|ANSWER)\s*:", text, re.IGNORECASE)
+                  if (text[d.end():].strip() if d.group(1).upper() == "ANSWER" else re.match(r"[0-9,\s]", text[d.end():]))]
+    if not directives or directives[-1].group(1).upper() != "EXPAND":
         return []
-    line = text[match.end():].split("\n", 1)[0]
-    return [word.strip(".") for word in re.findall(r"[^\s,;()\[\]]+", line)]
+    listed = re.match(r"[0-9,\s]*", text[directives[-1].end():]).group(0)
+    return re.findall(r"[0-9]+", listed)
 
 
 @PROPERTY
-@given(replies, st.integers(0, 30), st.data())
-@example("EXPAND: " + "9" * 5000, 3, None)
-@example("EXPAND: 2, 2, 0, 7", 3, None)
-def test_parse_reply_never_raises_and_honours_only_valid_new_chunks(text, num_chunks, data):
-    expanded = []
-    if data is not None and num_chunks:
-        expanded = data.draw(st.lists(st.integers(0, num_chunks - 1), max_size=5, unique=True))
-    reply = parse_reply(text, num_chunks, expanded)
-    assert reply.action in ("expand", "answer", "invalid")
-    assert all(0 <= i < num_chunks for i in reply.indices)
-    assert len(set(reply.indices)) == len(reply.indices)
-    assert not set(reply.indices) & set(expanded)
+@given(replies, st.integers(0, 30))
+@example("EXPAND: " + "9" * 5000, 3)
+@example("EXPAND: 2, 2, 0, 7", 3)
+@example("ANSWER: 4\nEXPAND:\n 1,\n2", 3)
+def test_parse_reply_never_raises_and_honours_only_chunks_in_range(text, num_chunks):
+    reply = parse_reply(text, num_chunks)
+    assert reply.action in ("expand", "answer")
+    assert reply.numbers == sorted(set(reply.numbers))
+    assert all(1 <= n <= num_chunks for n in reply.numbers)
     if reply.action == "answer":
-        assert not reply.indices and not reply.ignored
+        assert not reply.numbers and not reply.ignored
         return
-    assert reply.indices if reply.action == "expand" else reply.ignored  # honoured, or the reason is reported
-    numbers = [item for item in named_items(text) if re.fullmatch(r"[0-9]+", item)]
+    numbers = named_numbers(text)
     for item in numbers:
-        if len(item) > 9 or int(item) >= num_chunks:
-            assert any(i.startswith(f"{item}: no such chunk") for i in reply.ignored), (item, reply)
-        elif int(item) in expanded:
-            assert f"{item}: already expanded" in reply.ignored
-        else:
-            assert int(item) in reply.indices
-    assert sorted(reply.indices) == sorted({int(i) for i in numbers if len(i) <= 9 and int(i) < num_chunks}
-                                           - set(expanded))
+        if len(item) > 9 or not 1 <= int(item) <= num_chunks:
+            assert f"{item}: no such chunk (1-{num_chunks})" in reply.ignored, (item, reply)
+    assert reply.numbers == sorted({int(i) for i in numbers if len(i) <= 9 and 1 <= int(i) <= num_chunks})

@@ -3,12 +3,14 @@
 import pytest
 import torch
 
+import app.service
 from app.measure import kv_cache_bytes
 from app.service import Studio
 from app.settings import Settings
 from model.errors import UserError
+from model.agent import ACTIONS
 from model.fidelity import token_accuracy
-from model.prompts import question_prompt
+from model.prompts import PROMPT_PROFILES
 
 DOC = ("The quick brown fox jumps over the lazy dog. The vault code is 5521. " * 10).strip()
 QUESTION = "What is the vault code?"
@@ -35,8 +37,10 @@ def test_lclm_prefills_fewer_positions_than_full_context(studio):
     _, full = done(studio.ask(DOC, QUESTION, mode="full", max_new_tokens=2))
     _, lclm = done(studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=2))
     model = studio.model()
-    with_placeholders = model.chat(question_prompt(model.memory_region(lclm["latents"]), QUESTION))
-    prompt_only = model.chat(question_prompt("", QUESTION))
+    profile = PROMPT_PROFILES[lclm["prompt_profile"]]
+    assert lclm["prompt_profile"] == full["prompt_profile"] == "paper"  # the default for a checkpoint directory
+    with_placeholders = model.chat(profile.question(model.memory_region(lclm["latents"]), QUESTION))
+    prompt_only = model.chat(profile.question("", QUESTION))
     count = lambda text: len(model.decoder_tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     assert lclm["positions"] == count(with_placeholders)
     assert abs(lclm["positions"] - (count(prompt_only) + lclm["latents"] + 2)) <= 2  # + start/end tags
@@ -77,15 +81,55 @@ def test_cache_hit_then_corruption_is_rebuilt(studio):
     assert studio.compress(DOC).result.cached is True
 
 
-def test_expand_regions_are_slices_of_the_document_latents(studio):
-    compressed = studio.compress(DOC)
-    chunks = studio.chunks(compressed.model, compressed.result.tokens)
-    assert len(chunks) == compressed.result.chunks > 1
-    assert chunks[-1].latent_end == compressed.result.latents
+def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
+    seen = []
+    run = app.service.ExpandAgent.run
+
+    def recording(self, question, chunk_latents, chunk_texts, generate):
+        seen.append((list(chunk_latents), list(chunk_texts)))
+        return (yield from run(self, question, chunk_latents, chunk_texts, generate))
+
+    monkeypatch.setattr(app.service.ExpandAgent, "run", recording)
     events, result = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=4))
+    model = studio.model()
+    chunks = studio.chunks(model, DOC)
+    latents, texts = seen[0]
+    assert texts == [c.text for c in chunks] and len(chunks) > 1
+    for chunk, region in zip(chunks, latents):  # exactly the latents of that chunk's text compressed alone
+        alone = model.compress(model.encoder_tokenizer(chunk.text, add_special_tokens=False)["input_ids"])
+        assert torch.equal(region, alone)
+    assert result["latents"] == sum(int(r.shape[0]) for r in latents)
     rounds = [e.round for e in events if e.kind == "round"]
-    assert rounds == result["rounds"] and rounds[0]["forced"] == "EXPAND:"
-    assert rounds[-1]["action"] == "answer" and len(rounds) <= studio.settings.max_expand_rounds
+    assert rounds == result["rounds"] and rounds[-1]["action"] in ("answer", "forced")
+    assert all(r["action"] in ACTIONS and r["prompt_tokens"] > 0 for r in rounds)
+    assert len(rounds) <= studio.settings.max_expand_rounds + 1  # the decision rounds and one forced round
+    assert result["prompt_profile"] == "paper" and rounds[0]["forced"] is None
+    assert [c["index"] for c in result["chunks"]] == list(range(1, len(chunks) + 1))
+    assert all(c["tokens"] <= 8 and DOC[c["start_char"]:c["end_char"]] == chunk.text
+               for c, chunk in zip(result["chunks"], chunks))
+    assert result["expanded"] == sorted({n for r in rounds for n in r["expanded"]})
+    assert all(1 <= n <= len(chunks) for n in result["expanded"])
+
+
+def test_expand_encodes_a_document_once_then_reads_the_cache(studio, monkeypatch):
+    _, first = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=2))
+    model = studio.model()
+    calls = []
+    compress = model.compress
+    monkeypatch.setattr(model, "compress", lambda ids, **kw: calls.append(1) or compress(ids, **kw))
+    _, second = done(studio.ask(DOC, "Another question?", mode="expand", max_new_tokens=2))
+    assert first["cached"] is False and first["compress_ms"] > 0
+    assert second["cached"] is True and second["compress_ms"] == 0 and calls == []
+    # whole-document latents (plain LCLM mode) are their own entry, untouched by the chunks'
+    assert studio.compress(DOC).result.cached is False and calls == [1]
+
+
+def test_expand_with_the_studio_profile_prefills_the_first_reply(studio):
+    _, result = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=2, prompt_profile="studio"))
+    assert result["prompt_profile"] == "studio"
+    assert result["rounds"][0]["forced"] == "EXPAND:" and result["rounds"][0]["raw_output"].startswith("EXPAND:")
+    with pytest.raises(UserError, match="prompt profile must be one of paper, studio"):
+        list(studio.ask(DOC, QUESTION, mode="expand", prompt_profile="mine"))
 
 
 def test_reconstruct_accuracy_of_a_perfect_copy_is_one():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.chunking import chunk_text
 from model.config import LCLMConfig
 from model.loading import load_lclm
 from model.prompts import MEMORY, MEMORY_END, MEMORY_START, memory_region, reconstruction_prompt
@@ -91,15 +92,16 @@ def test_task_and_expand_rounds_match_the_inference_prompts(lclm, builder):
     offset = context.index("5521")
     rounds = builder.expand_rounds(context, "What is the vault code?", [offset], "5521", chunk_tokens=16)
     assert len(rounds) == 2
-    doc_latents = lclm.count_latents(len(rounds[0].documents[0]))
-    for sample in rounds:
-        assert len(sample.documents) == 1  # the document is encoded once; chunks are latent slices
-        assert sample.regions[0][1] == 0 and sample.regions[-1][2] == doc_latents
-        assert all(a[2] == b[1] for a, b in zip(sample.regions, sample.regions[1:]))
+    chunks = chunk_text(context, lclm.decoder_tokenizer, 16)
+    for sample in rounds:  # each chunk's text encoded on its own, one region per chunk, as in inference
+        assert sample.documents == [lclm.encoder_tokenizer(c.text, add_special_tokens=False)["input_ids"]
+                                    for c in chunks]
+        assert sample.regions == [(i, 0, lclm.count_latents(len(d))) for i, d in enumerate(sample.documents)]
+    needed = next(c.number for c in chunks if c.start_char <= offset < c.end_char)
     first = lclm.decoder_tokenizer.decode([t for t, l in zip(rounds[0].input_ids, rounds[0].labels) if l != IGNORE])
     second = lclm.decoder_tokenizer.decode([t for t, l in zip(rounds[1].input_ids, rounds[1].labels) if l != IGNORE])
-    assert first.startswith("EXPAND: ") and second.startswith("ANSWER: 5521")
-    assert "### Chunk" in lclm.decoder_tokenizer.decode(rounds[1].input_ids)
+    assert first.startswith(f"EXPAND: {needed}") and second.startswith("ANSWER: 5521")
+    assert f"### Chunk {needed}\n" in lclm.decoder_tokenizer.decode(rounds[1].input_ids)
 
 
 def test_collate_pads_and_keeps_regions_in_placeholder_order(lclm, builder):

@@ -13,11 +13,13 @@ import pandas as pd
 
 from app import figures
 from app.baselines import BASELINES, KVPRESS_CHOICES
+from app.settings import PROFILES
 from views.common import MODEL_SLOT, Shared, user_errors
 
 NO_KVPRESS = "none"
+CHECKPOINT_PROFILE = "checkpoint default"  # paper for published checkpoints, studio for the embedded model
 FULL = "full context"
-TRANSCRIPT_COLUMNS = ["round", "forced", "action", "expanded", "ignored", "positions", "reply"]
+TRANSCRIPT_COLUMNS = ["round", "prefilled", "action", "expanded", "ignored", "prompt tokens", "reply"]
 READOUT_COLUMNS = ["method", "status", "TTFT ms", "compress ms", "prefill ms", "tokens/s", "tokens", "peak MiB",
                    "KV cache MiB", "positions"]
 STREAM_INTERVAL_S = 0.1  # at most this often a streamed update goes to the page
@@ -43,8 +45,11 @@ def build(max_new_tokens: int) -> SimpleNamespace:
         full = gr.Checkbox(False, label="Also answer from the full context", elem_id="compare-full")
         kvpress = gr.Dropdown(kvpress_choices(), value=NO_KVPRESS, label="Also answer with a kvpress baseline",
                               elem_id="compare-kvpress")
-        new_tokens = gr.Number(max_new_tokens, precision=0, minimum=1, maximum=4096, label="Max new tokens",
-                               elem_id="max-new-tokens")
+        new_tokens = gr.Number(max_new_tokens, precision=0, minimum=1, maximum=4096,
+                               label="Max new tokens (per EXPAND round)", elem_id="max-new-tokens")
+        profile = gr.Dropdown([CHECKPOINT_PROFILE, *PROFILES], value=CHECKPOINT_PROFILE, label="Prompt profile",
+                              info="paper: the authors' layout; studio: the studio's short prompts",
+                              elem_id="prompt-profile")
     run = gr.Button("Ask", variant="primary", elem_id="ask")
     with gr.Row():
         answers = [gr.Textbox(label=label, lines=6, interactive=False, elem_id=f"answer-{key}")
@@ -58,7 +63,7 @@ def build(max_new_tokens: int) -> SimpleNamespace:
     with gr.Accordion("All numbers", open=False):
         results = gr.JSON(label="Results", elem_id="ask-results")
     return SimpleNamespace(question=question, expand=expand, full=full, kvpress=kvpress, new_tokens=new_tokens,
-                           run=run, answers=answers, ttft=ttft, readout=readout, strip=strip, transcript=transcript,
+                           profile=profile, run=run, answers=answers, ttft=ttft, readout=readout, strip=strip, transcript=transcript,
                            results=results)
 
 
@@ -80,7 +85,7 @@ def ttft_markdown(readouts: list[dict]) -> str:
 
 def transcript_table(rounds: list[dict]) -> pd.DataFrame:
     rows = [[r["number"], r["forced"] or "", r["action"], ", ".join(map(str, r["expanded"])), "; ".join(r["ignored"]),
-             r["positions"], r["raw_output"]] for r in rounds]
+             r["prompt_tokens"], r["raw_output"]] for r in rounds]
     return pd.DataFrame(rows, columns=TRANSCRIPT_COLUMNS)
 
 
@@ -101,12 +106,13 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
 
     @user_errors
     def ask(document: str | None, family: str, ratio: int, pooling: str, question: str, expand: bool, full: bool,
-            kvpress: str, max_new_tokens: float, request: gr.Request):
+            kvpress: str, max_new_tokens: float, profile: str | None, request: gr.Request):
         variant = workspace.variant(family, ratio, pooling)
         cells = workspace.layout(document, variant).cells
         baselines = ([FULL] if full else []) + ([kvpress] if kvpress and kvpress != NO_KVPRESS else [])
+        profile = None if not profile or profile == CHECKPOINT_PROFILE else profile
         states = workspace.ask(request.session_hash, document, question, variant, bool(expand), baselines,
-                               int(max_new_tokens or 0) or None)
+                               int(max_new_tokens or 0) or None, prompt_profile=profile)
         for state in throttled(states):
             by_name = {m.name: m.text for m in state.methods}
             rows = state.readouts()
@@ -115,6 +121,7 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
                    ttft_markdown(rows), readout, figures.document_strip(cells, state.expanded),
                    transcript_table(state.rounds), state.results(), *[readout] * len(live_readouts))
 
-    inputs = [shared.document, *shared.model_inputs, ui.question, ui.expand, ui.full, ui.kvpress, ui.new_tokens]
+    inputs = [shared.document, *shared.model_inputs, ui.question, ui.expand, ui.full, ui.kvpress, ui.new_tokens,
+              ui.profile]
     outputs = [*ui.answers, ui.ttft, ui.readout, ui.strip, ui.transcript, ui.results, *live_readouts]
     return ui.run.click(ask, inputs, outputs, api_name="ask", concurrency_id=MODEL_SLOT, concurrency_limit=1)

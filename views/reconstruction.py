@@ -23,7 +23,7 @@ def build() -> SimpleNamespace:
         max_chunks = gr.Number(8, precision=0, minimum=0, label="Chunks to reconstruct (0: all)",
                                elem_id="max-chunks")
         run = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
-    chunk = gr.Slider(0, 1, value=0, step=1, label="Chunk", elem_id="chunk")
+    chunk = gr.Slider(1, 2, value=1, step=1, label="Chunk", elem_id="chunk")
     columns = []
     with gr.Row():
         for side in ("left", "right"):
@@ -59,16 +59,16 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace) -> None:
                     chunk: float, progress=gr.Progress()):
         variant = workspace.variant(family, ratio, pooling)
         report = progress_callback(progress, unit="chunks")
-        result, left, left_summary = side(document, variant, int(max_chunks or 0), int(chunk or 0), report)
+        result, left, left_summary = side(document, variant, int(max_chunks or 0), int(chunk or 1), report)
         right, summaries = ("", "", []), [left_summary]
         if compare and compare != NO_COMPARISON:
             other = catalog.sibling(variant, int(compare))
             if other is None:
                 right = (f"### 1:{compare}: not offered by {variant.family}", "", [])
             else:
-                _, right, right_summary = side(document, other, int(max_chunks or 0), int(chunk or 0), report)
+                _, right, right_summary = side(document, other, int(max_chunks or 0), int(chunk or 1), report)
                 summaries.append(right_summary)
-        last = max(1, max(c["index"] for c in result["chunks"]))
+        last = max(2, max(c["index"] for c in result["chunks"]))  # chunks are numbered from 1
         return (*left, *right, gr.Slider(maximum=last), summaries)
 
     inputs = [shared.document, *shared.model_inputs, ui.compare, ui.max_chunks, ui.chunk]

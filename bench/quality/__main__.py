@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spans", type=int, default=4, help="reconstruction spans per variant")
     parser.add_argument("--span-tokens", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="small models restate the question first")
+    parser.add_argument("--prompt-profile", choices=["paper", "studio"], default="paper",
+                        help="prompts of the full, LCLM and EXPAND answers (default: the authors' layout)")
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="decoder tokens per EXPAND chunk (the paper's 256)")
+    parser.add_argument("--expand-new-tokens", type=int, default=256, help="new tokens per EXPAND round")
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip", nargs="*", default=[], choices=["fidelity", "ruler"])
     parser.add_argument("--out", default="bench/results/quality")
@@ -58,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus_path = Path(args.corpus)
     if not corpus_path.exists():
         parser.error(f"{corpus_path} not found: run `python -m model.training.data prepare --pack {corpus_path}` first")
-    studio = Studio(Settings.from_env(device=args.device, chunk_tokens=args.span_tokens))
+    if args.span_tokens > args.chunk_tokens:
+        parser.error("--span-tokens must not exceed --chunk-tokens: each reconstruction span is one chunk")
+    studio = Studio(Settings.from_env(device=args.device, chunk_tokens=args.chunk_tokens))
     model = studio.model(ratio=16, pooling="mean")
     corpus = load_corpus(corpus_path)
     corpus.check_tokenizer(model.decoder_tokenizer)
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         haystack = Haystack(text, lambda t: len(model.encoder_tokenizer(t, add_special_tokens=False)["input_ids"]))
         examples = ruler_examples(haystack, args.tasks or sorted(TASKS), args.lengths, args.samples)
         all_methods = methods(args.ratios, args.poolings, args.presses)
-        result["ruler"] = run_ruler(studio, all_methods, examples, args.max_new_tokens)
+        result["ruler"] = run_ruler(studio, all_methods, examples, args.max_new_tokens,
+                                    prompt_profile=args.prompt_profile, expand_new_tokens=args.expand_new_tokens)
         print(report.markdown(*report.ruler_table(result["ruler"])), flush=True)
 
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -27,6 +27,15 @@ def ruler_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def expand_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per EXPAND case: the rounds it used and the chunks (numbered from 1) it read."""
+    header = ["method", "task", "length", "example", "score", "rounds", "chunks read", "of"]
+    rows = [[r["method"], r["task"], str(r["length"]), str(r["example"]), f"{100 * r['score']:.0f}",
+             str(r["rounds"]), ", ".join(map(str, r["expanded"])) or "none", str(r["chunks"])]
+            for r in records if r["kind"] == "expand" and "rounds" in r]
+    return header, rows
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -80,6 +89,9 @@ def write(out: Path, result: dict) -> dict[str, Path]:
     if result.get("ruler"):
         parts += ["## RULER-style synthetic suite (accuracy %, evaluation seeds)", "",
                   markdown(*ruler_table(result["ruler"])), ""]
+        expand = expand_table(result["ruler"])
+        if expand[1]:
+            parts += ["## EXPAND per case (rounds used, chunks read)", "", markdown(*expand), ""]
         state = "trained" if result.get("trained") else "UNTRAINED adapters: a harness check, not a quality result"
         plot(result["ruler"], paths["png"], f"{result['checkpoint']} ({state})")
     paths["markdown"].write_text("\n".join(parts))

@@ -5,7 +5,9 @@
   ROUGE-L against the original.
 - ruler: the synthetic suite (model/training/data/synthetic.py) generated with evaluation
   seeds at several context lengths; every method answers every example; the score is the
-  share of answers found in the reply (case-insensitive substring match).
+  share of answers found in the reply (case-insensitive substring match). Questions use one
+  prompt profile (`paper` by default: the authors' layout and EXPAND agent), and each EXPAND
+  case records the rounds it used and the chunks it read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from app.service import Studio
 from bench.quality.metrics import bleu, rouge_l
 from model.baselines import press_answer
+from model.prompts import PROMPT_PROFILES
 from model.training.data.synthetic import Haystack, TaskExample, eval_seed, make_task, score
 
 
@@ -59,34 +62,42 @@ def ruler_examples(haystack: Haystack, tasks: list[str], lengths: list[int],
             for length in lengths for task in tasks for i in range(samples)]
 
 
-def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens: int) -> tuple[str, int]:
-    """(reply, decoder positions) of one method on one example."""
+def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens: int, prompt_profile: str = "paper",
+           expand_new_tokens: int | None = None) -> dict:
+    """One method on one example: reply, decoder positions, the prompt profile and, for EXPAND,
+    the rounds used and the chunks read (numbered from 1)."""
     if method.kind == "press":
-        model = studio.model(ratio=16, pooling="mean")  # any variant: only its decoder is used
+        model = studio.model()  # any variant: only its decoder is used
         result = press_answer(model.decoder, model.decoder_tokenizer, example.context, example.question,
-                              method.press, method.ratio, max_new_tokens)
-        return result.answer, result.positions
+                              method.press, method.ratio, max_new_tokens, PROMPT_PROFILES[prompt_profile].question)
+        return {"reply": result.answer, "positions": result.positions, "prompt_profile": prompt_profile}
     ratio = None if method.kind == "full" else method.ratio
     pooling = None if method.kind == "full" else method.pooling
+    tokens = expand_new_tokens if method.kind == "expand" else max_new_tokens  # None: 256 per EXPAND round
     events = list(studio.ask(example.context, example.question, mode=method.kind, ratio=ratio, pooling=pooling,
-                             max_new_tokens=max_new_tokens, use_cache=False))
+                             max_new_tokens=tokens, use_cache=False, prompt_profile=prompt_profile))
     done = events[-1].result
-    return done["answer"], done["positions"]
+    out = {"reply": done["answer"], "positions": done["positions"], "prompt_profile": done["prompt_profile"]}
+    if method.kind == "expand":
+        out.update(rounds=len(done["rounds"]), expanded=done["expanded"], chunks=len(done["chunks"]))
+    return out
 
 
 def run_ruler(studio: Studio, all_methods: list[Method], examples: list[tuple[int, TaskExample]], max_new_tokens: int,
-              on_record: Callable[[dict], None] | None = None) -> list[dict]:
+              on_record: Callable[[dict], None] | None = None, prompt_profile: str = "paper",
+              expand_new_tokens: int | None = None) -> list[dict]:
     records = []
     bar = tqdm(total=len(all_methods) * len(examples), desc="ruler", unit="answer")
     for method in all_methods:
         for index, (length, example) in enumerate(examples):
             started = time.perf_counter()
-            reply, positions = answer(studio, method, example, max_new_tokens)
+            got = answer(studio, method, example, max_new_tokens, prompt_profile, expand_new_tokens)
+            reply = got.pop("reply")
             record = {"method": method.name, "family": method.family, "kind": method.kind, "ratio": method.ratio,
                       "pooling": method.pooling if method.kind in ("lclm", "expand") else None,
                       "task": example.kind, "length": length, "example": index, "depth": round(example.depth, 3),
                       "score": score(example, reply), "reply": reply[:200], "answers": example.answers,
-                      "positions": positions, "seconds": round(time.perf_counter() - started, 2)}
+                      **got, "seconds": round(time.perf_counter() - started, 2)}
             records.append(record)
             if on_record:
                 on_record(record)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.agent import make_chunks
+from model.chunking import chunk_text
 from model.encoder import count_latents
 from model.prompts import MEMORY, MEMORY_END, MEMORY_START, expand_prompt, memory_region, question_prompt, \
     reconstruction_prompt
@@ -153,23 +153,26 @@ class ExampleBuilder:
 
     def expand_rounds(self, context: str, question: str, answers_at: list[int], reply: str,
                       chunk_tokens: int) -> list[Sample]:
-        """The EXPAND agent's rounds on one document: the whole document is encoded once and
-        each chunk's latents are a region, as in inference; expanded chunks appear as text."""
+        """The EXPAND agent's rounds on one document, as in inference: the chunks of
+        model/chunking.py, each chunk's text encoded on its own as one region, numbered from 1;
+        expanded chunks appear as text."""
         from model.training.data.synthetic import TaskExample
 
-        enc = self.enc(context, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        chunks = make_chunks(len(ids), chunk_tokens, self.config.encoder_window_size, self.config.compression_ratio)
-        spans = [(offsets[c.start][0], offsets[c.end - 1][1]) for c in chunks]
-        texts = [context[a:b] for a, b in spans]
-        regions = [(0, c.latent_start, c.latent_end) for c in chunks]
-        contexts = [memory_region(c.latent_end - c.latent_start) for c in chunks]
+        chunks = chunk_text(context, self.dec, chunk_tokens)
+        spans = [(c.start_char, c.end_char) for c in chunks]
+        documents = [self.encode_text(c.text) for c in chunks]
+        regions = [(i, 0, self.latents(len(ids))) for i, ids in enumerate(documents)]
+        contexts = [memory_region(k) for _, _, k in regions]
         example = TaskExample("expand", context, question, [reply], 0.0, answers_at)
+        rounds = expand_transcript(example, spans)  # chunk indices from 0
         samples = []
-        for rnd in expand_transcript(example, spans):
-            prompt = expand_prompt(contexts, {i: texts[i] for i in rnd.expanded}, question)
-            reply_ids = self.dec(rnd.reply, add_special_tokens=False)["input_ids"]
-            samples.append(self.chat("task", prompt, reply_ids, [ids], regions))
+        for rnd, after in zip(rounds, rounds[1:] + [None]):
+            text = rnd.reply
+            if after is not None:  # an EXPAND reply names chunks by number from 1, as the prompt does
+                text = "EXPAND: " + ", ".join(str(i + 1) for i in after.expanded if i not in rnd.expanded)
+            prompt = expand_prompt(contexts, {i + 1: chunks[i].text for i in rnd.expanded}, question)
+            reply_ids = self.dec(text, add_special_tokens=False)["input_ids"]
+            samples.append(self.chat("task", prompt, reply_ids, documents, regions))
         return samples
 
 

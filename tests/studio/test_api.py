@@ -124,7 +124,10 @@ def test_ask_streams_with_ttft_expand_and_baselines(loaded):
     assert rows["LCLM 1:4 mean + EXPAND"]["TTFT ms"] > 0 and "TTFT" in ttft
     assert results["LCLM 1:4 mean + EXPAND"]["ttft_ms"] > 0
     assert results["full context"]["positions"] > results["LCLM 1:4 mean + EXPAND"]["latents"]
-    assert transcript["data"][0][1] == "EXPAND:"  # the first round is forced to expand
+    lit = results["LCLM 1:4 mean + EXPAND"]["expanded"]
+    assert results["LCLM 1:4 mean + EXPAND"]["prompt_profile"] == "paper"
+    assert transcript["data"][0][2] in ("expand", "demoted") and lit  # the first round must expand
+    assert all(f">{n} (r" in strip for n in lit)  # chunks numbered from 1, the expanded ones lit
     if rows["kvpress snapkv"]["status"] == "done":
         assert results["kvpress snapkv"]["positions"] < results["kvpress snapkv"]["prefilled_positions"] / 2
     else:

@@ -78,8 +78,10 @@ def test_an_upload_read_before_asks_to_be_uploaded_again(workspace, tmp_path):
 def test_layout_cuts_windows_and_chunks(workspace):
     document, layout = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     assert layout.windows == math.ceil(layout.tokens / 16) and layout.latents == math.ceil(layout.tokens / 4)
-    assert layout.cells[0].start_token == 0 and layout.cells[-1].end_token == layout.tokens
-    assert all(a.end_token == b.start_token for a, b in zip(layout.cells, layout.cells[1:]))
+    assert [c.index for c in layout.cells] == list(range(1, layout.chunks + 1)) and layout.chunks > 1
+    assert all(0 < c.tokens <= 32 for c in layout.cells)  # LCLM_STUDIO_CHUNK_TOKENS of these tests
+    assert all(a.end_char <= b.start_char and not document.text[a.end_char:b.start_char].strip()
+               for a, b in zip(layout.cells, layout.cells[1:]))
     assert document.text[layout.cells[0].start_char:layout.cells[0].end_char].startswith("The quick")
 
 
@@ -132,8 +134,14 @@ def test_ask_streams_states_and_records_the_run(workspace, monkeypatch):
     main, full, kvpress = final.methods
     assert main.status == full.status == "done" and main.result["mode"] == "expand"
     assert kvpress.status == baselines.KVPRESS_MISSING and kvpress.result is None
-    assert final.rounds[0]["forced"] == "EXPAND:"
-    assert [row["method"] for row in workspace.history.rows("session-a")] == [main.name, "full context"]
+    assert main.result["prompt_profile"] == "paper" and final.rounds[0]["action"] in ("expand", "demoted")
+    assert final.expanded == {n: r["number"] for r in reversed(final.rounds) for n in r["expanded"]}
+    assert all(1 <= n <= len(main.result["chunks"]) for n in final.expanded)
+    studio_profile = list(workspace.ask("session-a", document.sha256, "What is the vault code?",
+                                        workspace.catalog.default, expand=True, max_new_tokens=2,
+                                        prompt_profile="studio"))[-1]
+    assert studio_profile.rounds[0]["forced"] == "EXPAND:" and studio_profile.methods[0].result["prompt_profile"] == "studio"
+    assert [row["method"] for row in workspace.history.rows("session-a")] == [main.name, "full context", main.name]
     assert workspace.history.rows("session-b") == []
     with pytest.raises(UserError, match="the question is empty"):
         next(workspace.ask("s", document.sha256, "  ", workspace.catalog.default))
@@ -165,10 +173,11 @@ def test_sweep_lengths_halve_the_document():
 
 # ---- figures and errors ------------------------------------------------------------------------------
 def test_strips_escape_text_and_mark_expanded_chunks():
-    cells = [Cell(0, 0, 8, 0, 10, "<script>alert(1)</script>"), Cell(1, 8, 16, 10, 20, "plain")]
-    strip = figures.document_strip(cells, expanded={1: 2})
+    cells = [Cell(1, 8, 0, 10, "<script>alert(1)</script>"), Cell(2, 8, 11, 20, "plain")]
+    strip = figures.document_strip(cells, expanded={2: 3})
     assert "<script>" not in strip and "&lt;script&gt;" in strip
-    assert "1 (r2)" in strip and "expanded: chunk 1 (round 2)" in strip
+    assert "2 (r3)" in strip and "expanded: chunk 2 (round 3)" in strip and ">1</div>" in strip
+    assert strip.count("border:2px") == 1  # only the expanded chunk is lit
     fidelity = figures.fidelity_strip([{"index": 0, "token_accuracy": 1.0, "reference_tokens": 5}], selected=0)
     assert "hsl(120" in fidelity and "border:2px" in fidelity
 
