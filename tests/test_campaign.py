@@ -100,17 +100,17 @@ def test_each_objective_lowers_its_loss_on_a_fixed_batch(name, pair):
     from model.training.data.shards import load_corpus
 
     data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), recipe, seed=0)
-    objective, samples, _ = data.step(0, 0)
-    assert objective == next(iter(recipe.objectives))
+    batch = data.step(0, 0)
+    assert batch.objective == next(iter(recipe.objectives))
     pad = lclm.decoder_tokenizer.pad_token_id or 0
     losses = []
     for _ in range(6):
-        loss, correct, count = step_loss(lclm, objective, samples, pad)
+        loss, correct, count = step_loss(lclm, batch, pad)
         assert 0 <= correct <= count and count > 0
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0], losses
     if not recipe.train_decoder:
         assert not any(p.requires_grad for n, p in lclm.named_parameters() if n.startswith("decoder.") and "lora_" in n)
@@ -126,9 +126,9 @@ def test_distillation_targets_are_the_full_context_decoder(pair):
     lclm = build_trainable(pair)
     set_decoder_lora(lclm.decoder, False)
     data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), recipe, seed=0)
-    _, samples, _ = data.step(0, 0)
-    target = teacher_logits(lclm, samples)
-    raw, spans = samples[0].teacher
+    sources = data.step(0, 0).sources
+    target = teacher_logits(lclm, sources)
+    raw, spans = sources[0]
     text_positions = [i for i, kind in enumerate(k for k, n in spans for _ in range(n)) if kind == "text" and i > 0]
     with torch.no_grad():
         full = lclm.decoder(input_ids=torch.tensor([raw])).logits[0]  # [T, vocab]

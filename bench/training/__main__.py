@@ -104,10 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: the run failed; left out", file=sys.stderr)
             continue
         runs[name] = metrics
-        shutil.copyfile(args.runs / name / "out" / "curve.png", RESULTS / f"curve-{name}.png") \
-            if RESULTS.is_dir() else None
-        rows = [summary_row(m) for m in runs.values()]
-        write_report(rows, runs, args.variant, cpu_name())
+        write_report([summary_row(m) for m in runs.values()], runs, args.variant, cpu_name())
+        shutil.copyfile(args.runs / name / "out" / "curve.png", RESULTS / f"curve-{name}.png")
     return 0
 
 

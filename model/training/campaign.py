@@ -94,15 +94,17 @@ class Recipe:
         return self.phases[-1]
 
 
-# The recipes compared in the study (bench/results/training/), the chosen one first.
+# The recipes compared in the study (bench/results/training/), the chosen one (the most validation accuracy
+# per CPU-minute there) first.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("lora-recon", "decoder LoRA (so the decoder learns to read latents) + encoder LoRA + adapter, "
+           "reconstruction of 64-token spans",
+           phases=(Phase(64),), objectives={"reconstruction": 1.0}, train_decoder=True),
+    Recipe("frozen-recon", "frozen decoder; encoder LoRA + adapter on reconstruction of 64-token spans",
+           phases=(Phase(64),), objectives={"reconstruction": 1.0}),
     Recipe("curriculum", "decoder LoRA + encoder LoRA + adapter, reconstruction, spans 16 -> 64 -> 256",
            phases=(Phase(16, 60_000), Phase(64, 300_000), Phase(256)), objectives={"reconstruction": 1.0},
            train_decoder=True),
-    Recipe("frozen-recon", "frozen decoder; encoder LoRA + adapter on reconstruction of 64-token spans",
-           phases=(Phase(64),), objectives={"reconstruction": 1.0}),
-    Recipe("lora-recon", "as frozen-recon, plus LoRA on the decoder so it learns to read latents",
-           phases=(Phase(64),), objectives={"reconstruction": 1.0}, train_decoder=True),
     Recipe("distill", "frozen decoder; reconstruction plus interleaved sequences whose target is the "
            "full-context decoder's next-token distribution", phases=(Phase(64),),
            objectives={"reconstruction": 0.5, "distill": 0.5}),
@@ -173,7 +175,8 @@ def decoder_parts(decoder):
 def label_logits(lclm, batch, latents: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict a label, and those labels: ([n, vocab], [n]).
     Only those positions go through the LM head."""
-    input_ids = batch.input_ids  # [B, L]
+    device = lclm.device
+    input_ids = batch.input_ids.to(device)  # [B, L]
     embeds = lclm.decoder.get_input_embeddings()(input_ids)  # [B, L, D]
     if batch.regions:
         latents = latents if latents is not None else lclm.encode_many(batch.documents)
@@ -182,14 +185,25 @@ def label_logits(lclm, batch, latents: list[torch.Tensor] | None = None) -> tupl
         embeds = embeds.masked_scatter(mask, flat.to(embeds.dtype))
     body, head = decoder_parts(lclm.decoder)
     padded = bool((batch.attention_mask == 0).any())
-    hidden = body(inputs_embeds=embeds, attention_mask=batch.attention_mask if padded else None,
+    hidden = body(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device) if padded else None,
                   use_cache=False).last_hidden_state  # [B, L, D]
-    targets = batch.labels[:, 1:]  # [B, L-1]
+    targets = batch.labels[:, 1:].to(device)  # [B, L-1]
     where = targets != IGNORE
     return head(hidden[:, :-1][where]).float(), targets[where]  # [n, vocab], [n]
 
 
 # ---- objectives ---------------------------------------------------------------------------------
+@dataclass
+class StepData:
+    """One training step's samples, all of one objective."""
+
+    objective: str
+    samples: list[Sample]
+    span_tokens: int = 0  # reconstruction span length of a curriculum phase (0: other objectives)
+    # interleaved objectives: each sample's raw decoder ids and its ("memory" | "text", length) spans
+    sources: list[tuple[list[int], list[tuple[str, int]]]] = field(default_factory=list)
+
+
 class CampaignData:
     """Samples of each objective; every micro-batch a pure function of (seed, split, step)."""
 
@@ -209,8 +223,8 @@ class CampaignData:
                 return window
         raise ValueError(f"the corpus has no document of {length} tokens")
 
-    def step(self, step: int, span_tokens_done: int) -> tuple[str, list[Sample], int]:
-        """(objective, samples, span length or 0) of one training step."""
+    def step(self, step: int, span_tokens_done: int) -> StepData:
+        """The samples of training step `step`."""
         r = self.recipe
         rng = np.random.default_rng(stable_hash(f"campaign:{self.seed}:train:{step}"))
         names = sorted(r.objectives)
@@ -221,19 +235,16 @@ class CampaignData:
             if r.reconstruction_range is not None:
                 low, high = r.reconstruction_range
                 lengths = [int(rng.integers(low, high + 1)) for _ in range(max(1, r.batch_tokens // high))]
-                return objective, [self.builder.reconstruction(self.exact(train, rng, n)) for n in lengths], 0
+                return StepData(objective, [self.builder.reconstruction(self.exact(train, rng, n)) for n in lengths])
             span = r.phase(span_tokens_done).span_tokens
             count = max(1, r.batch_tokens // span)
-            return objective, [self.builder.reconstruction(self.exact(train, rng, span)) for _ in range(count)], span
-        count = max(1, r.batch_tokens // r.interleaved_tokens)
-        samples = []
-        for _ in range(count):
+            return StepData(objective, [self.builder.reconstruction(self.exact(train, rng, span)) for _ in range(count)],
+                            span)
+        sources = []
+        for _ in range(max(1, r.batch_tokens // r.interleaved_tokens)):
             raw = self.exact(train, rng, r.interleaved_tokens)
-            spans = plan_spans(len(raw), rng, 0.5, r.interleaved_spans)
-            sample = self.builder.interleaved(raw, spans)
-            sample.teacher = (raw, spans)  # the raw sequence the distillation teacher reads
-            samples.append(sample)
-        return objective, samples, 0
+            sources.append((raw, plan_spans(len(raw), rng, 0.5, r.interleaved_spans)))
+        return StepData(objective, [self.builder.interleaved(raw, spans) for raw, spans in sources], sources=sources)
 
     def validation_spans(self, length: int = VALIDATION_SPAN, count: int = VALIDATION_SPANS) -> list[list[int]]:
         """The fixed held-back spans every validation reads (the same in every call)."""
@@ -241,14 +252,14 @@ class CampaignData:
         return [self.exact(self.split("validation"), rng, length) for _ in range(count)]
 
 
-def teacher_logits(lclm, samples: list[Sample]) -> torch.Tensor:
+def teacher_logits(lclm, sources: list[tuple[list[int], list[tuple[str, int]]]]) -> torch.Tensor:
     """The frozen decoder's logits on each raw sequence at the positions that predict the
     plain-text tokens, in the order `label_logits` yields them: [n, vocab]."""
-    raws = torch.tensor([s.teacher[0] for s in samples])  # [B, T], equal lengths
+    raws = torch.tensor([raw for raw, _ in sources], device=lclm.device)  # [B, T], equal lengths
     keep = torch.zeros_like(raws, dtype=torch.bool)
-    for row, s in enumerate(samples):
+    for row, (_, spans) in enumerate(sources):
         at = 0
-        for kind, n in s.teacher[1]:
+        for kind, n in spans:
             if kind == "text":
                 keep[row, at:at + n] = True
             at += n
@@ -259,12 +270,11 @@ def teacher_logits(lclm, samples: list[Sample]) -> torch.Tensor:
         return head(hidden[:, :-1][keep[:, 1:]]).float()  # [n, vocab]
 
 
-def step_loss(lclm, objective: str, samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, int, int]:
-    """(loss, correct top-1 predictions, predicted tokens) of one step's samples."""
-    batch = collate(samples, pad_id)
-    logits, targets = label_logits(lclm, batch)
-    if objective == "distill":
-        target = teacher_logits(lclm, samples)
+def step_loss(lclm, data: StepData, pad_id: int) -> tuple[torch.Tensor, int, int]:
+    """(loss, correct top-1 predictions, predicted tokens) of one step."""
+    logits, targets = label_logits(lclm, collate(data.samples, pad_id))
+    if data.objective == "distill":
+        target = teacher_logits(lclm, data.sources)
         if target.shape != logits.shape:
             raise ValueError(f"teacher positions {tuple(target.shape)} differ from the student's {tuple(logits.shape)}")
         loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
@@ -282,7 +292,7 @@ def validate(lclm, builder: ExampleBuilder, spans: list[list[int]], pad_id: int,
     reconstruction token accuracy of the first `free_running` spans."""
     lclm.eval()
     correct = total = 0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(lclm.device.type, dtype=torch.bfloat16, enabled=autocast):
         for first in range(0, len(spans), 8):
             batch = collate([builder.reconstruction(s) for s in spans[first:first + 8]], pad_id)
             logits, targets = label_logits(lclm, batch)
@@ -376,7 +386,9 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
     if not recipe.train_decoder and init_from is None:
         set_decoder_lora(lclm.decoder, False)  # freshly initialised LoRA is the identity: skip its compute
     groups = trainable_groups(lclm, recipe)
-    use_bf16 = recipe.precision == "auto" and fast_dtype("cpu") == torch.bfloat16
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lclm.to(device)
+    use_bf16 = recipe.precision == "auto" and fast_dtype(device) == torch.bfloat16
     if use_bf16:
         freeze_to(lclm, torch.bfloat16)
     optimizer = torch.optim.AdamW([{"params": [p for _, p in ps], "lr": recipe.lr[g], "name": g}
@@ -430,9 +442,10 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
             factor = min(1.0, (step + 1) / recipe.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr[group["name"]] * factor
-            objective, samples, span = data.step(step, state["span_tokens"])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                loss, correct, count = step_loss(lclm, objective, samples, pad_id)
+            batch = data.step(step, state["span_tokens"])
+            objective, samples, span = batch.objective, batch.samples, batch.span_tokens
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, correct, count = step_loss(lclm, batch, pad_id)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for _, p in ps], 1.0)
             optimizer.step()
@@ -478,6 +491,44 @@ def write_outputs(lclm, out: Path, state: dict, run: RunConfig) -> None:
                f"{state['variant']} {state['recipe']['name']} ({state['precision']}, {cpu_name()})")
 
 
+def model_card(state: dict, run: RunConfig) -> dict:
+    """What a shipped variant says about itself: how, on what and how long it was trained, and
+    its validation results beside the untrained start."""
+    first, last = state["evals"][0], state["evals"][-1]
+    return {"variant": state["variant"], "run": run.name, "trained": True, "encoder": run.encoder,
+            "decoder": run.decoder, "recipe": state["recipe"], "tokens_per_objective": state["tokens"],
+            "steps": state["step"], "cpu_hours": round(state["cpu_s"] / 3600, 3),
+            "wall_hours": round(state["wall_s"] / 3600, 3), "cpu": cpu_name(), "precision": state["precision"],
+            "campaign_calls": state["calls"], "init_from": state["init_from"],
+            "validation": {"spans": f"{VALIDATION_SPANS} held-back {VALIDATION_SPAN}-token spans (teacher-forced), "
+                                    f"{FREE_RUNNING_SPANS} of them free-running",
+                           "untrained": {"teacher_forced": first["teacher_forced"],
+                                         "free_running": first["free_running"]},
+                           "trained": {"teacher_forced": last["teacher_forced"],
+                                       "free_running": last["free_running"]}}}
+
+
+def publish(out: Path, state: dict, run: RunConfig, target: Path) -> bool:
+    """Copy OUT/final/ to `target` with a model card when it beats its untrained start on both
+    validation measures and the variant already there (if any) on teacher-forced accuracy."""
+    card = model_card(state, run)
+    now, start = card["validation"]["trained"], card["validation"]["untrained"]
+    if not (now["teacher_forced"] > start["teacher_forced"] and (now["free_running"] or 0) > (start["free_running"] or 0)):
+        return False
+    shipped = target / "model_card.json"
+    if shipped.is_file():
+        before = json.loads(shipped.read_text())["validation"]["trained"]["teacher_forced"]
+        if now["teacher_forced"] <= before:
+            return False
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out / "final", tmp)
+    (tmp / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return True
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -496,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="cs4-concat", choices=sorted(VARIANTS))
     parser.add_argument("--smoke", action="store_true",
                         help="the smoke run's tiny random pair and corpus (made under STATE/../smoke-data)")
-    parser.add_argument("--recipe", default="curriculum", choices=list(RECIPES))
+    parser.add_argument("--recipe", default=next(iter(RECIPES)), choices=list(RECIPES))
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock box of this call")
     parser.add_argument("--state", required=True, type=Path, help="resumable state directory")
     parser.add_argument("--out", required=True, type=Path, help="final/, metrics.json and curve.png")
@@ -505,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-minutes", type=float, default=5.0, help="validation every so many minutes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: every core; 1 beside other work)")
+    parser.add_argument("--publish", action="store_true",
+                        help="copy final/ to the variant's model/weights/ folder when it beats its untrained start "
+                             "and the variant shipped there")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.minutes <= 0:
@@ -516,8 +570,17 @@ def main(argv: list[str] | None = None) -> int:
         from model.training.smoke import smoke_run
 
         run, variant = smoke_run(args.state.resolve().parent), "smoke"
-    campaign(variant, RECIPES[args.recipe], args.minutes, args.state, args.out, args.corpus, args.init_from,
-             args.eval_minutes, args.seed, args.quiet, run=run)
+    state = campaign(variant, RECIPES[args.recipe], args.minutes, args.state, args.out, args.corpus, args.init_from,
+                     args.eval_minutes, args.seed, args.quiet, run=run)
+    if args.publish:
+        run = run or run_config(variant, RECIPES[args.recipe], args.corpus)
+        if run.publish_to is None:
+            parser.error("this run has no publish_to folder")
+        target = Path(run.publish_to)
+        target = target if target.is_absolute() else Path(__file__).resolve().parents[2] / target
+        shipped = publish(args.out, state, run, target)
+        print(f"published to {target}" if shipped else f"not published: final/ does not improve on {target} "
+              "or on its untrained start")
     return 0
 
 
