@@ -146,3 +146,30 @@ def test_validation_measures_the_prior_and_free_running_accuracy(pair):
     assert spans == data.validation_spans(length=16, count=4) and all(len(s) == 16 for s in spans)
     result = validate(lclm, data.builder, spans, lclm.decoder_tokenizer.pad_token_id or 0, 2, autocast=False)
     assert 0 <= result["teacher_forced"] <= 1 and 0 <= result["free_running"] <= 1
+
+
+def test_publish_ships_only_what_beats_its_start_and_the_shipped_variant(tmp_path):
+    from types import SimpleNamespace
+
+    from model.training.campaign import publish
+
+    run = SimpleNamespace(name="tiny-run", encoder="enc", decoder="dec")
+    out, target = tmp_path / "out", tmp_path / "weights" / "variant"
+    (out / "final" / "adapter").mkdir(parents=True)
+    (out / "final" / "adapter" / "adapter.safetensors").write_bytes(b"weights")
+
+    def state(teacher_forced: float, free_running: float) -> dict:
+        return {"variant": "v", "recipe": {"name": "lora-recon"}, "tokens": {"reconstruction": 1000}, "step": 10,
+                "cpu_s": 7200.0, "wall_s": 7300.0, "precision": "bf16", "calls": 2, "init_from": None,
+                "evals": [{"teacher_forced": 0.4, "free_running": 0.03},
+                          {"teacher_forced": teacher_forced, "free_running": free_running}]}
+
+    assert not publish(out, state(0.39, 0.10), run, target) and not target.exists()  # worse than its start
+    assert not publish(out, state(0.45, 0.02), run, target) and not target.exists()
+    assert publish(out, state(0.45, 0.10), run, target)
+    card = json.loads((target / "model_card.json").read_text())
+    assert card["trained"] is True and card["cpu_hours"] == 2.0 and card["tokens_per_objective"] == {"reconstruction": 1000}
+    assert card["validation"]["untrained"]["teacher_forced"] == 0.4 and (target / "adapter" / "adapter.safetensors").is_file()
+    assert not publish(out, state(0.44, 0.20), run, target)  # not better than the shipped 0.45
+    assert json.loads((target / "model_card.json").read_text())["validation"]["trained"]["teacher_forced"] == 0.45
+    assert publish(out, state(0.5, 0.2), run, target)
