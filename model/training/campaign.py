@@ -172,14 +172,14 @@ def decoder_parts(decoder):
     return base.model, base.lm_head
 
 
-def label_logits(lclm, batch, latents: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def label_logits(lclm, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict a label, and those labels: ([n, vocab], [n]).
     Only those positions go through the LM head."""
     device = lclm.device
     input_ids = batch.input_ids.to(device)  # [B, L]
     embeds = lclm.decoder.get_input_embeddings()(input_ids)  # [B, L, D]
     if batch.regions:
-        latents = latents if latents is not None else lclm.encode_many(batch.documents)
+        latents = lclm.encode_many(batch.documents)  # [M_d, D] per document
         flat = torch.cat([latents[d][a:b] for d, a, b in batch.regions])  # [placeholders, D]
         mask = (input_ids == lclm.memory_token_id).unsqueeze(-1)  # [B, L, 1]
         embeds = embeds.masked_scatter(mask, flat.to(embeds.dtype))
