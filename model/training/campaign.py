@@ -290,6 +290,7 @@ def validate(lclm, builder: ExampleBuilder, spans: list[list[int]], pad_id: int,
              autocast: bool) -> dict:
     """Teacher-forced accuracy on the span tokens (end of turn excluded) and free-running
     reconstruction token accuracy of the first `free_running` spans."""
+    was_training = lclm.training
     lclm.eval()
     correct = total = 0
     with torch.autocast(lclm.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -306,7 +307,7 @@ def validate(lclm, builder: ExampleBuilder, spans: list[list[int]], pad_id: int,
             prompt = lclm.chat(reconstruction_prompt(memory_region(int(latents.shape[0]))))
             state = prefill(lclm.decoder, lclm.prepare(prompt, [latents]).inputs_embeds)
             scores.append(token_accuracy(ids, list(decode(lclm.decoder, state, len(ids) + 8, stops))))
-    lclm.train()
+    lclm.train(was_training)
     return {"teacher_forced": round(correct / max(total, 1), 4),
             "free_running": round(float(np.mean(scores)), 4) if scores else None}
 
@@ -371,7 +372,7 @@ def plot_curve(evals: list[dict], path: Path, title: str) -> None:
 def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out: Path, corpus: str | None = None,
              init_from: Path | None = None, eval_minutes: float = 5.0, seed: int = 0, quiet: bool = False,
              run: RunConfig | None = None, free_running: int = FREE_RUNNING_SPANS,
-             validation_span: int = VALIDATION_SPAN) -> dict:
+             validation_span: int = VALIDATION_SPAN, lr_scale: float = 1.0) -> dict:
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     box_s = minutes * 60
     run = run or run_config(variant, recipe, corpus)
@@ -405,7 +406,9 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
             raise SystemExit(f"error: {state_dir} belongs to {saved['recipe']['name']} on {saved['variant']}")
         state.update({k: saved[k] for k in ("step", "tokens", "span_tokens", "cpu_s", "wall_s", "evals", "calls",
                                             "init_from")})
+        state["lr_scales"] = saved.get("lr_scales", [1.0] * saved["calls"])
     state["calls"] += 1
+    state.setdefault("lr_scales", []).append(lr_scale)  # one per call: a campaign anneals by lowering it
     validation = data.validation_spans(validation_span)
     say = (lambda m: None) if quiet else tqdm.write
     base_cpu, base_wall = state["cpu_s"], state["wall_s"]
@@ -439,7 +442,7 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
                 break
             t0 = time.perf_counter()
             step = state["step"]
-            factor = min(1.0, (step + 1) / recipe.warmup_steps)
+            factor = min(1.0, (step + 1) / recipe.warmup_steps) * lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr[group["name"]] * factor
             batch = data.step(step, state["span_tokens"])
@@ -483,7 +486,7 @@ def write_outputs(lclm, out: Path, state: dict, run: RunConfig) -> None:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     metrics = {k: state[k] for k in ("variant", "recipe", "step", "tokens", "span_tokens", "cpu_s", "wall_s",
-                                     "precision", "calls", "init_from", "evals")}
+                                     "precision", "calls", "lr_scales", "init_from", "evals")}
     metrics["cpu"] = cpu_name()
     metrics["threads"] = torch.get_num_threads()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -499,7 +502,7 @@ def model_card(state: dict, run: RunConfig) -> dict:
             "decoder": run.decoder, "recipe": state["recipe"], "tokens_per_objective": state["tokens"],
             "steps": state["step"], "cpu_hours": round(state["cpu_s"] / 3600, 3),
             "wall_hours": round(state["wall_s"] / 3600, 3), "cpu": cpu_name(), "precision": state["precision"],
-            "campaign_calls": state["calls"], "init_from": state["init_from"],
+            "campaign_calls": state["calls"], "lr_scales": state["lr_scales"], "init_from": state["init_from"],
             "validation": {"spans": f"{VALIDATION_SPANS} held-back {VALIDATION_SPAN}-token spans (teacher-forced), "
                                     f"{FREE_RUNNING_SPANS} of them free-running",
                            "untrained": {"teacher_forced": first["teacher_forced"],
@@ -555,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-from", type=Path, help="start a new state from this published-layout checkpoint")
     parser.add_argument("--eval-minutes", type=float, default=5.0, help="validation every so many minutes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiply the recipe's learning rates in this call (below 1 to anneal a long campaign)")
     parser.add_argument("--threads", type=int, help="torch threads (default: every core; 1 beside other work)")
     parser.add_argument("--publish", action="store_true",
                         help="copy final/ to the variant's model/weights/ folder when it beats its untrained start "
@@ -563,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
+    if args.lr_scale <= 0:
+        parser.error("--lr-scale must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
     run, variant = None, args.variant
@@ -571,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run, variant = smoke_run(args.state.resolve().parent), "smoke"
     state = campaign(variant, RECIPES[args.recipe], args.minutes, args.state, args.out, args.corpus, args.init_from,
-                     args.eval_minutes, args.seed, args.quiet, run=run)
+                     args.eval_minutes, args.seed, args.quiet, run=run, lr_scale=args.lr_scale)
     if args.publish:
         run = run or run_config(variant, RECIPES[args.recipe], args.corpus)
         if run.publish_to is None:
