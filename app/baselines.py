@@ -138,7 +138,7 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
         "answer": detok.text.strip(), "mode": f"kvpress {press_name}", "question": question, "ratio": variant.ratio,
         "pooling": None, "checkpoint": model.checkpoint_id, "tokens": len(document), "latents": 0, "cached": False,
         "trained": True, **measurement.to_dict(), "prefilled_positions": context_len + question_len,
-        "press_ratio": round(matched_ratio(variant.ratio), 4),
+        "press_ratio": round(matched_ratio(variant.ratio), 4), **studio.dtype_choice().to_dict(),
     })
 
 

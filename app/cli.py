@@ -10,6 +10,7 @@ import json
 import sys
 
 from app.settings import MODES, POOLINGS, RATIOS
+from model.precision import DTYPE_CHOICES
 
 EXIT_USER_ERROR = 2
 
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", default=None,
                        help="LCLM directory in the published layout, or a hub id (default: the embedded model)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+        p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                       help="auto (default, or $LCLM_STUDIO_DTYPE): bfloat16 on CUDA and on CPUs that multiply it "
+                       "fast (a short probe decides), else float32")
         p.add_argument("--no-cache", action="store_true", help="neither read nor write the latent cache")
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from app.service import Studio
     from app.settings import Settings
 
-    settings = Settings.from_env(device=args.device)
+    settings = Settings.from_env(device=args.device, dtype=args.dtype)
     studio = Studio(settings, checkpoint=args.checkpoint)
     progress = Progress()
     use_cache = not args.no_cache
@@ -151,7 +155,7 @@ def ask_text(r: dict, answer_printed: bool = False) -> str:
     lines.append(
         f"[{r['mode']}] TTFT {r['ttft_ms']:.1f} ms (compress {r['compress_ms']:.1f}, prefill {r['prefill_ms']:.1f}, "
         f"first token {r['first_token_ms']:.1f}); {r['positions']:,} positions; KV cache {_mib(r['kv_cache_bytes'])}; "
-        f"peak memory {_mib(r['peak_mem_bytes'])}; {r['tokens_per_s']:.1f} tokens/s"
+        f"peak memory {_mib(r['peak_mem_bytes'])}; {r['tokens_per_s']:.1f} tokens/s; {r['dtype']}"
     )
     if r.get("note"):
         lines.append(f"NOTE: {r['note']}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 COLUMNS = (
     "time", "method", "ratio", "tokens", "positions", "ttft_ms", "compress_ms", "prefill_ms", "first_token_ms",
-    "tokens_per_s", "new_tokens", "peak_mem_mib", "peak_mem_above_weights_mib", "kv_cache_mib", "cached",
+    "tokens_per_s", "new_tokens", "peak_mem_mib", "peak_mem_above_weights_mib", "kv_cache_mib", "cached", "dtype",
     "question", "answer",
 )
 
@@ -30,7 +30,7 @@ def run_row(result: dict, method: str) -> dict:
         "peak_mem_mib": round(result.get("peak_mem_bytes", 0) / mib, 1),
         "peak_mem_above_weights_mib": round(result.get("peak_mem_above_weights_bytes", 0) / mib, 1),
         "kv_cache_mib": round(result.get("kv_cache_bytes", 0) / mib, 3),
-        "cached": result.get("cached"), "question": result.get("question", ""), "answer": result.get("answer", ""),
+        "cached": result.get("cached"), "dtype": result.get("dtype"), "question": result.get("question", ""), "answer": result.get("answer", ""),
     }
 
 

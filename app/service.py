@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import threading
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 import torch
@@ -21,7 +21,8 @@ from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.fidelity import token_accuracy
 from model.generation import Sampling, StreamingDetokenizer, decode, prefill, stop_token_ids
 from model.lclm import LCLM, DocumentTokens
-from model.loading import CheckpointParts, build_lclm, resolve
+from model.loading import CheckpointParts, build_lclm, default_device, resolve
+from model.precision import DtypeChoice, choose_dtype
 from model.prompts import question_prompt, reconstruction_prompt
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -42,9 +43,12 @@ class CompressResult:
     trained: bool
     chunks: int
     positions_saved: int
+    precision: dict = field(default_factory=dict)  # DtypeChoice.to_dict(): dtype, why, the probe
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.update(out.pop("precision"))
+        return out
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Studio:
         self._parts: dict[tuple, CheckpointParts] = {}
         self._lock = threading.RLock()
         self._cache: LatentCache | None = None
+        self._dtype: DtypeChoice | None = None
 
     # ---- shared resources --------------------------------------------------------
     @property
@@ -101,6 +106,13 @@ class Studio:
             if self._cache is not None:
                 self._cache.close()
 
+    def dtype_choice(self) -> DtypeChoice:
+        """The dtype every model of this process runs in (settings.dtype on this device), and why."""
+        with self._lock:
+            if self._dtype is None:
+                self._dtype = choose_dtype(self.settings.dtype, self.settings.device or default_device())
+            return self._dtype
+
     def model(self, checkpoint: str | None = None, ratio: int | None = None, pooling: str | None = None,
               progress: ProgressFn | None = None) -> LCLM:
         """The LCLM for this checkpoint and variant, loaded once per process."""
@@ -109,7 +121,7 @@ class Studio:
         say = (lambda message: progress(message, 0, 0)) if progress else None
         with self._lock:
             parts = resolve(checkpoint, ratio=ratio, pooling=pooling, data_dir=self.settings.data_dir, progress=say)
-            key = (parts.checkpoint_id, self.settings.device)
+            key = (parts.checkpoint_id, self.settings.device, self.dtype_choice().dtype)
             if key not in self._models:
                 if say:
                     say(f"loading {parts.checkpoint_id}")
@@ -126,7 +138,8 @@ class Studio:
             if (loaded_parts.encoder_dir, loaded_parts.decoder_dir, loaded_parts.config.encoder_mask_type) == (
                     parts.encoder_dir, parts.decoder_dir, parts.config.encoder_mask_type):
                 return share_weights(self._models[key], parts)
-        return build_lclm(parts, device=self.settings.device, data_dir=self.settings.data_dir)
+        return build_lclm(parts, device=self.settings.device, dtype=self.dtype_choice().dtype,
+                          data_dir=self.settings.data_dir)
 
     # ---- compress ----------------------------------------------------------------
     def tokenize(self, model: LCLM, text: str) -> DocumentTokens:
@@ -163,7 +176,7 @@ class Studio:
             tokens=len(document), latents=int(latents.shape[0]), window=config.encoder_window_size,
             ratio=config.compression_ratio, pooling=config.pooling, compress_ms=round(compress_ms, 3),
             checkpoint=model.checkpoint_id, cached=cached, trained=config.trained, chunks=len(chunks),
-            positions_saved=len(document) - int(latents.shape[0]),
+            positions_saved=len(document) - int(latents.shape[0]), precision=self.dtype_choice().to_dict(),
         )
         return Compressed(model, document, latents, result)
 
@@ -222,7 +235,7 @@ class Studio:
             "answer": answer.strip(), "mode": mode, "question": question,
             "ratio": model.config.compression_ratio if mode != "full" else None,
             "pooling": model.config.pooling if mode != "full" else None,
-            "checkpoint": model.checkpoint_id, **info, **measurement.to_dict(),
+            "checkpoint": model.checkpoint_id, **info, **measurement.to_dict(), **self.dtype_choice().to_dict(),
         }
         if not result["trained"]:
             result["note"] = UNTRAINED_NOTE

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.embedded import default_data_dir
+from model.precision import DTYPE_CHOICES
 
 RATIOS = (4, 8, 16)
 POOLINGS = ("mean", "concat", "eos")
@@ -27,7 +28,7 @@ def _env_int(name: str, default: int) -> int:
 class Settings:
     """Everything configurable. Environment variables (read by `from_env`):
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
-    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_DEVICE."""
+    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_DEVICE, LCLM_STUDIO_DTYPE."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
@@ -36,6 +37,7 @@ class Settings:
     max_expand_rounds: int = 5
     max_new_tokens: int = 128
     device: str | None = None  # None: CUDA when present, else CPU
+    dtype: str = "auto"  # auto: bfloat16 where the device computes it fast (model.precision), else float32
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -45,6 +47,8 @@ class Settings:
             raise ValueError("chunk_tokens must be positive")
         if self.max_expand_rounds < 2:
             raise ValueError("max_expand_rounds must be at least 2 (one to expand, one to answer)")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
 
     @property
     def cache_dir(self) -> Path:
@@ -58,6 +62,7 @@ class Settings:
             max_document_tokens=_env_int("LCLM_STUDIO_MAX_TOKENS", cls.max_document_tokens),
             chunk_tokens=_env_int("LCLM_STUDIO_CHUNK_TOKENS", cls.chunk_tokens),
             device=os.environ.get("LCLM_STUDIO_DEVICE") or None,
+            dtype=os.environ.get("LCLM_STUDIO_DTYPE") or cls.dtype,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
