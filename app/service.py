@@ -13,20 +13,25 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load_file
 
+from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey, drop_all
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
 from app.settings import MODES, POOLINGS, RATIOS, Settings
 from cache import LatentCache, document_sha256, latent_key
 from model.agent import Chunk, ExpandAgent, Round, make_chunks
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.fidelity import token_accuracy
-from model.generation import Sampling, StreamingDetokenizer, decode, prefill, stop_token_ids
-from model.lclm import LCLM, DocumentTokens
+from model.baselines import QUESTION_MARK
+from model.generation import Sampling, StreamingDetokenizer, decode, fork_cache, prefill, stop_token_ids
+from model.generation import PrefillState
+from model.lclm import LCLM, DocumentTokens, PreparedPrompt
 from model.loading import CheckpointParts, build_lclm, default_device, resolve
 from model.precision import DtypeChoice, choose_dtype
 from model.prompts import question_prompt, reconstruction_prompt
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 T = TypeVar("T")
+# The prompt texts questions are asked with (model.prompts); part of every prefix KV-cache key.
+PROMPT_PROFILE = "default"
 UNTRAINED_NOTE = "untrained: this LCLM's adapter is freshly initialised, so its latents carry no learned meaning"
 
 
@@ -91,6 +96,7 @@ class Studio:
         self._lock = threading.RLock()
         self._cache: LatentCache | None = None
         self._dtype: DtypeChoice | None = None
+        self.prefix_cache = PrefixCache(self.settings.kv_cache_mb * 2**20)
 
     # ---- shared resources --------------------------------------------------------
     @property
@@ -212,16 +218,20 @@ class Studio:
                 document = self.tokenize(model, text)
                 info = {"tokens": len(document), "latents": 0, "compress_ms": 0.0, "cached": False, "trained": True}
                 prompt = model.chat(question_prompt(text, question))
-                answer, _ = yield from self._generate(model, prompt, [], max_new_tokens, sampling, clock, measurement)
+                reuse = self._reuse(model, text, mode, text, question) if use_cache else None
+                answer, _ = yield from self._generate(model, prompt, [], max_new_tokens, sampling, clock, measurement,
+                                                      reuse=reuse)
                 rounds = None
             else:
                 compressed = self.compress(text, ratio, pooling, checkpoint, use_cache, progress)
                 measurement.compress_ms = compressed.result.compress_ms
                 info = {k: getattr(compressed.result, k) for k in ("tokens", "latents", "compress_ms", "cached", "trained")}
                 if mode == "lclm":
-                    prompt = model.chat(question_prompt(model.memory_region(info["latents"]), question))
+                    region = model.memory_region(info["latents"])
+                    prompt = model.chat(question_prompt(region, question))
+                    reuse = self._reuse(model, text, mode, region, question) if use_cache else None
                     answer, _ = yield from self._generate(model, prompt, [compressed.latents], max_new_tokens,
-                                                          sampling, clock, measurement)
+                                                          sampling, clock, measurement, reuse=reuse)
                     rounds = None
                 else:
                     answer, rounds = yield from self._expand(compressed, question, max_new_tokens, sampling, clock,
@@ -243,11 +253,52 @@ class Studio:
             result["rounds"] = rounds
         yield AskEvent("done", result=result)
 
+    def _reuse(self, model: LCLM, text: str, mode: str, context: str, question: str) -> tuple[PrefixKey, str] | None:
+        """Where prefix reuse is on: the key of this question's prompt prefix and the prefix's text
+        (the chat-formatted prompt up to the question, with `context` as the document)."""
+        if not self.prefix_cache.enabled:
+            return None
+        config = model.config
+        key = PrefixKey(document_sha256(text), model.checkpoint_id, mode,
+                        config.compression_ratio if mode != "full" else None, config.pooling if mode != "full" else None,
+                        str(model.dtype).removeprefix("torch."), str(model.device), PROMPT_PROFILE)
+        return key, model.chat(question_prompt(context + QUESTION_MARK, question)).split(QUESTION_MARK)[0]
+
+    def _prefill(self, model: LCLM, prepared: PreparedPrompt, reuse: tuple[PrefixKey, str] | None,
+                 measurement: Measurement) -> PrefillState:
+        """The decoder's prefill of `prepared`. With `reuse` (key, prefix text): the KV of the prompt's
+        prefix comes from the prefix cache where an entry holds exactly these prefix ids, and is
+        otherwise computed first and kept there; only the rest is prefilled after it."""
+        ids = prepared.input_ids[0].cpu()  # [P]
+        reused, entry, length = 0, None, 0
+        if reuse is not None:
+            key, prefix_text = reuse
+            entry = self.prefix_cache.get(key)
+            length = 0 if entry is None else int(entry.ids.shape[0])
+            if entry is not None and length < ids.shape[0] and torch.equal(ids[:length], entry.ids):
+                reused = length
+            else:
+                prefix_ids = model.decoder_tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+                length = common_prefix_length(ids.tolist(), prefix_ids, limit=ids.shape[0] - 1)
+                entry = None
+                if length:
+                    head = prefill(model.decoder, prepared.inputs_embeds[:, :length])  # [1, L, D] -> KV of L positions
+                    entry = PrefixEntry(ids[:length].clone(), head.cache)
+                    self.prefix_cache.put(key, entry)
+        if entry is None:
+            state = prefill(model.decoder, prepared.inputs_embeds)
+        else:  # the rest of the prompt after the prefix's L positions: [1, P - L, D]
+            state = prefill(model.decoder, prepared.inputs_embeds[:, length:], fork_cache(entry.cache))
+        measurement.prefix_reused_positions += reused
+        measurement.prefill_positions += prepared.positions - reused
+        return state
+
     def _generate(self, model: LCLM, prompt: str, regions: list[torch.Tensor], max_new_tokens: int,
                   sampling: Sampling, clock: Clock, measurement: Measurement,
-                  prefix: str = "") -> Generator[AskEvent, None, tuple[str, int]]:
+                  prefix: str = "", reuse: tuple[PrefixKey, str] | None = None) -> Generator[AskEvent, None, tuple[str, int]]:
         """Prefill + streamed decode of one reply; returns (reply text, positions). The first
-        reply of a request sets TTFT and its parts; every reply counts its tokens and positions."""
+        reply of a request sets TTFT and its parts; every reply counts its tokens and positions.
+        `reuse` (see `_reuse`) takes the prompt prefix's KV from the prefix cache."""
         first_reply = measurement.ttft_ms == 0.0
         start_ms = clock.ms()
         prepared = model.prepare(prompt + prefix, regions)
@@ -256,7 +307,7 @@ class Studio:
                 f"the prompt needs {prepared.positions:,} decoder positions plus {max_new_tokens} new tokens; this decoder "
                 f"reads at most {model.max_positions:,} (use a higher compression ratio or a shorter document)"
             )
-        state = prefill(model.decoder, prepared.inputs_embeds)
+        state = self._prefill(model, prepared, reuse, measurement)
         prefill_done_ms = clock.ms()
         measurement.positions = max(measurement.positions, prepared.positions)
         if first_reply:
@@ -345,8 +396,20 @@ def is_out_of_memory(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
+def common_prefix_length(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading ids `a` and `b` share, at most `limit`."""
+    length = 0
+    for x, y in zip(a[:limit], b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 def release_memory() -> None:
-    """Collect what a failed request left behind and hand cached CUDA blocks back to the driver."""
+    """Drop the kept prefix KV caches, collect what a failed request left behind and hand cached
+    CUDA blocks back to the driver."""
+    drop_all()
     gc.collect()
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()

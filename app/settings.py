@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.kv_cache import default_size_mb
 from model.embedded import default_data_dir
 from model.precision import DTYPE_CHOICES
 
@@ -28,7 +29,7 @@ def _env_int(name: str, default: int) -> int:
 class Settings:
     """Everything configurable. Environment variables (read by `from_env`):
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
-    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_DEVICE, LCLM_STUDIO_DTYPE."""
+    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_DEVICE, LCLM_STUDIO_DTYPE, LCLM_STUDIO_KV_CACHE_MB."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
@@ -37,6 +38,7 @@ class Settings:
     max_expand_rounds: int = 5
     max_new_tokens: int = 128
     device: str | None = None  # None: CUDA when present, else CPU
+    kv_cache_mb: int = field(default_factory=default_size_mb)  # prefix KV caches kept in memory; 0: none
     dtype: str = "auto"  # auto: bfloat16 where the device computes it fast (model.precision), else float32
 
     def __post_init__(self) -> None:
@@ -47,6 +49,8 @@ class Settings:
             raise ValueError("chunk_tokens must be positive")
         if self.max_expand_rounds < 2:
             raise ValueError("max_expand_rounds must be at least 2 (one to expand, one to answer)")
+        if self.kv_cache_mb < 0:
+            raise ValueError("kv_cache_mb must be 0 (no prefix reuse) or more")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
 
@@ -63,6 +67,7 @@ class Settings:
             chunk_tokens=_env_int("LCLM_STUDIO_CHUNK_TOKENS", cls.chunk_tokens),
             device=os.environ.get("LCLM_STUDIO_DEVICE") or None,
             dtype=os.environ.get("LCLM_STUDIO_DTYPE") or cls.dtype,
+            kv_cache_mb=_env_int("LCLM_STUDIO_KV_CACHE_MB", default_size_mb()),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
