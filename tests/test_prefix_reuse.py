@@ -190,3 +190,26 @@ def test_cli_several_questions_as_text(capsys, tmp_path, tiny_checkpoint):
     out = capsys.readouterr().out
     assert out.index(f"Q: {QUESTIONS[0]}") < out.index(f"Q: {QUESTIONS[1]}")
     assert "reused" in out
+
+
+# ---- kvpress presses: the compressed context is kept ------------------------------------------------
+@pytest.mark.parametrize("press", ["knorm", "snapkv", "streaming_llm"])
+def test_press_follow_ups_start_from_the_kept_compressed_context(tmp_path, tiny_checkpoint, press):
+    pytest.importorskip("kvpress")
+    from app.baselines import BASELINES
+    from app.catalog import build_catalog
+
+    variant = build_catalog([str(tiny_checkpoint)]).default
+    reusing = make_studio(tmp_path / "a", tiny_checkpoint)
+    plain = make_studio(tmp_path / "b", tiny_checkpoint, kv_cache_mb=0)
+    method = BASELINES[f"kvpress {press}"]
+    answers = lambda studio: [list(method.ask(studio, DOC, q, variant, 8))[-1].result for q in QUESTIONS]  # noqa: E731
+    with_reuse, without = answers(reusing), answers(plain)
+    assert [r["answer"] for r in with_reuse] == [r["answer"] for r in without]
+    first, *follow_ups = with_reuse
+    assert first["prefix_reused_positions"] == 0 and first["prefill_positions"] == first["prefilled_positions"]
+    for result, alone in zip(follow_ups, without[1:]):
+        # the kept KV pairs of the context come from the cache; only the question is prefilled
+        assert result["prefix_reused_positions"] > 0 and result["positions"] == alone["positions"]
+        assert result["prefix_reused_positions"] + result["prefill_positions"] == result["positions"]
+        assert alone["prefix_reused_positions"] == 0 and alone["prefill_positions"] == alone["prefilled_positions"]
