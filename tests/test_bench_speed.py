@@ -198,3 +198,12 @@ def test_dtypes_in_one_run_and_follow_up_questions(tiny_checkpoint_factory, tmp_
                                                                rel=1e-2)
     table = (tmp_path / "speed-test-dtypes.md").read_text()
     assert table.startswith("| tokens | method | 1:N | TTFT ms float32 | TTFT ms bfloat16 | float32 / bfloat16 |")
+
+
+def test_prefill_profile_lists_the_operators(tiny_checkpoint_factory, one_thread, capsys):
+    from bench.speed.profile import main as profile
+
+    path = tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)
+    table = profile(["--checkpoint", str(path), "--tokens", "40", "--dtype", "bfloat16", "--top", "5"])
+    assert "aten::" in table and "Self CPU" in table
+    assert capsys.readouterr().out.startswith("40 tokens, bfloat16, 1 threads")
