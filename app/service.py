@@ -21,8 +21,8 @@ from model.agent import Chunk, ExpandAgent, Round, make_chunks
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.fidelity import token_accuracy
 from model.baselines import QUESTION_MARK
-from model.generation import Sampling, StreamingDetokenizer, decode, fork_cache, prefill, stop_token_ids
-from model.generation import PrefillState
+from model.generation import (PrefillState, Sampling, StreamingDetokenizer, decode, fork_cache, prefill,
+                              stop_token_ids)
 from model.lclm import LCLM, DocumentTokens, PreparedPrompt
 from model.loading import CheckpointParts, build_lclm, default_device, resolve
 from model.precision import DtypeChoice, choose_dtype
