@@ -13,9 +13,13 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import psutil
 import torch
-from transformers import DynamicCache
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 MiB = 2**20
 DEFAULT_MAX_MB = 4096  # the default budget is an eighth of the machine's memory, at most this
