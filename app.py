@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="LCLM directory in the published layout, or a hub id; repeat for several ratios "
                              "(default: the embedded model)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="auto (default, or $LCLM_STUDIO_DTYPE): bfloat16 on CUDA and on CPUs that multiply it "
+                             "fast (a short probe decides), else float32")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return parser.parse_args(argv)
 
@@ -39,13 +42,15 @@ def create_workspace(args: argparse.Namespace):
     from app.workspace import Workspace
 
     warm_umap_in_background()
-    studio = Studio(Settings.from_env(device=args.device), checkpoint=(args.checkpoint or [None])[0])
+    studio = Studio(Settings.from_env(device=args.device, dtype=args.dtype), checkpoint=(args.checkpoint or [None])[0])
     catalog = build_catalog(args.checkpoint)
     default = catalog.default
     print(f"loading {default.family} {default.label} (the first start converts the embedded model once) ...",
           flush=True)
     studio.model(default.spec, default.ratio, default.pooling,
                  progress=lambda stage, done, total: print(f"... {stage}", flush=True))
+    choice = studio.dtype_choice()
+    print(f"dtype {choice.name} ({choice.reason})", flush=True)
     return Workspace(studio, catalog)
 
 

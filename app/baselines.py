@@ -17,10 +17,12 @@ from transformers import DynamicCache
 
 from app.catalog import Variant
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
+from app.kv_cache import PrefixEntry, PrefixKey
 from app.service import AskEvent, Studio, guard_stream
+from cache import document_sha256
 from model.baselines import PRESSES, QUESTION_MARK, make_press, matched_ratio
 from model.errors import UserError
-from model.generation import StreamingDetokenizer, stop_token_ids
+from model.generation import StreamingDetokenizer, fork_cache, stop_token_ids
 
 KVPRESS_MISSING = "kvpress not installed (pip install kvpress)"
 
@@ -85,7 +87,9 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
                    max_new_tokens: int, prompt_profile: str | None = None) -> Iterator[AskEvent]:
     """As kvpress's own pipeline (and bench/speed): the context is prefilled under the press
     (compress_ms), the question over the compressed cache at its uncompressed positions
-    (prefill_ms), then greedy decoding; positions = KV pairs kept + the question."""
+    (prefill_ms), then greedy decoding; positions = KV pairs kept + the question. The compressed
+    context does not depend on the question, so it is kept in the studio's prefix cache and a
+    follow-up question about the same document starts from it (compress_ms 0)."""
     model = studio.model(variant.spec, variant.ratio, variant.pooling)
     profile = studio.prompt_profile(model, prompt_profile)
     document = studio.tokenize(model, text)
@@ -100,10 +104,22 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
                             f"new tokens; this decoder reads at most {model.max_positions:,}")
         press = make_press(press_name, variant.ratio)
         start = clock.ms()
-        cache = DynamicCache(config=decoder.config)
-        with press(decoder):
-            decoder.model(input_ids=context_ids, past_key_values=cache)
+        key = PrefixKey(document_sha256(text), model.checkpoint_id, f"kvpress {press_name}", variant.ratio, None,
+                        str(model.dtype).removeprefix("torch."), str(device), profile.name)
+        entry = studio.prefix_cache.get(key) if studio.prefix_cache.enabled else None
+        if entry is not None and torch.equal(entry.ids, context_ids[0].cpu()):
+            cache = fork_cache(entry.cache)  # the compressed context of an earlier question
+            measurement.prefix_reused_positions = cache.get_seq_length()
+        else:
+            cache = DynamicCache(config=decoder.config)
+            with press(decoder):
+                decoder.model(input_ids=context_ids, past_key_values=cache)
+            measurement.prefill_positions = context_len
+            if studio.prefix_cache.enabled:
+                studio.prefix_cache.put(key, PrefixEntry(context_ids[0].cpu().clone(), cache))
+                cache = fork_cache(cache)
         measurement.compress_ms = clock.ms() - start
+        measurement.prefill_positions += question_len
         start = clock.ms()
         positions = torch.arange(context_len, context_len + question_len, device=device)[None]  # [1, Q]
         logits = decoder(input_ids=question_ids, past_key_values=cache, position_ids=positions,
@@ -141,7 +157,7 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
         "pooling": None, "checkpoint": model.checkpoint_id, "prompt_profile": profile.name, "tokens": len(document),
         "latents": 0, "cached": False,
         "trained": True, **measurement.to_dict(), "prefilled_positions": context_len + question_len,
-        "press_ratio": round(matched_ratio(variant.ratio), 4),
+        "press_ratio": round(matched_ratio(variant.ratio), 4), **studio.dtype_choice().to_dict(),
     })
 
 

@@ -10,6 +10,7 @@ import json
 import sys
 
 from app.settings import MODES, POOLINGS, PROFILES, RATIOS
+from model.precision import DTYPE_CHOICES
 
 EXIT_USER_ERROR = 2
 
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", default=None,
                        help="LCLM directory in the published layout, or a hub id (default: the embedded model)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+        p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                       help="auto (default, or $LCLM_STUDIO_DTYPE): bfloat16 on CUDA and on CPUs that multiply it "
+                       "fast (a short probe decides), else float32")
         p.add_argument("--no-cache", action="store_true", help="neither read nor write the latent cache")
         p.add_argument("--chunk-tokens", type=int, default=None,
                        help="decoder tokens per EXPAND / reconstruction chunk (default: 256, as in the paper)")
@@ -36,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sub.add_parser("compress", help="compress a document into latents"))
     ask = sub.add_parser("ask", help="answer a question about a document")
     common(ask)
-    ask.add_argument("--question", "-q", required=True)
+    ask.add_argument("--question", "-q", required=True, action="append",
+                     help="repeat to ask several questions in order; each follow-up reuses the document's KV cache "
+                     "(with --json: a list of one object per question)")
     ask.add_argument("--mode", choices=MODES, default="lclm",
                      help="full: the decoder reads the raw text; lclm: it reads latents; expand: latents + EXPAND tool")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="default: 128; with expand, 256 per round")
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         from model.errors import UserError
 
         raise UserError(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
-    settings = Settings.from_env(device=args.device, chunk_tokens=args.chunk_tokens,
+    settings = Settings.from_env(device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
                                  prompt_profile=getattr(args, "prompt_profile", None))
     studio = Studio(settings, checkpoint=args.checkpoint)
     progress = Progress()
@@ -101,16 +107,25 @@ def run(args: argparse.Namespace) -> int:
             emit(args, out, compress_text)
         elif args.command == "ask":
             stream = not args.json and sys.stdout.isatty()
-            result = {}
-            for event in studio.ask(text, args.question, args.mode, args.ratio, args.pooling,
-                                    max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress):
-                if event.kind == "token" and stream:
-                    print(event.text, end="", flush=True)
-                elif event.kind == "done":
-                    result = event.result
-            if stream:
-                print()
-            emit(args, result, lambda r: ask_text(r, answer_printed=stream))
+            several = len(args.question) > 1
+            results = []
+            for question in args.question:
+                if several and not args.json:
+                    print(f"Q: {question}", flush=True)
+                result = {}
+                for event in studio.ask(text, question, args.mode, args.ratio, args.pooling,
+                                        max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress):
+                    if event.kind == "token" and stream:
+                        print(event.text, end="", flush=True)
+                    elif event.kind == "done":
+                        result = event.result
+                if stream:
+                    print()
+                results.append(result)
+                if not args.json:
+                    print(ask_text(result, answer_printed=stream) + ("\n" if several else ""), flush=True)
+            if args.json:
+                print(json.dumps(results if several else results[0], ensure_ascii=False))
         else:
             result = studio.reconstruct(text, args.ratio, args.pooling, use_cache=use_cache,
                                         max_chunks=args.max_chunks, progress=progress)
@@ -160,12 +175,18 @@ def ask_text(r: dict, answer_printed: bool = False) -> str:
     lines += [round_text(rnd) for rnd in r.get("rounds", [])]
     lines.append(
         f"[{r['mode']}] TTFT {r['ttft_ms']:.1f} ms (compress {r['compress_ms']:.1f}, prefill {r['prefill_ms']:.1f}, "
-        f"first token {r['first_token_ms']:.1f}); {r['positions']:,} positions; KV cache {_mib(r['kv_cache_bytes'])}; "
-        f"peak memory {_mib(r['peak_mem_bytes'])}; {r['tokens_per_s']:.1f} tokens/s"
+        f"first token {r['first_token_ms']:.1f}); {r['positions']:,} positions"
+        f"{reused_text(r)}; KV cache {_mib(r['kv_cache_bytes'])}; "
+        f"peak memory {_mib(r['peak_mem_bytes'])}; {r['tokens_per_s']:.1f} tokens/s; {r['dtype']}"
     )
     if r.get("note"):
         lines.append(f"NOTE: {r['note']}")
     return "\n".join(lines)
+
+
+def reused_text(r: dict) -> str:
+    reused = r.get("prefix_reused_positions", 0)
+    return f" ({reused:,} reused, {r.get('prefill_positions', 0):,} prefilled)" if reused else ""
 
 
 def reconstruct_text(r: dict) -> str:

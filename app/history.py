@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 import threading
 import time
 from collections import OrderedDict, deque
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 
 COLUMNS = (
     "time", "method", "ratio", "tokens", "positions", "ttft_ms", "compress_ms", "prefill_ms", "first_token_ms",
-    "tokens_per_s", "new_tokens", "peak_mem_mib", "peak_mem_above_weights_mib", "kv_cache_mib", "cached",
-    "question", "answer",
+    "tokens_per_s", "new_tokens", "peak_mem_mib", "peak_mem_above_weights_mib", "kv_cache_mib", "cached", "dtype",
+    "prefix_reused_positions", "prefill_positions", "question", "answer",
 )
 
 
@@ -24,14 +25,39 @@ def run_row(result: dict, method: str) -> dict:
     return {
         "time": time.strftime("%H:%M:%S"), "method": method, "ratio": result.get("ratio"),
         "tokens": result.get("tokens"), "positions": result.get("positions"),
+        "prefix_reused_positions": result.get("prefix_reused_positions"),
+        "prefill_positions": result.get("prefill_positions"),
         "ttft_ms": result.get("ttft_ms"), "compress_ms": result.get("compress_ms"),
         "prefill_ms": result.get("prefill_ms"), "first_token_ms": result.get("first_token_ms"),
         "tokens_per_s": result.get("tokens_per_s"), "new_tokens": result.get("new_tokens"),
         "peak_mem_mib": round(result.get("peak_mem_bytes", 0) / mib, 1),
         "peak_mem_above_weights_mib": round(result.get("peak_mem_above_weights_bytes", 0) / mib, 1),
         "kv_cache_mib": round(result.get("kv_cache_bytes", 0) / mib, 3),
-        "cached": result.get("cached"), "question": result.get("question", ""), "answer": result.get("answer", ""),
+        "cached": result.get("cached"), "dtype": result.get("dtype"), "question": result.get("question", ""), "answer": result.get("answer", ""),
     }
+
+
+FOLLOW_UP_COLUMNS = ("method", "dtype", "first questions", "first TTFT ms", "follow-ups", "follow-up TTFT ms",
+                     "first / follow-up")
+
+
+def follow_up_summary(rows: list[dict]) -> list[dict]:
+    """Per method and dtype: the median TTFT of first questions (nothing reused) and of
+    follow-ups (the prompt prefix's KV taken from the prefix cache), and their ratio."""
+    groups: dict[tuple, dict[bool, list[float]]] = {}
+    for row in rows:
+        if row.get("ttft_ms") is None:
+            continue
+        group = groups.setdefault((row["method"], row.get("dtype")), {False: [], True: []})
+        group[bool(row.get("prefix_reused_positions"))].append(row["ttft_ms"])
+    out = []
+    for (method, dtype), times in groups.items():
+        first = statistics.median(times[False]) if times[False] else None
+        follow = statistics.median(times[True]) if times[True] else None
+        out.append({"method": method, "dtype": dtype, "first questions": len(times[False]),
+                    "first TTFT ms": first, "follow-ups": len(times[True]), "follow-up TTFT ms": follow,
+                    "first / follow-up": round(first / follow, 1) if first and follow else None})
+    return out
 
 
 @dataclass

@@ -8,7 +8,9 @@
   above the memory held when the request started (the weights); on CPU the process RSS,
   sampled by a thread during the request.
 - KV-cache bytes: 2 x layers x kv_heads x head_dim x positions x bytes per element.
-- Positions: tokens the decoder prefills.
+- Positions: tokens the decoder prefills. Of these, `prefix_reused_positions` have their KV
+  from the prefix cache (app/kv_cache.py: a follow-up question about the same document) and
+  `prefill_positions` are computed by this request.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class Measurement:
     new_tokens: int = 0
     tokens_per_s: float = 0.0
     positions: int = 0
+    prefill_positions: int = 0  # positions this request prefilled (not taken from the prefix cache)
+    prefix_reused_positions: int = 0  # positions whose KV came from the prefix cache
     kv_cache_bytes: int = 0
     peak_mem_bytes: int = 0
     peak_mem_above_weights_bytes: int = 0

@@ -12,12 +12,13 @@ import gc
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file
 
+from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey, drop_all
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
 from app.settings import MODES, POOLINGS, RATIOS, Settings
 from cache import LatentCache, document_sha256, latent_key
@@ -25,9 +26,12 @@ from model.agent import ExpandAgent, Round
 from model.chunking import Chunk, chunk_text
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.fidelity import token_accuracy
-from model.generation import Sampling, StreamingDetokenizer, decode, prefill, stop_token_ids
-from model.lclm import LCLM, DocumentTokens
-from model.loading import CheckpointParts, build_lclm, resolve
+from model.baselines import QUESTION_MARK
+from model.generation import (PrefillState, Sampling, StreamingDetokenizer, decode, fork_cache, prefill,
+                              stop_token_ids)
+from model.lclm import LCLM, DocumentTokens, PreparedPrompt
+from model.loading import CheckpointParts, build_lclm, default_device, resolve
+from model.precision import DtypeChoice, choose_dtype
 from model.prompts import PROMPT_PROFILES, PromptProfile, default_prompt_profile, reconstruction_prompt
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -48,9 +52,12 @@ class CompressResult:
     trained: bool
     chunks: int
     positions_saved: int
+    precision: dict = field(default_factory=dict)  # DtypeChoice.to_dict(): dtype, why, the probe
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.update(out.pop("precision"))
+        return out
 
 
 @dataclass
@@ -93,6 +100,8 @@ class Studio:
         self._lock = threading.RLock()
         self._cache: LatentCache | None = None
         self._chunks: OrderedDict[tuple, list[Chunk]] = OrderedDict()  # a few recent documents' chunks
+        self._dtype: DtypeChoice | None = None
+        self.prefix_cache = PrefixCache(self.settings.kv_cache_mb * 2**20)
 
     # ---- shared resources --------------------------------------------------------
     @property
@@ -108,6 +117,13 @@ class Studio:
             if self._cache is not None:
                 self._cache.close()
 
+    def dtype_choice(self) -> DtypeChoice:
+        """The dtype every model of this process runs in (settings.dtype on this device), and why."""
+        with self._lock:
+            if self._dtype is None:
+                self._dtype = choose_dtype(self.settings.dtype, self.settings.device or default_device())
+            return self._dtype
+
     def model(self, checkpoint: str | None = None, ratio: int | None = None, pooling: str | None = None,
               progress: ProgressFn | None = None) -> LCLM:
         """The LCLM for this checkpoint and variant, loaded once per process."""
@@ -116,7 +132,7 @@ class Studio:
         say = (lambda message: progress(message, 0, 0)) if progress else None
         with self._lock:
             parts = resolve(checkpoint, ratio=ratio, pooling=pooling, data_dir=self.settings.data_dir, progress=say)
-            key = (parts.checkpoint_id, self.settings.device)
+            key = (parts.checkpoint_id, self.settings.device, self.dtype_choice().dtype)
             if key not in self._models:
                 if say:
                     say(f"loading {parts.checkpoint_id}")
@@ -133,7 +149,8 @@ class Studio:
             if (loaded_parts.encoder_dir, loaded_parts.decoder_dir, loaded_parts.config.encoder_mask_type) == (
                     parts.encoder_dir, parts.decoder_dir, parts.config.encoder_mask_type):
                 return share_weights(self._models[key], parts)
-        return build_lclm(parts, device=self.settings.device, data_dir=self.settings.data_dir)
+        return build_lclm(parts, device=self.settings.device, dtype=self.dtype_choice().dtype,
+                          data_dir=self.settings.data_dir)
 
     # ---- compress ----------------------------------------------------------------
     def tokenize(self, model: LCLM, text: str) -> DocumentTokens:
@@ -170,7 +187,7 @@ class Studio:
             tokens=len(document), latents=int(latents.shape[0]), window=config.encoder_window_size,
             ratio=config.compression_ratio, pooling=config.pooling, compress_ms=round(compress_ms, 3),
             checkpoint=model.checkpoint_id, cached=cached, trained=config.trained, chunks=len(chunks),
-            positions_saved=len(document) - int(latents.shape[0]),
+            positions_saved=len(document) - int(latents.shape[0]), precision=self.dtype_choice().to_dict(),
         )
         return Compressed(model, document, latents, result)
 
@@ -252,7 +269,9 @@ class Studio:
                 document = self.tokenize(model, text)
                 info = {"tokens": len(document), "latents": 0, "compress_ms": 0.0, "cached": False, "trained": True}
                 prompt = model.chat(profile.question(text, question))
-                answer, _ = yield from self._generate(model, prompt, [], max_new_tokens, sampling, clock, measurement)
+                reuse = self._reuse(model, text, mode, text, question, profile) if use_cache else None
+                answer, _ = yield from self._generate(model, prompt, [], max_new_tokens, sampling, clock, measurement,
+                                                      reuse=reuse)
             elif mode == "expand":
                 document = self.tokenize(model, text)
                 chunks = self.chunks(model, text)
@@ -268,9 +287,11 @@ class Studio:
                 compressed = self.compress(text, ratio, pooling, checkpoint, use_cache, progress)
                 measurement.compress_ms = compressed.result.compress_ms
                 info = {k: getattr(compressed.result, k) for k in ("tokens", "latents", "compress_ms", "cached", "trained")}
-                prompt = model.chat(profile.question(model.memory_region(info["latents"]), question))
+                region = model.memory_region(info["latents"])
+                prompt = model.chat(profile.question(region, question))
+                reuse = self._reuse(model, text, mode, region, question, profile) if use_cache else None
                 answer, _ = yield from self._generate(model, prompt, [compressed.latents], max_new_tokens,
-                                                      sampling, clock, measurement)
+                                                      sampling, clock, measurement, reuse=reuse)
         total_ms = clock.ms()
         measurement.peak_mem_bytes = memory.peak
         measurement.peak_mem_above_weights_bytes = memory.above_baseline
@@ -281,17 +302,59 @@ class Studio:
             "ratio": model.config.compression_ratio if mode != "full" else None,
             "pooling": model.config.pooling if mode != "full" else None,
             "checkpoint": model.checkpoint_id, "prompt_profile": profile.name, **info, **measurement.to_dict(),
-            **extra,
+            **self.dtype_choice().to_dict(), **extra,
         }
         if not result["trained"]:
             result["note"] = UNTRAINED_NOTE
         yield AskEvent("done", result=result)
 
+    def _reuse(self, model: LCLM, text: str, mode: str, context: str, question: str,
+               profile: PromptProfile) -> tuple[PrefixKey, str] | None:
+        """Where prefix reuse is on: the key of this question's prompt prefix and the prefix's text
+        (the chat-formatted prompt up to the question, with `context` as the document)."""
+        if not self.prefix_cache.enabled:
+            return None
+        config = model.config
+        key = PrefixKey(document_sha256(text), model.checkpoint_id, mode,
+                        config.compression_ratio if mode != "full" else None, config.pooling if mode != "full" else None,
+                        str(model.dtype).removeprefix("torch."), str(model.device), profile.name)
+        return key, model.chat(profile.question(context + QUESTION_MARK, question)).split(QUESTION_MARK)[0]
+
+    def _prefill(self, model: LCLM, prepared: PreparedPrompt, reuse: tuple[PrefixKey, str] | None,
+                 measurement: Measurement) -> PrefillState:
+        """The decoder's prefill of `prepared`. With `reuse` (key, prefix text): the KV of the prompt's
+        prefix comes from the prefix cache where an entry holds exactly these prefix ids, and is
+        otherwise computed first and kept there; only the rest is prefilled after it."""
+        ids = prepared.input_ids[0].cpu()  # [P]
+        reused, entry, length = 0, None, 0
+        if reuse is not None:
+            key, prefix_text = reuse
+            entry = self.prefix_cache.get(key)
+            length = 0 if entry is None else int(entry.ids.shape[0])
+            if entry is not None and length < ids.shape[0] and torch.equal(ids[:length], entry.ids):
+                reused = length
+            else:
+                prefix_ids = model.decoder_tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+                length = common_prefix_length(ids.tolist(), prefix_ids, limit=ids.shape[0] - 1)
+                entry = None
+                if length:
+                    head = prefill(model.decoder, prepared.inputs_embeds[:, :length])  # [1, L, D] -> KV of L positions
+                    entry = PrefixEntry(ids[:length].clone(), head.cache)
+                    self.prefix_cache.put(key, entry)
+        if entry is None:
+            state = prefill(model.decoder, prepared.inputs_embeds)
+        else:  # the rest of the prompt after the prefix's L positions: [1, P - L, D]
+            state = prefill(model.decoder, prepared.inputs_embeds[:, length:], fork_cache(entry.cache))
+        measurement.prefix_reused_positions += reused
+        measurement.prefill_positions += prepared.positions - reused
+        return state
+
     def _generate(self, model: LCLM, prompt: str, regions: list[torch.Tensor], max_new_tokens: int,
                   sampling: Sampling, clock: Clock, measurement: Measurement,
-                  prefix: str = "") -> Generator[AskEvent, None, tuple[str, int]]:
+                  prefix: str = "", reuse: tuple[PrefixKey, str] | None = None) -> Generator[AskEvent, None, tuple[str, int]]:
         """Prefill + streamed decode of one reply; returns (reply text, positions). The first
-        reply of a request sets TTFT and its parts; every reply counts its tokens and positions."""
+        reply of a request sets TTFT and its parts; every reply counts its tokens and positions.
+        `reuse` (see `_reuse`) takes the prompt prefix's KV from the prefix cache."""
         first_reply = measurement.ttft_ms == 0.0
         start_ms = clock.ms()
         prepared = model.prepare(prompt + prefix, regions)
@@ -300,7 +363,7 @@ class Studio:
                 f"the prompt needs {prepared.positions:,} decoder positions plus {max_new_tokens} new tokens; this decoder "
                 f"reads at most {model.max_positions:,} (use a higher compression ratio or a shorter document)"
             )
-        state = prefill(model.decoder, prepared.inputs_embeds)
+        state = self._prefill(model, prepared, reuse, measurement)
         prefill_done_ms = clock.ms()
         measurement.positions = max(measurement.positions, prepared.positions)
         if first_reply:
@@ -392,8 +455,20 @@ def is_out_of_memory(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
+def common_prefix_length(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading ids `a` and `b` share, at most `limit`."""
+    length = 0
+    for x, y in zip(a[:limit], b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 def release_memory() -> None:
-    """Collect what a failed request left behind and hand cached CUDA blocks back to the driver."""
+    """Drop the kept prefix KV caches, collect what a failed request left behind and hand cached
+    CUDA blocks back to the driver."""
+    drop_all()
     gc.collect()
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()

@@ -6,9 +6,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.kv_cache import default_size_mb
 from model.agent import DEFAULT_ROUNDS
 from model.chunking import DEFAULT_CHUNK_TOKENS
 from model.embedded import default_data_dir
+from model.precision import DTYPE_CHOICES
 from model.prompts import PROMPT_PROFILES
 
 RATIOS = (4, 8, 16)
@@ -31,7 +33,8 @@ def _env_int(name: str, default: int) -> int:
 class Settings:
     """Everything configurable. Environment variables (read by `from_env`):
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
-    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE."""
+    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE, LCLM_STUDIO_DTYPE,
+    LCLM_STUDIO_KV_CACHE_MB."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
@@ -42,6 +45,8 @@ class Settings:
     expand_new_tokens: int = 256  # new tokens per EXPAND round when a request names none
     prompt_profile: str | None = None  # None: per checkpoint (model.prompts.default_prompt_profile)
     device: str | None = None  # None: CUDA when present, else CPU
+    kv_cache_mb: int = field(default_factory=default_size_mb)  # prefix KV caches kept in memory; 0: none
+    dtype: str = "auto"  # auto: bfloat16 where the device computes it fast (model.precision), else float32
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -53,6 +58,10 @@ class Settings:
             raise ValueError("max_expand_rounds must be at least 1")
         if self.prompt_profile is not None and self.prompt_profile not in PROMPT_PROFILES:
             raise ValueError(f"prompt_profile must be one of {', '.join(PROMPT_PROFILES)}, got {self.prompt_profile!r}")
+        if self.kv_cache_mb < 0:
+            raise ValueError("kv_cache_mb must be 0 (no prefix reuse) or more")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
 
     @property
     def cache_dir(self) -> Path:
@@ -67,6 +76,8 @@ class Settings:
             chunk_tokens=_env_int("LCLM_STUDIO_CHUNK_TOKENS", cls.chunk_tokens),
             device=os.environ.get("LCLM_STUDIO_DEVICE") or None,
             prompt_profile=os.environ.get("LCLM_STUDIO_PROMPT_PROFILE") or None,
+            dtype=os.environ.get("LCLM_STUDIO_DTYPE") or cls.dtype,
+            kv_cache_mb=_env_int("LCLM_STUDIO_KV_CACHE_MB", default_size_mb()),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -3,6 +3,7 @@ so that callers can time each part (see app/measure.py)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,11 +39,23 @@ class PrefillState:
 
 
 @torch.inference_mode()
-def prefill(decoder: nn.Module, inputs_embeds: torch.Tensor) -> PrefillState:
-    """One forward over the prompt. inputs_embeds: [1, P, D]."""
-    cache = DynamicCache(config=decoder.config)
+def prefill(decoder: nn.Module, inputs_embeds: torch.Tensor, cache: DynamicCache | None = None) -> PrefillState:
+    """One forward over the prompt, or over the rest of it after `cache` (the KV of the prompt's
+    first positions, which the new positions follow). inputs_embeds: [1, P, D]."""
+    cache = cache if cache is not None else DynamicCache(config=decoder.config)
+    before = cache.get_seq_length()
     out = decoder(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return PrefillState(cache=out.past_key_values, logits=out.logits[0, -1].float(), positions=inputs_embeds.shape[1])
+    return PrefillState(cache=out.past_key_values, logits=out.logits[0, -1].float(),
+                        positions=before + inputs_embeds.shape[1])
+
+
+def fork_cache(cache: DynamicCache) -> DynamicCache:
+    """A cache that starts as `cache` and then grows on its own, leaving `cache` as it was. Its
+    layers share `cache`'s tensors: DynamicCache never writes them in place, it concatenates new
+    positions into new tensors."""
+    forked = copy.copy(cache)
+    forked.layers = [copy.copy(layer) for layer in cache.layers]
+    return forked
 
 
 def _pick(logits: torch.Tensor, seen: list[int], sampling: Sampling, generator: torch.Generator) -> int:

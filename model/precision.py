@@ -3,22 +3,26 @@ in-process probe shows bf16 matrix multiplies beating float32 (Intel AMX / AVX51
 them several times faster; CPUs with AVX2 only emulate bf16 and run it many times slower).
 
 The probe multiplies [256, 576] x [576, 576] matrices in both types for about 0.1 s and
-keeps the answer for the process."""
+keeps the answer for the process. `choose_dtype` turns a user's `auto|float32|bfloat16` into
+a dtype and says why, with the probe's numbers where the probe decided."""
 
 from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 
 import torch
 
 PROBE_SHAPE = (256, 576, 576)  # (m, k, n): the width of the embedded model's projections
 MIN_SPEEDUP = 1.2  # bf16 must beat float32 by this factor to be chosen
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def matmul_rate(dtype: torch.dtype, repeats: int = 8) -> float:
-    """Multiply-adds per second of the probe matmul on the CPU in `dtype` (best of `repeats`)."""
-    m, k, n = PROBE_SHAPE
+def matmul_rate(dtype: torch.dtype, repeats: int = 8, shape: tuple[int, int, int] = PROBE_SHAPE) -> float:
+    """Multiply-adds per second of an [m, k] x [k, n] matmul on the CPU in `dtype` (best of `repeats`)."""
+    m, k, n = shape
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
     a @ b  # warm-up: kernel selection, first-touch of the buffers
     best = float("inf")
@@ -29,17 +33,77 @@ def matmul_rate(dtype: torch.dtype, repeats: int = 8) -> float:
     return m * k * n / max(best, 1e-9)
 
 
+@dataclass(frozen=True)
+class MatmulProbe:
+    """What the probe measured: multiply-adds per second in each type, on `threads` torch threads."""
+
+    float32_rate: float
+    bfloat16_rate: float
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        return self.bfloat16_rate / self.float32_rate
+
+    def to_dict(self) -> dict:
+        return {"float32_gflops": round(2 * self.float32_rate / 1e9, 1),
+                "bfloat16_gflops": round(2 * self.bfloat16_rate / 1e9, 1),
+                "bf16_speedup": round(self.speedup, 2), "min_speedup": MIN_SPEEDUP, "threads": self.threads,
+                "shape": list(PROBE_SHAPE)}
+
+
 @functools.cache
+def cpu_matmul_probe() -> MatmulProbe:
+    """The probe, run once per process."""
+    return MatmulProbe(float32_rate=matmul_rate(torch.float32), bfloat16_rate=matmul_rate(torch.bfloat16),
+                       threads=torch.get_num_threads())
+
+
 def cpu_bf16_speedup() -> float:
     """bf16 matmul rate over float32's on this CPU (measured once per process)."""
-    return matmul_rate(torch.bfloat16) / matmul_rate(torch.float32)
+    return cpu_matmul_probe().speedup
 
 
 def fast_dtype(device: str | torch.device) -> torch.dtype:
     """bfloat16 where the device computes it fast, else float32."""
+    return choose_dtype("auto", device).dtype
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a run uses, what was asked for, and why."""
+
+    requested: str  # one of DTYPE_CHOICES
+    dtype: torch.dtype
+    reason: str
+    probe: MatmulProbe | None = None  # set where the CPU probe decided
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def to_dict(self) -> dict:
+        out = {"dtype": self.name, "dtype_requested": self.requested, "dtype_reason": self.reason}
+        if self.probe is not None:
+            out["bf16_probe"] = self.probe.to_dict()
+        return out
+
+
+def choose_dtype(requested: str, device: str | torch.device) -> DtypeChoice:
+    """`requested` (auto, float32 or bfloat16) on `device` as a dtype: auto is bfloat16 on CUDA,
+    bfloat16 on a CPU whose probe shows bf16 at least MIN_SPEEDUP times faster, else float32."""
+    if requested not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return DtypeChoice(requested, DTYPES[requested], "asked for")
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu" and cpu_bf16_speedup() >= MIN_SPEEDUP:
-        return torch.bfloat16
-    return torch.float32
+        return DtypeChoice(requested, torch.bfloat16, "CUDA computes bfloat16 fast")
+    if device.type != "cpu":
+        return DtypeChoice(requested, torch.float32, f"float32 on {device.type}")
+    probe = cpu_matmul_probe()
+    if probe.speedup >= MIN_SPEEDUP:
+        return DtypeChoice(requested, torch.bfloat16, f"this CPU multiplies bfloat16 {probe.speedup:.1f}x faster "
+                           "than float32 (probe)", probe)
+    return DtypeChoice(requested, torch.float32, f"this CPU multiplies bfloat16 at {probe.speedup:.2f}x "
+                       f"float32's rate (probe; bfloat16 needs {MIN_SPEEDUP}x)", probe)

@@ -24,6 +24,22 @@ def offline_environment(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("LCLM_STUDIO_HOME", str(tmp_path_factory.mktemp("lclm-home")))
 
 
+@pytest.fixture(autouse=True)
+def matmul_probe(monkeypatch):
+    """`dtype auto` on a CPU is decided by model.precision's matmul probe. Every test sees the same
+    stubbed probe, a CPU without fast bf16 (auto is float32 on every machine); a test calls the
+    returned function(speedup) to see another CPU."""
+    from model import precision
+
+    def stub(speedup: float = 0.02) -> precision.MatmulProbe:
+        probe = precision.MatmulProbe(float32_rate=1e11, bfloat16_rate=1e11 * speedup, threads=1)
+        monkeypatch.setattr(precision, "cpu_matmul_probe", lambda: probe)
+        return probe
+
+    stub()
+    return stub
+
+
 @pytest.fixture
 def no_unpickling(monkeypatch):
     """torch.load and pickle.load(s) fail the test if anything calls them."""

@@ -49,7 +49,8 @@ def test_paper_decoder_full_context_kv_cache_at_1m_tokens_is_144_gib():
 
 
 def test_plan_caps_and_registry():
-    assert set(METHODS) == {"full", "lclm", "lclm_cached", "snapkv", "kvzip"}
+    assert set(METHODS) == {"full", "lclm", "lclm_cached", "full_followup", "lclm_followup", "question_only", "snapkv",
+                            "kvzip"}
     plan = Plan(lengths=[1024, 4096], ratios=[16, 4], methods=["kvzip"], max_length={"kvzip": 4096},
                 sweep_max_length={"kvzip": 1024})
     assert plan.main_ratio == 16 and plan.ratios == [4, 16]
@@ -115,7 +116,8 @@ def test_random_pair_rig_end_to_end(tmp_path, one_thread):
                  "--runs", "1", "--new-tokens", "2", "--out-dir", str(tmp_path), "--no-plots"])
     assert data["rig"]["dtype"] == "float32" and data["rig"]["decoder"]["layers"] == 3
     records = {(r["method"], r["ratio"]): r for r in data["records"]}
-    assert set(records) == {("full", None)} | {(m, n) for m in ("lclm", "lclm_cached", "snapkv", "kvzip") for n in (8, 16)}
+    assert set(records) == {("full", None), ("full_followup", None), ("question_only", None)} | {
+        (m, n) for m in ("lclm", "lclm_cached", "lclm_followup", "snapkv", "kvzip") for n in (8, 16)}
     for r in records.values():
         check_record_fields(r, runs=1)
     full_positions = records[("full", None)]["median"]["positions"]
@@ -160,3 +162,48 @@ def test_memory_prediction_scales_by_positions_reached_not_kept():
     predicted = predicted_bytes(rig, {measured.key: measured}, "snapkv", reached, new_tokens=4)
     assert predicted == int(peak / (10 + 1000 + 20 + 4) * reached)  # about twice the measured peak
     assert predicted < 3 * peak  # not peak / 90 kept positions x 2,034 (about 22x)
+
+
+def test_dtypes_in_one_run_and_follow_up_questions(tiny_checkpoint_factory, tmp_path, one_thread):
+    """--dtypes float32 bfloat16: one rig per dtype, their runs interleaved, one result per dtype and
+    a comparison of the two; follow-ups prefill only the question after the kept prefix."""
+    path = tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)
+    data = main(["--preset", "cpu", "--checkpoint", str(path), "--lengths", "48", "--ratios", "4", "--methods", "full",
+                 "lclm", "full_followup", "lclm_followup", "question_only", "--dtypes", "float32", "bfloat16",
+                 "--runs", "2", "--new-tokens", "2", "--out-dir", str(tmp_path), "--name", "speed-test", "--no-plots"])
+    assert set(data) == {"float32", "bfloat16"}
+    assert data["float32"]["rig"]["dtype"] == "float32" and data["bfloat16"]["rig"]["dtype"] == "bfloat16"
+    assert data["bfloat16"]["machine"]["dtype_reason"] == "asked for"
+    peak = data["float32"]["machine"]["matmul_peak"]
+    assert peak["float32_gflops"] > 0 and peak["bfloat16_gflops"] > 0 and peak["threads"] == 1
+    for name in ("float32", "bfloat16"):
+        assert json.loads((tmp_path / f"speed-test-{name}.json").read_text()) == data[name]
+        records = {(r["method"], r["ratio"]): r for r in data[name]["records"]}
+        full, question = records[("full", None)], records[("question_only", None)]
+        for method, ratio, whole in (("full_followup", None, full), ("lclm_followup", 4, records[("lclm", 4)])):
+            r = records[(method, ratio)]
+            check_record_fields(r, runs=2)
+            assert r["median"]["positions"] == whole["median"]["positions"]  # the same prompt ...
+            assert r["prefill_positions"] == question["median"]["positions"]  # ... of which only the question is new
+            assert r["prefix_reused_positions"] + r["prefill_positions"] == r["median"]["positions"]
+            assert r["prefill_gflops"] > 0 and r["share_of_bf16_peak"] > 0
+        assert full["share_of_bf16_peak"] > 0 and records[("lclm", 4)]["prefill_gflops"] > 0
+    comparison = json.loads((tmp_path / "speed-test-dtypes.json").read_text())
+    assert comparison["dtypes"] == ["float32", "bfloat16"]
+    rows = {(r["method"], r["ratio"]): r for r in comparison["rows"]}
+    assert set(rows) == {("full", None), ("lclm", 4), ("full_followup", None), ("lclm_followup", 4),
+                         ("question_only", None)}
+    full = rows[("full", None)]
+    assert full["ttft_float32_over_bfloat16"] == pytest.approx(full["float32_ttft_ms"] / full["bfloat16_ttft_ms"],
+                                                               rel=1e-2)
+    table = (tmp_path / "speed-test-dtypes.md").read_text()
+    assert table.startswith("| tokens | method | 1:N | TTFT ms float32 | TTFT ms bfloat16 | float32 / bfloat16 |")
+
+
+def test_prefill_profile_lists_the_operators(tiny_checkpoint_factory, one_thread, capsys):
+    from bench.speed.profile import main as profile
+
+    path = tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)
+    table = profile(["--checkpoint", str(path), "--tokens", "40", "--dtype", "bfloat16", "--top", "5"])
+    assert "aten::" in table and "Self CPU" in table
+    assert capsys.readouterr().out.startswith("40 tokens, bfloat16, 1 threads")

@@ -2,6 +2,7 @@
 Select with `pytest -m embedded`; `make test` runs them too."""
 
 import pytest
+import torch
 
 from app.service import Studio
 from app.settings import Settings
@@ -15,8 +16,20 @@ QUESTION = "What is the special magic number?"
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("lclm-home"), device="cpu")
+    settings = Settings(data_dir=tmp_path_factory.mktemp("lclm-home"), device="cpu", dtype="float32")
     return Studio(settings)
+
+
+@pytest.fixture(scope="module")
+def bf16_studio(studio):
+    """The same data directory (the converted model), in bfloat16."""
+    return Studio(Settings(data_dir=studio.settings.data_dir, device="cpu", dtype="bfloat16"))
+
+
+@pytest.fixture(scope="module")
+def plain_studio(studio):
+    """The same, without prefix reuse."""
+    return Studio(Settings(data_dir=studio.settings.data_dir, device="cpu", dtype="float32", kv_cache_mb=0))
 
 
 def final(events):
@@ -31,6 +44,35 @@ def test_full_context_answers_the_needle(studio):
     assert result["trained"] is True and result["latents"] == 0
     streamed = "".join(e.text for e in events if e.kind == "token")
     assert streamed.strip() == result["answer"]
+
+
+def test_full_context_answers_the_needle_in_bfloat16(bf16_studio):
+    _, result = final(bf16_studio.ask(NEEDLE_DOC, QUESTION, mode="full", max_new_tokens=24))
+    assert "7294" in result["answer"] and result["dtype"] == "bfloat16"
+    model = bf16_studio.model()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+FOLLOW_UPS = [QUESTION, "What colour is the sky?", QUESTION]
+
+
+@pytest.mark.parametrize("mode", ["full", "lclm"])
+def test_follow_up_questions_reuse_the_prefix_and_answer_as_without_reuse(studio, plain_studio, mode):
+    reused = [final(studio.ask(NEEDLE_DOC, q, mode=mode, ratio=16, max_new_tokens=16))[1] for q in FOLLOW_UPS]
+    plain = [final(plain_studio.ask(NEEDLE_DOC, q, mode=mode, ratio=16, max_new_tokens=16))[1] for q in FOLLOW_UPS]
+    assert [r["answer"] for r in reused] == [r["answer"] for r in plain]
+    assert all(r["prefix_reused_positions"] > 0 for r in reused[1:]) and reused[0]["answer"] == reused[2]["answer"]
+    assert all(r["prefix_reused_positions"] == 0 for r in plain)
+    if mode == "full":
+        assert "7294" in reused[2]["answer"]
+
+
+def test_bfloat16_follow_up_answers_as_without_reuse(bf16_studio, studio):
+    plain = Studio(Settings(data_dir=studio.settings.data_dir, device="cpu", dtype="bfloat16", kv_cache_mb=0))
+    reused = [final(bf16_studio.ask(NEEDLE_DOC, q, mode="full", max_new_tokens=16))[1] for q in FOLLOW_UPS]
+    alone = [final(plain.ask(NEEDLE_DOC, q, mode="full", max_new_tokens=16))[1] for q in FOLLOW_UPS]
+    assert [r["answer"] for r in reused] == [r["answer"] for r in alone]
+    assert reused[1]["prefix_reused_positions"] > 0
 
 
 def test_lclm_runs_end_to_end_and_says_untrained(studio):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from app.history import COLUMNS
+from app.history import COLUMNS, FOLLOW_UP_COLUMNS, follow_up_summary
 from views.ask import readout_table
 from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
 
@@ -22,11 +22,15 @@ def build() -> SimpleNamespace:
         json = gr.DownloadButton("Export JSON", elem_id="export-json")
     history = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="This session's runs", interactive=False,
                            max_height=360, max_chars=48, elem_id="history")
+    follow_ups = gr.Dataframe(pd.DataFrame(columns=FOLLOW_UP_COLUMNS), interactive=False, elem_id="follow-ups",
+                              label="First question vs follow-up about the same document (median TTFT; a follow-up "
+                                    "reuses the document's KV cache and prefills only its question)")
     gr.Markdown("**Sweep**: TTFT and peak memory of the LCLM (cold, no latent cache) and of the full context "
                 "on the first L tokens of the current document, for several L.")
     sweep = gr.Button("Sweep", variant="primary", elem_id="sweep")
     chart = gr.Plot(label="TTFT and peak memory against context length", elem_id="sweep-chart")
-    return SimpleNamespace(live=live, refresh=refresh, csv=csv, json=json, history=history, sweep=sweep, chart=chart)
+    return SimpleNamespace(live=live, refresh=refresh, csv=csv, json=json, history=history, follow_ups=follow_ups,
+                           sweep=sweep, chart=chart)
 
 
 def bind(ui: SimpleNamespace, shared: Shared, workspace, tab: gr.Tab, ask_event) -> None:
@@ -34,9 +38,10 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, tab: gr.Tab, ask_event)
         session = request.session_hash
         rows, chart = workspace.metrics(session)
         return (pd.DataFrame(rows, columns=COLUMNS, dtype=object), chart, str(workspace.export(session, "csv")),
-                str(workspace.export(session, "json")))
+                str(workspace.export(session, "json")),
+                pd.DataFrame(follow_up_summary(rows), columns=FOLLOW_UP_COLUMNS, dtype=object))
 
-    outputs = [ui.history, ui.chart, ui.csv, ui.json]
+    outputs = [ui.history, ui.chart, ui.csv, ui.json, ui.follow_ups]
     ui.refresh.click(metrics, None, outputs, api_name="metrics")
     tab.select(metrics, None, outputs, api_name="metrics_on_select", api_visibility="private")
     ask_event.then(metrics, None, outputs, api_name="metrics_after_ask", api_visibility="private")

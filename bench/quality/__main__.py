@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-tokens", type=int, default=256, help="decoder tokens per EXPAND chunk (the paper's 256)")
     parser.add_argument("--expand-new-tokens", type=int, default=256, help="new tokens per EXPAND round")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="auto (default): bfloat16 where the device computes it fast (model.precision)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--haystack", help="a text file to draw haystacks and spans from instead of the corpus's "
+                        "validation split")
     parser.add_argument("--skip", nargs="*", default=[], choices=["fidelity", "ruler"])
     parser.add_argument("--out", default="bench/results/quality")
     parser.add_argument("--from-json", help="only rewrite the markdown table and plot of an earlier quality.json")
@@ -60,20 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     from model.training.data.synthetic import TASKS, Haystack
 
     corpus_path = Path(args.corpus)
-    if not corpus_path.exists():
+    if not args.haystack and not corpus_path.exists():
         parser.error(f"{corpus_path} not found: run `python -m model.training.data prepare --pack {corpus_path}` first")
     if args.span_tokens > args.chunk_tokens:
         parser.error("--span-tokens must not exceed --chunk-tokens: each reconstruction span is one chunk")
-    studio = Studio(Settings.from_env(device=args.device, chunk_tokens=args.chunk_tokens))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    studio = Studio(Settings.from_env(device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens))
     model = studio.model(ratio=16, pooling="mean")
-    corpus = load_corpus(corpus_path)
-    corpus.check_tokenizer(model.decoder_tokenizer)
-    validation = corpus["validation"]
+    if args.haystack:
+        validation = TextSource(Path(args.haystack).read_text(errors="replace"), model.decoder_tokenizer)
+    else:
+        corpus = load_corpus(corpus_path)
+        corpus.check_tokenizer(model.decoder_tokenizer)
+        validation = corpus["validation"]
     started = time.perf_counter()
     result = {"checkpoint": "embedded default", "trained": bool(model.config.trained),
               "note": TRAINED if model.config.trained else UNTRAINED,
               "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, device {model.device}"}
+              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, device {model.device}",
+              **studio.dtype_choice().to_dict(), "torch_threads": __import__("torch").get_num_threads()}
 
     if "fidelity" not in args.skip:
         # evenly spaced validation documents, one span of `span_tokens` from the start of each
@@ -97,6 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(Path(args.out), result)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
+
+
+class TextSource:
+    """A text file standing in for the corpus's validation split: its documents are equal slices."""
+
+    def __init__(self, text: str, tokenizer, docs: int = 16):
+        import torch
+
+        self.tokens = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # [T]
+        self.num_docs = docs
+
+    def document(self, index: int):
+        size = len(self.tokens) // self.num_docs
+        return self.tokens[index * size: (index + 1) * size].tolist()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ STARTED = time.perf_counter()
 import torch  # noqa: E402
 
 from bench.speed.methods import METHODS, quiet_kvpress  # noqa: E402
-from bench.speed.report import machine, markdown_table, plots, results, slug, write_json  # noqa: E402
+from bench.speed.report import (dtype_comparison, dtype_table, machine, markdown_table, matmul_peaks,  # noqa: E402
+                                 plots, results, slug, write_json)
 from bench.speed.rigs import PAIRS, checkpoint_rig, random_pair_rig  # noqa: E402
 from bench.speed.sweep import Plan, Sweep  # noqa: E402
+from model.precision import DTYPE_CHOICES, choose_dtype  # noqa: E402
 
 K = 1024
 
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="treat the device as this large (on CUDA also enforced), e.g. 80 on a bigger GPU")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's); 1 is steadier where other jobs share the cores")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPE_CHOICES, default=["auto"],
+                        help="one or more dtypes, measured in one run with their runs interleaved (e.g. float32 "
+                        "bfloat16); auto: bfloat16 where the device computes it fast (model.precision)")
     parser.add_argument("--encoder-batch-tokens", type=int, help="encoder tokens per batch (the memory budget)")
     parser.add_argument("--out-dir", default="bench/results")
     parser.add_argument("--name", help="file stem under --out-dir (default: speed-<machine>)")
@@ -74,11 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_rig(args, preset: Preset):
+def build_rig(args, preset: Preset, dtype: torch.dtype):
     device = torch.device(args.device or preset.device)
     if preset.rig == "checkpoint":
-        return checkpoint_rig(args.checkpoint, args.ratios, device=device)
-    return random_pair_rig(args.pair, args.ratios, device=device)
+        return checkpoint_rig(args.checkpoint, args.ratios, device=device, dtype=dtype)
+    return random_pair_rig(args.pair, args.ratios, device=device, dtype=dtype)
 
 
 def limit_memory(device: torch.device, limit_gib: float | None) -> int | None:
@@ -97,11 +102,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_kvpress()
-    print(f"building the rig ({preset.rig}) ...", flush=True)
-    rig = build_rig(args, preset)
-    if args.encoder_batch_tokens:
-        for lclm in rig.lclms.values():
-            lclm.encoder.max_batch_tokens = args.encoder_batch_tokens
+    device = torch.device(args.device or preset.device)
+    choices = {}
+    for requested in args.dtypes:  # one rig per distinct dtype
+        choice = choose_dtype(requested, device)
+        choices.setdefault(choice.name, choice)
+    rigs = {}
+    for name, choice in choices.items():
+        print(f"building the rig ({preset.rig}, {name}: {choice.reason}) ...", flush=True)
+        rigs[name] = build_rig(args, preset, choice.dtype)
+        if args.encoder_batch_tokens:
+            for lclm in rigs[name].lclms.values():
+                lclm.encoder.max_batch_tokens = args.encoder_batch_tokens
+    rig = next(iter(rigs.values()))
     plan = Plan(
         lengths=args.lengths or preset.lengths, ratios=args.ratios, methods=args.methods,
         runs=args.runs or preset.runs, new_tokens=args.new_tokens,
@@ -112,25 +125,44 @@ def main(argv: list[str] | None = None) -> dict:
         memory_limit_bytes=limit_memory(rig.device, args.memory_limit_gib),
     )
     info = machine(rig.device)
-    stem = Path(args.out_dir) / (args.name or f"speed-{slug(info)}")
+    info["matmul_peak"] = matmul_peaks(rig.device)  # the probe, in this run, before the sweep
+    base = Path(args.out_dir) / (args.name or f"speed-{slug(info)}")
+    stems = {name: base if len(rigs) == 1 else base.with_name(f"{base.name}-{name}") for name in rigs}
     command = "python -m bench.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
-    print(f"{info['name']}: {rig.name}, {rig.dtype}, {rig.weights_bytes() / 2**30:.2f} GiB of weights", flush=True)
+    for name, each in rigs.items():
+        print(f"{info['name']}: {each.name}, {name}, {each.weights_bytes() / 2**30:.2f} GiB of weights", flush=True)
 
-    def save(sweep: Sweep) -> dict:
-        data = results(rig, plan, sweep.points, info, time.perf_counter() - STARTED, command)
-        write_json(data, stem.with_suffix(".json"))
-        return data
+    def saver(name: str):
+        def save(sweep: Sweep) -> dict:
+            data = results(sweep.rig, plan, sweep.points, {**info, **choices[name].to_dict()},
+                           time.perf_counter() - STARTED, command)
+            write_json(data, stems[name].with_suffix(".json"))
+            return data
+        return save
 
-    sweep = Sweep(rig, plan, started=STARTED, on_progress=save)
-    sweep.run()
-    data = save(sweep)
-    stem.with_suffix(".md").write_text(markdown_table(data))
-    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-    if not args.no_plots:
-        written += plots(data, stem)
-    print(markdown_table(data))
+    sweeps = {name: Sweep(each, plan, started=STARTED, on_progress=saver(name)) for name, each in rigs.items()}
+    for sweep in sweeps.values():
+        sweep.warm_up()
+    for _ in range(plan.runs):  # the dtypes' runs interleaved: a noisy machine disturbs them alike
+        for sweep in sweeps.values():
+            sweep.run_round()
+    written, all_data = [], {}
+    for name, sweep in sweeps.items():
+        data = all_data[name] = saver(name)(sweep)
+        stem = stems[name]
+        stem.with_suffix(".md").write_text(markdown_table(data))
+        written += [stem.with_suffix(".json"), stem.with_suffix(".md")]
+        if not args.no_plots:
+            written += plots(data, stem)
+        print(markdown_table(data))
+    if len(all_data) > 1:
+        comparison = dtype_comparison(all_data)
+        write_json(comparison, base.with_name(f"{base.name}-dtypes.json"))
+        base.with_name(f"{base.name}-dtypes.md").write_text(dtype_table(comparison))
+        written += [base.with_name(f"{base.name}-dtypes.json"), base.with_name(f"{base.name}-dtypes.md")]
+        print(dtype_table(comparison))
     print("wrote " + ", ".join(str(p) for p in written), flush=True)
-    return data
+    return all_data if len(all_data) > 1 else next(iter(all_data.values()))
 
 
 if __name__ == "__main__":

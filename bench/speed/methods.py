@@ -8,6 +8,12 @@ the app's own code where the app has it, and fills one `app.measure.Measurement`
                 `LCLM.prepare` + `prefill`, as `Studio.ask` does.
 - lclm_cached:  latents from the cache: they are moved to the device (other_ms, as a cache hit
                 in `Studio.compress`), compress_ms is 0 and TTFT is the decoder prefill only.
+- full_followup: a follow-up question about the same document, as Studio.ask answers it with
+                the prefix cache: the KV of the prompt up to the question is there (computed
+                untimed), the decoder prefills only the question after it (`fork_cache`).
+- lclm_followup: the same for the LCLM: the prefix holds the memory region of the latents.
+- question_only: the question's tokens prefilled alone, with no document before them: the
+                floor a follow-up question's prefill can approach.
 - snapkv/kvzip: kvpress presses at the matched ratio 1 - 1/N (`model.baselines.make_press`),
                 applied as kvpress's pipeline does: the context (instruction + document) is
                 prefilled with the press (timed as compress_ms: it builds and compresses the KV
@@ -28,7 +34,7 @@ import torch
 
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
 from bench.speed.rigs import QUESTION, Rig
-from model.generation import StreamingDetokenizer, decode, prefill
+from model.generation import StreamingDetokenizer, decode, fork_cache, prefill
 from model.lclm import LCLM
 from model.prompts import question_prompt
 
@@ -43,6 +49,7 @@ class Case:
     ratio: int | None  # N (None for full context)
     doc: list[int]  # [T] token ids
     latents: torch.Tensor | None = None  # [M, D] on the CPU: the latent cache for lclm_cached
+    prefix: object = None  # DynamicCache of the prompt up to the question, for the follow-up methods
 
 
 class Method:
@@ -114,6 +121,65 @@ class LCLMCached(LCLMCold):
         answer_from_latents(rig, lclm, latents, clock, m, new_tokens)
 
 
+class FollowUp(Method):
+    """A follow-up question: the prompt prefix's KV is kept (computed in `prepare`, untimed); the
+    decoder prefills the question's tokens after it, as Studio.ask does on a prefix-cache hit."""
+
+    def prefix_embeds(self, rig: Rig, case: Case) -> torch.Tensor:
+        """[1, L, D] embeddings of the prompt up to the question."""
+        raise NotImplementedError
+
+    def prepare(self, rig, case):
+        if case.prefix is None:
+            case.prefix = prefill(rig.decoder, self.prefix_embeds(rig, case)).cache
+
+    def run(self, rig, case, clock, m, new_tokens):
+        start = clock.ms()
+        ids = torch.tensor([rig.after], device=rig.device)  # [1, Q]
+        state = prefill(rig.decoder, rig.decoder.get_input_embeddings()(ids), fork_cache(case.prefix))
+        done = clock.ms()
+        m.prefill_ms, m.positions = done - start, state.positions
+        m.prefix_reused_positions, m.prefill_positions = state.positions - ids.shape[1], ids.shape[1]
+        stream(rig, rig.any_lclm.decoder_tokenizer, state, clock, m, new_tokens, done)
+
+
+class FullFollowUp(FollowUp):
+    name, label, uses_ratio = "full_followup", "full context, follow-up", False
+
+    def prefix_embeds(self, rig, case):
+        ids = torch.tensor([rig.before + case.doc], device=rig.device)  # [1, L]
+        return rig.decoder.get_input_embeddings()(ids)
+
+
+class LCLMFollowUp(FollowUp):
+    name, label = "lclm_followup", "LCLM, follow-up"
+
+    def positions_needed(self, rig, tokens, ratio, new_tokens):
+        return LCLMCold.positions_needed(self, rig, tokens, ratio, new_tokens)
+
+    def prefix_embeds(self, rig, case):
+        lclm = rig.lclms[case.ratio]
+        latents = lclm.compress(case.doc)  # [M, D]
+        prompt = lclm.chat(question_prompt(lclm.memory_region(int(latents.shape[0])), QUESTION))
+        prepared = lclm.prepare(prompt, [latents])  # [1, P, D]
+        return prepared.inputs_embeds[:, : prepared.positions - len(rig.after)]  # up to the question: [1, L, D]
+
+
+class QuestionOnly(Method):
+    name, label, uses_ratio = "question_only", "question only (no document)", False
+
+    def positions_needed(self, rig, tokens, ratio, new_tokens):
+        return len(rig.after) + new_tokens
+
+    def run(self, rig, case, clock, m, new_tokens):
+        start = clock.ms()
+        ids = torch.tensor([rig.after], device=rig.device)  # [1, Q]
+        state = prefill(rig.decoder, rig.decoder.get_input_embeddings()(ids))
+        done = clock.ms()
+        m.prefill_ms, m.positions = done - start, state.positions
+        stream(rig, rig.any_lclm.decoder_tokenizer, state, clock, m, new_tokens, done)
+
+
 def answer_from_latents(rig: Rig, lclm: LCLM, latents: torch.Tensor, clock: Clock, m: Measurement,
                         new_tokens: int) -> None:
     prompt = lclm.chat(question_prompt(lclm.memory_region(int(latents.shape[0])), QUESTION))
@@ -181,7 +247,8 @@ class KVzip(Press):
                    len(rig.before) + tokens + KVZIP_REPLAY_TOKENS)
 
 
-METHODS: dict[str, Method] = {cls.name: cls() for cls in (FullContext, LCLMCold, LCLMCached, SnapKV, KVzip)}
+METHODS: dict[str, Method] = {cls.name: cls() for cls in (FullContext, LCLMCold, LCLMCached, FullFollowUp, LCLMFollowUp,
+                                                            QuestionOnly, SnapKV, KVzip)}
 
 
 # ---- one request ------------------------------------------------------------------------

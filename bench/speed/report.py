@@ -55,6 +55,40 @@ def machine(device: torch.device) -> dict:
     }
 
 
+PEAK_SHAPE = (2048, 576, 1536)  # (m, k, n): a prefill's MLP matmul in the embedded model
+
+
+def matmul_peaks(device: torch.device) -> dict | None:
+    """FLOP/s of a large matmul on this CPU in float32 and bfloat16 (model.precision's probe at a
+    prefill's size), on the threads the benchmark runs with; None on a GPU."""
+    if device.type != "cpu":
+        return None
+    from model.precision import matmul_rate
+
+    return {"shape": list(PEAK_SHAPE), "threads": torch.get_num_threads(),
+            **{f"{name}_gflops": round(2 * matmul_rate(dtype, repeats=5, shape=PEAK_SHAPE) / 1e9, 1)
+               for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}}
+
+
+def prefill_flops(rig: Rig, method: str, median: dict, extra: dict, tokens: int) -> tuple[float, float] | None:
+    """(analytic FLOPs, measured ms) of a request's prefill work (bench/speed/analytic.py): the
+    encoder and the decoder prefill for the LCLM, the decoder prefill for the rest; None for presses."""
+    enc, dec = rig.encoder_shape, rig.decoder_shape
+    positions = median["positions"]
+    if method == "full" or method == "question_only":
+        return dec.flops_per_token(positions) * positions, median["prefill_ms"]
+    if method in ("lclm", "lclm_cached"):
+        flops = dec.flops_per_token(positions) * positions
+        if method == "lclm":
+            flops += enc.flops_per_token(min(rig.window, tokens)) * tokens
+        return flops, median["compress_ms"] + median["prefill_ms"]
+    if method.endswith("_followup"):
+        asked = extra.get("prefill_positions") or len(rig.after)
+        before = positions - asked  # the new positions attend to these and to each other (causal)
+        return dec.flops_per_token(2 * before + asked) * asked, median["prefill_ms"]
+    return None
+
+
 def slug(machine_info: dict) -> str:
     name = machine_info["name"] if machine_info["kind"] == "gpu" else f"{machine_info['cpu']} {machine_info['cpu_cores']}c"
     return machine_info["kind"] + "-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -69,13 +103,13 @@ def analytic_gain(rig: Rig, method: str, tokens: int, ratio: int) -> float | Non
     return None
 
 
-def record(rig: Rig, point: Point, full: Point | None) -> dict:
+def record(rig: Rig, point: Point, full: Point | None, peak: dict | None = None) -> dict:
     out = {"method": point.method, "label": METHODS[point.method].label, "ratio": point.ratio,
            "tokens": point.tokens, "status": point.status, "reason": point.reason, "runs": len(point.samples)}
     if point.predicted_bytes:
         out["predicted_peak_above_weights_bytes"] = point.predicted_bytes
-    if point.ratio and point.method.startswith("lclm"):
-        limit = analytic_gain(rig, point.method, point.tokens, point.ratio)
+    limit = analytic_gain(rig, point.method, point.tokens, point.ratio) if point.ratio else None
+    if limit is not None:
         out["analytic_ttft_gain"] = round(limit, 3)
     if not point.samples:
         return out
@@ -85,6 +119,12 @@ def record(rig: Rig, point: Point, full: Point | None) -> dict:
     out.update(point.extra())
     if med["compress_ms"] > 0:
         out["compress_tokens_per_s"] = round(point.tokens / (med["compress_ms"] / 1000), 1)
+    work = prefill_flops(rig, point.method, med, out, point.tokens)
+    if work and work[1] > 0:
+        achieved = work[0] / (work[1] / 1000) / 1e9  # GFLOP/s
+        out["prefill_gflops"] = round(achieved, 1)
+        if peak:
+            out["share_of_bf16_peak"] = round(achieved / peak["bfloat16_gflops"], 3)
     if full is not None and full.samples:
         ref = full.median()
         out["vs_full"] = {f: (round(med[f] / ref[f], 4) if ref[f] else None) for f in MEASURED_FIELDS}
@@ -129,9 +169,12 @@ def results(rig: Rig, plan: Plan, points: dict, machine_info: dict, wall_s: floa
             "vs_full": "each median divided by full context's median at the same length, same run",
             "ttft_gain": "full-context TTFT / this TTFT",
             "analytic_ttft_gain": "prefill-FLOP limit of ttft_gain (bench/speed/analytic.py)",
+            "prefill_gflops": "analytic FLOPs of the request's encoder + decoder prefill / its compress + prefill time",
+            "share_of_bf16_peak": "prefill_gflops / machine.matmul_peak.bfloat16_gflops (a large bf16 matmul, same run)",
+            "prefix_reused_positions": "follow-ups: positions whose KV the prefix cache held (not prefilled)",
         },
         "analytic": analytic_table(rig, plan),
-        "records": [record(rig, p, fulls.get(p.tokens)) for p in points.values()],
+        "records": [record(rig, p, fulls.get(p.tokens), machine_info.get("matmul_peak")) for p in points.values()],
     }
 
 
@@ -145,7 +188,8 @@ def write_json(data: dict, path: Path) -> Path:
 
 # ---- plots --------------------------------------------------------------------------------------
 STYLE = {"full": ("black", "-", "o"), "lclm": ("tab:blue", "-", "s"), "lclm_cached": ("tab:cyan", "--", "^"),
-         "snapkv": ("tab:orange", ":", "D"), "kvzip": ("tab:green", ":", "v")}
+         "full_followup": ("dimgray", "-.", "o"), "lclm_followup": ("tab:purple", "-.", "s"),
+         "question_only": ("tab:brown", ":", "x"), "snapkv": ("tab:orange", ":", "D"), "kvzip": ("tab:green", ":", "v")}
 
 
 def ok_records(data: dict, method: str, ratio: int | None) -> list[dict]:
@@ -158,7 +202,8 @@ def series(data: dict) -> list[tuple[str, int | None, str]]:
     main = max(data["plan"]["ratios"])
     out = [("full", None, "full context")]
     out += [("lclm", r, f"LCLM 1:{r} cold") for r in sorted(data["plan"]["ratios"], reverse=True)]
-    out += [(m, main, f"{METHODS[m].label} 1:{main}") for m in ("lclm_cached", "snapkv", "kvzip")]
+    out += [(m, main, f"{METHODS[m].label} 1:{main}") for m in ("lclm_cached", "snapkv", "kvzip", "lclm_followup")]
+    out += [(m, None, METHODS[m].label) for m in ("full_followup", "question_only")]
     return [s for s in out if s[0] in data["plan"]["methods"]]
 
 
@@ -273,4 +318,49 @@ def markdown_table(data: dict) -> str:
             f"| {fmt(med['compress_ms'])} | {fmt(med['prefill_ms'])} | {fmt(med['tokens_per_s'], 1)} "
             f"| {fmt(peak)} ({times(vs.get('peak_mem_above_weights_bytes'))}) | {fmt(med['kv_cache_bytes'] / MiB, 1)} "
             f"| {fmt(med['positions'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- dtypes measured in one run --------------------------------------------------------------
+def dtype_comparison(all_data: dict[str, dict]) -> dict:
+    """Each point measured in every dtype of the run: its median TTFT and prefill per dtype, and
+    the ratio of the first dtype's to each other's (e.g. float32 TTFT / bfloat16 TTFT)."""
+    names = list(all_data)
+    first = names[0]
+    index = {name: {(r["method"], r["ratio"], r["tokens"]): r for r in data["records"] if r["status"] == "ok"}
+             for name, data in all_data.items()}
+    rows = []
+    for key, ref in index[first].items():
+        row = {"method": key[0], "ratio": key[1], "tokens": key[2]}
+        for name in names:
+            r = index[name].get(key)
+            row[f"{name}_ttft_ms"] = r["median"]["ttft_ms"] if r else None
+            row[f"{name}_share_of_bf16_peak"] = r.get("share_of_bf16_peak") if r else None
+            if r and name != first:
+                row[f"ttft_{first}_over_{name}"] = round(ref["median"]["ttft_ms"] / r["median"]["ttft_ms"], 3)
+            if r and r.get("ttft_gain"):
+                row[f"{name}_ttft_gain"] = r["ttft_gain"]
+                row[f"{name}_share_of_analytic"] = r.get("share_of_analytic")
+        rows.append(row)
+    data = all_data[first]
+    return {"benchmark": "bench.speed dtypes", "command": data["command"], "date": data["date"], "dtypes": names,
+            "machine": data["machine"], "rows": rows,
+            "definitions": {"ttft_<a>_over_<b>": "median TTFT in dtype a / in dtype b, same point, runs interleaved "
+                            "in one process"}}
+
+
+def dtype_table(comparison: dict) -> str:
+    names = comparison["dtypes"]
+    first = names[0]
+    head = ["tokens", "method", "1:N"] + [f"TTFT ms {n}" for n in names] + [f"{first} / {n}" for n in names[1:]] + [
+        f"TTFT gain vs full, {n}" for n in names] + [f"share of bf16 peak, {n}" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    order = {name: i for i, name in enumerate(METHODS)}
+    for r in sorted(comparison["rows"], key=lambda r: (r["tokens"], order[r["method"]], r["ratio"] or 0)):
+        cells = [f"{r['tokens']:,}", r["method"], f"1:{r['ratio']}" if r["ratio"] else "–"]
+        cells += [fmt(r.get(f"{n}_ttft_ms")) for n in names]
+        cells += [times(r.get(f"ttft_{first}_over_{n}")) for n in names[1:]]
+        cells += [times(r.get(f"{n}_ttft_gain")) for n in names]
+        cells += [fmt(r.get(f"{n}_share_of_bf16_peak"), 3) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

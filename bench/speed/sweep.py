@@ -128,7 +128,8 @@ class Sweep:
     @staticmethod
     def case_key(point: Point) -> tuple:
         """Points that share a document (and, for cached latents, its latents) share a case."""
-        return (point.tokens, point.ratio, point.method == "lclm_cached")
+        return (point.tokens, point.ratio, point.method if point.method in ("lclm_cached", "full_followup",
+                                                                           "lclm_followup") else "")
 
     def case(self, point: Point) -> Case:
         key = self.case_key(point)
@@ -207,19 +208,23 @@ class Sweep:
     def run(self) -> dict[tuple, Point]:
         self.warm_up()
         for rep in range(self.plan.runs):
-            for length in self.plan.lengths:
-                for point in [p for p in self.points.values() if p.tokens == length]:
-                    if point.status == "pending":
-                        self.check(point)
-                    if point.status not in ("pending", "ok"):
-                        continue
-                    if point.status == "ok" and point.first_run_s > self.plan.max_repeat_s:
-                        continue  # one run of this point is long enough to stand alone
-                    if self.elapsed() > self.plan.budget_s:
-                        if point.status == "pending":
-                            point.status, point.reason = "over_budget", "the time budget ran out first"
-                        continue
-                    self.run_point(point)
-            if self.on_progress:
-                self.on_progress(self)
+            self.run_round()
         return self.points
+
+    def run_round(self) -> None:
+        """One run of every point that still runs (the sweep's runs are rounds of these)."""
+        for length in self.plan.lengths:
+            for point in [p for p in self.points.values() if p.tokens == length]:
+                if point.status == "pending":
+                    self.check(point)
+                if point.status not in ("pending", "ok"):
+                    continue
+                if point.status == "ok" and point.first_run_s > self.plan.max_repeat_s:
+                    continue  # one run of this point is long enough to stand alone
+                if self.elapsed() > self.plan.budget_s:
+                    if point.status == "pending":
+                        point.status, point.reason = "over_budget", "the time budget ran out first"
+                    continue
+                self.run_point(point)
+        if self.on_progress:
+            self.on_progress(self)

@@ -137,9 +137,10 @@ def test_ask_streams_with_ttft_expand_and_baselines(loaded):
 
 def test_metrics_history_and_export(loaded, tmp_path):
     ask(loaded, full=True)
-    history, chart, csv_path, json_path = loaded.predict(api_name="/metrics")
+    history, chart, csv_path, json_path, follow_ups = loaded.predict(api_name="/metrics")
     methods = [row[1] for row in history["data"]]
     assert methods == ["LCLM 1:4 mean", "full context"]
+    assert [row[0] for row in follow_ups["data"]] == methods
     with open(csv_path) as f:
         assert f.readline().startswith("time,method,ratio,tokens,positions,ttft_ms")
     with open(json_path) as f:
@@ -147,7 +148,7 @@ def test_metrics_history_and_export(loaded, tmp_path):
 
 
 def test_sweep_fills_the_chart(loaded):
-    history, chart, _, json_path = loaded.predict(*MODEL, api_name="/sweep")
+    history, chart, _, json_path, _ = loaded.predict(*MODEL, api_name="/sweep")
     traces = json.loads(chart["plot"])["data"]
     assert {t["name"] for t in traces} == {"lclm 1:4 mean", "full context"}
     assert len(traces[0]["x"]) >= 3 and traces[0]["x"] == sorted(traces[0]["x"])

@@ -217,3 +217,16 @@ def test_user_errors_become_one_line_messages():
         fails("bug")
     with pytest.raises(gr.Error, match="&lt;b&gt;here"):
         list(streams())
+
+
+def test_follow_up_summary_compares_first_questions_with_follow_ups():
+    from app.history import follow_up_summary
+
+    rows = [run_row({"ttft_ms": t, "prefix_reused_positions": r, "dtype": "float32"}, m) for m, t, r in [
+        ("full context", 900.0, 0), ("full context", 30.0, 500), ("full context", 50.0, 500),
+        ("LCLM 1:4 mean", 120.0, 0), ("LCLM 1:4 mean", 100.0, 0)]]
+    summary = {row["method"]: row for row in follow_up_summary(rows)}
+    assert summary["full context"] == {"method": "full context", "dtype": "float32", "first questions": 1,
+                                       "first TTFT ms": 900.0, "follow-ups": 2, "follow-up TTFT ms": 40.0,
+                                       "first / follow-up": 22.5}
+    assert summary["LCLM 1:4 mean"]["follow-ups"] == 0 and summary["LCLM 1:4 mean"]["first / follow-up"] is None
