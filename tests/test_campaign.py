@@ -160,7 +160,8 @@ def test_publish_ships_only_what_beats_its_start_and_the_shipped_variant(tmp_pat
 
     def state(teacher_forced: float, free_running: float) -> dict:
         return {"variant": "v", "recipe": {"name": "lora-recon"}, "tokens": {"reconstruction": 1000}, "step": 10,
-                "cpu_s": 7200.0, "wall_s": 7300.0, "precision": "bf16", "calls": 2, "init_from": None,
+                "cpu_s": 7200.0, "wall_s": 7300.0, "precision": "bf16", "calls": 2, "lr_scales": [1.0, 0.3],
+                "init_from": None,
                 "evals": [{"teacher_forced": 0.4, "free_running": 0.03},
                           {"teacher_forced": teacher_forced, "free_running": free_running}]}
 
@@ -169,6 +170,7 @@ def test_publish_ships_only_what_beats_its_start_and_the_shipped_variant(tmp_pat
     assert publish(out, state(0.45, 0.10), run, target)
     card = json.loads((target / "model_card.json").read_text())
     assert card["trained"] is True and card["cpu_hours"] == 2.0 and card["tokens_per_objective"] == {"reconstruction": 1000}
+    assert card["lr_scales"] == [1.0, 0.3]
     assert card["validation"]["untrained"]["teacher_forced"] == 0.4 and (target / "adapter" / "adapter.safetensors").is_file()
     assert not publish(out, state(0.44, 0.20), run, target)  # not better than the shipped 0.45
     assert json.loads((target / "model_card.json").read_text())["validation"]["trained"]["teacher_forced"] == 0.45
