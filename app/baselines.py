@@ -13,16 +13,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from app.catalog import Variant
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
 from app.service import AskEvent, Studio, guard_stream
-from model.baselines import PRESSES, QUESTION_MARK, make_press, matched_ratio
+from model.baselines import (PRESSES, QUANTIZED_BITS, QUESTION_MARK, kept_positions, make_press, new_cache,
+                             stored_kv_bytes)
 from model.errors import UserError
 from model.generation import StreamingDetokenizer, stop_token_ids
 
 KVPRESS_MISSING = "kvpress not installed (pip install kvpress)"
+QUANTO_MISSING = "optimum-quanto not installed (pip install optimum-quanto --no-deps)"
 
 
 class Baseline:
@@ -60,7 +61,11 @@ class KVPress(Baseline):
         return f"kvpress {self.press}"
 
     def unavailable(self) -> str | None:
-        return None if importlib.util.find_spec("kvpress") else KVPRESS_MISSING
+        if not importlib.util.find_spec("kvpress"):
+            return KVPRESS_MISSING
+        if self.press in QUANTIZED_BITS and not importlib.util.find_spec("optimum.quanto"):
+            return QUANTO_MISSING
+        return None
 
     def ask(self, studio, text, question, variant, max_new_tokens, prompt_profile=None):
         reason = self.unavailable()
@@ -100,7 +105,7 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
                             f"new tokens; this decoder reads at most {model.max_positions:,}")
         press = make_press(press_name, variant.ratio)
         start = clock.ms()
-        cache = DynamicCache(config=decoder.config)
+        cache = new_cache(press, decoder.config)
         with press(decoder):
             decoder.model(input_ids=context_ids, past_key_values=cache)
         measurement.compress_ms = clock.ms() - start
@@ -110,6 +115,7 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
                          logits_to_keep=1).logits[0, -1]  # [vocab]
         prefill_done = clock.ms()
         measurement.prefill_ms = prefill_done - start
+        stored = stored_kv_bytes(press, cache)  # quantized: the context and question as stored (bits, scales, residual)
         detok = StreamingDetokenizer(model.decoder_tokenizer)
         stops = stop_token_ids(model.decoder_tokenizer, decoder)
         next_position = context_len + question_len
@@ -130,18 +136,20 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
                                  position_ids=torch.tensor([[next_position + step]], device=device)).logits[0, -1]
         if measurement.ttft_ms == 0.0:  # stopped at once: TTFT is the end of the prefill
             measurement.ttft_ms = clock.ms()
-    kept = round(context_len * (1 - press.compression_ratio))  # kvpress's accounting, as in model.baselines
+    kept = kept_positions(press, context_len)  # kvpress's accounting, as in model.baselines
     measurement.positions = kept + question_len
     measurement.peak_mem_bytes = memory.peak
     measurement.peak_mem_above_weights_bytes = memory.above_baseline
     measurement.kv_cache_bytes = kv_cache_bytes(decoder.config, measurement.positions, model.dtype)
+    if stored is not None:
+        measurement.kv_cache_bytes = stored
     measurement.finish(clock.ms())
     yield AskEvent("done", result={
         "answer": detok.text.strip(), "mode": f"kvpress {press_name}", "question": question, "ratio": variant.ratio,
         "pooling": None, "checkpoint": model.checkpoint_id, "prompt_profile": profile.name, "tokens": len(document),
         "latents": 0, "cached": False,
         "trained": True, **measurement.to_dict(), "prefilled_positions": context_len + question_len,
-        "press_ratio": round(matched_ratio(variant.ratio), 4),
+        "press_ratio": round(press.compression_ratio, 4),
     })
 
 

@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer a question about a document")
     common(ask)
     ask.add_argument("--question", "-q", required=True)
-    ask.add_argument("--mode", choices=MODES, default="lclm",
-                     help="full: the decoder reads the raw text; lclm: it reads latents; expand: latents + EXPAND tool")
+    ask.add_argument("--mode", choices=(*MODES, "press"), default="lclm",
+                     help="full: the decoder reads the raw text; lclm: it reads latents; expand: latents + EXPAND tool; "
+                          "press: the raw text with its KV cache compressed by --press")
+    ask.add_argument("--press", default=None,
+                     help="with --mode press: snapkv, kvzip, expected_attention, knorm, streaming_llm, "
+                          "attention_matching, quantized_4bit or quantized_2bit (at the matched ratio 1 - 1/N)")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="default: 128; with expand, 256 per round")
     ask.add_argument("--prompt-profile", choices=PROFILES, default=None,
                      help="paper: the authors' prompts (default for --checkpoint); studio: the studio's short "
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from app.service import Studio
     from app.settings import Settings
 
+    check_press(args)
     if args.chunk_tokens is not None and args.chunk_tokens < 1:
         from model.errors import UserError
 
@@ -102,8 +107,12 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "ask":
             stream = not args.json and sys.stdout.isatty()
             result = {}
-            for event in studio.ask(text, args.question, args.mode, args.ratio, args.pooling,
-                                    max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress):
+            if args.mode == "press":
+                events = press_events(studio, text, args)
+            else:
+                events = studio.ask(text, args.question, args.mode, args.ratio, args.pooling,
+                                    max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress)
+            for event in events:
                 if event.kind == "token" and stream:
                     print(event.text, end="", flush=True)
                 elif event.kind == "done":
@@ -119,6 +128,34 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         studio.close()
     return 0
+
+
+def check_press(args: argparse.Namespace) -> None:
+    """--press names a baseline exactly when --mode is press."""
+    from model.errors import UserError
+
+    if args.command != "ask":
+        return
+    if args.mode == "press":
+        from model.baselines import PRESSES
+
+        if args.press not in PRESSES:
+            raise UserError(f"--mode press needs --press, one of {', '.join(PRESSES)}"
+                            + (f"; got {args.press!r}" if args.press else ""))
+    elif args.press is not None:
+        raise UserError("--press is for --mode press")
+
+
+def press_events(studio, text: str, args: argparse.Namespace):
+    """The answer of the baseline named by --press (app.baselines), streamed as Studio.ask streams."""
+    from app.baselines import BASELINES
+    from app.catalog import Variant
+
+    model = studio.model(args.checkpoint, args.ratio, args.pooling)
+    variant = Variant(family="cli", spec=args.checkpoint, ratio=args.ratio or model.config.compression_ratio,
+                      pooling=args.pooling or model.config.pooling, trained=True)
+    return BASELINES[f"kvpress {args.press}"].ask(studio, text, args.question, variant, args.max_new_tokens,
+                                                  prompt_profile=args.prompt_profile)
 
 
 def emit(args: argparse.Namespace, result: dict, as_text) -> None:
