@@ -49,7 +49,8 @@ def test_paper_decoder_full_context_kv_cache_at_1m_tokens_is_144_gib():
 
 
 def test_plan_caps_and_registry():
-    assert set(METHODS) == {"full", "lclm", "lclm_cached", "snapkv", "kvzip"}
+    assert set(METHODS) == {"full", "lclm", "lclm_cached", "snapkv", "kvzip", "attention_matching", "quantized_4bit",
+                            "quantized_2bit"}
     plan = Plan(lengths=[1024, 4096], ratios=[16, 4], methods=["kvzip"], max_length={"kvzip": 4096},
                 sweep_max_length={"kvzip": 1024})
     assert plan.main_ratio == 16 and plan.ratios == [4, 16]
