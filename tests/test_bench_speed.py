@@ -116,7 +116,8 @@ def test_random_pair_rig_end_to_end(tmp_path, one_thread):
                  "--runs", "1", "--new-tokens", "2", "--out-dir", str(tmp_path), "--no-plots"])
     assert data["rig"]["dtype"] == "float32" and data["rig"]["decoder"]["layers"] == 3
     records = {(r["method"], r["ratio"]): r for r in data["records"]}
-    assert set(records) == {("full", None)} | {(m, n) for m in ("lclm", "lclm_cached", "snapkv", "kvzip") for n in (8, 16)}
+    assert set(records) == {("full", None), ("quantized_4bit", None), ("quantized_2bit", None)} | {
+        (m, n) for m in ("lclm", "lclm_cached", "snapkv", "kvzip", "attention_matching") for n in (8, 16)}
     for r in records.values():
         check_record_fields(r, runs=1)
     full_positions = records[("full", None)]["median"]["positions"]
