@@ -103,7 +103,7 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
         if model.max_positions and context_len + question_len + max_new_tokens > model.max_positions:
             raise UserError(f"the prompt needs {context_len + question_len:,} decoder positions plus {max_new_tokens} "
                             f"new tokens; this decoder reads at most {model.max_positions:,}")
-        press = make_press(press_name, variant.ratio)
+        press = make_press(press_name, variant.ratio, residual_length=studio.settings.kv_residual_length)
         start = clock.ms()
         cache = new_cache(press, decoder.config)
         with press(decoder):

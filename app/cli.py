@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--press", default=None,
                      help="with --mode press: snapkv, kvzip, expected_attention, knorm, streaming_llm, "
                           "attention_matching, quantized_4bit or quantized_2bit (at the matched ratio 1 - 1/N)")
+    ask.add_argument("--kv-residual", type=int, default=None,
+                     help="with a quantized press: newest positions kept in float (default: 64)")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="default: 128; with expand, 256 per round")
     ask.add_argument("--prompt-profile", choices=PROFILES, default=None,
                      help="paper: the authors' prompts (default for --checkpoint); studio: the studio's short "
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise UserError(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
     settings = Settings.from_env(device=args.device, chunk_tokens=args.chunk_tokens,
-                                 prompt_profile=getattr(args, "prompt_profile", None))
+                                 prompt_profile=getattr(args, "prompt_profile", None),
+                                 kv_residual_length=getattr(args, "kv_residual", None))
     studio = Studio(settings, checkpoint=args.checkpoint)
     progress = Progress()
     use_cache = not args.no_cache
@@ -136,6 +139,8 @@ def check_press(args: argparse.Namespace) -> None:
 
     if args.command != "ask":
         return
+    if args.kv_residual is not None and args.kv_residual < 1:
+        raise UserError(f"--kv-residual must be at least 1, got {args.kv_residual}")
     if args.mode == "press":
         from model.baselines import PRESSES
 

@@ -31,7 +31,7 @@ def _env_int(name: str, default: int) -> int:
 class Settings:
     """Everything configurable. Environment variables (read by `from_env`):
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
-    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE."""
+    LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE, LCLM_STUDIO_KV_RESIDUAL."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
@@ -42,6 +42,7 @@ class Settings:
     expand_new_tokens: int = 256  # new tokens per EXPAND round when a request names none
     prompt_profile: str | None = None  # None: per checkpoint (model.prompts.default_prompt_profile)
     device: str | None = None  # None: CUDA when present, else CPU
+    kv_residual_length: int = 64  # newest positions a quantized KV cache keeps in float (model.quantized_cache)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -49,6 +50,8 @@ class Settings:
             raise ValueError("max_document_tokens must be positive")
         if self.chunk_tokens < 1:
             raise ValueError("chunk_tokens must be positive")
+        if self.kv_residual_length < 1:
+            raise ValueError("kv_residual_length must be at least 1")
         if self.max_expand_rounds < 1:
             raise ValueError("max_expand_rounds must be at least 1")
         if self.prompt_profile is not None and self.prompt_profile not in PROMPT_PROFILES:
@@ -67,6 +70,7 @@ class Settings:
             chunk_tokens=_env_int("LCLM_STUDIO_CHUNK_TOKENS", cls.chunk_tokens),
             device=os.environ.get("LCLM_STUDIO_DEVICE") or None,
             prompt_profile=os.environ.get("LCLM_STUDIO_PROMPT_PROFILE") or None,
+            kv_residual_length=_env_int("LCLM_STUDIO_KV_RESIDUAL", cls.kv_residual_length),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

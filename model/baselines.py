@@ -42,13 +42,17 @@ def matched_ratio(compression_ratio: int) -> float:
     return 1.0 - 1.0 / compression_ratio
 
 
-def make_press(name: str, compression_ratio: int):
+def make_press(name: str, compression_ratio: int, residual_length: int | None = None):
+    """The press `name` at the matched ratio for 1:N; the quantized caches take no ratio, and keep
+    their newest `residual_length` positions in float (None: model.quantized_cache's default)."""
     if name not in PRESSES:
         raise ValueError(f"press must be one of {PRESSES}, got {name!r}")
     if name in QUANTIZED_BITS:
         from model.quantized_cache import QuantizedKV
 
-        return QuantizedKV(bits=QUANTIZED_BITS[name])
+        if residual_length is None:
+            return QuantizedKV(bits=QUANTIZED_BITS[name])
+        return QuantizedKV(bits=QUANTIZED_BITS[name], residual_length=residual_length)
     if not isinstance(compression_ratio, int) or compression_ratio < 1:
         raise ValueError(f"the compression ratio N (1:N) must be a whole number of at least 1, got {compression_ratio!r}")
     press = press_classes()[name](compression_ratio=matched_ratio(compression_ratio))

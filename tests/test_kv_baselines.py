@@ -199,6 +199,23 @@ def test_quantized_kv_bytes_as_stored(decoder):
     assert stored_kv_bytes(make_press("snapkv", 4), cache) is None
 
 
+def test_the_residual_length_decides_when_new_positions_are_quantized(decoder):
+    """The context is quantized at once; newer positions stay in float until the residual fills."""
+    pytest.importorskip("optimum.quanto")
+    from model.quantized_cache import quantized_bytes
+
+    layers, kv_heads = decoder.config.num_hidden_layers, decoder.config.num_key_value_heads
+    for residual, floats in ((2, 0), (64, 6)):  # positions held in float after the question and one more token
+        press = make_press("quantized_4bit", 4, residual_length=residual)
+        assert press.residual_length == residual
+        _, cache = question_logits(decoder, press)
+        with torch.inference_mode():
+            decoder(input_ids=torch.tensor([[11]]), past_key_values=cache, position_ids=torch.tensor([[45]]))
+        quantized = 46 - floats
+        expected = 2 * layers * (quantized_bytes(kv_heads * quantized * D, 4, 16, 4) + kv_heads * floats * D * 4)
+        assert cache.get_seq_length() == 46 and stored_kv_bytes(press, cache) == expected
+
+
 def test_quantized_settings_say_what_is_wrong():
     from model.quantized_cache import QuantizedKV
 

@@ -75,6 +75,7 @@ def test_cli_ask_mode_press_json_fields(capsys, tmp_path, tiny_checkpoint, press
     (["--mode", "press"], "--mode press needs --press, one of snapkv"),
     (["--mode", "press", "--press", "nope"], "got 'nope'"),
     (["--press", "snapkv"], "--press is for --mode press"),
+    (["--mode", "press", "--press", "quantized_2bit", "--kv-residual", "0"], "--kv-residual must be at least 1"),
 ])
 def test_cli_press_flags_say_what_is_wrong(capsys, tmp_path, args, message):
     doc = tmp_path / "doc.txt"
