@@ -10,7 +10,8 @@ import torch
 
 from app.service import Studio
 from app.settings import Settings
-from bench.quality.suite import Method, ruler_examples, run_ruler
+from bench.quality.suite import methods as suite_methods
+from bench.quality.suite import ruler_examples, run_ruler
 from bench.speed.__main__ import main
 from model.training.data.synthetic import Haystack
 from tests.tiny_models import CORPUS
@@ -50,9 +51,11 @@ def test_quality_rehearsal(tmp_path, tiny_checkpoint):
     model = studio.model()
     haystack = Haystack(CORPUS, lambda t: len(model.encoder_tokenizer(t, add_special_tokens=False)["input_ids"]))
     examples = ruler_examples(haystack, ["niah_single"], [96], 1)
-    methods = [Method(f"{p} 1:4", "press", 4, press=p) for p in ("attention_matching", "quantized_4bit")]
+    methods = [m for m in suite_methods([4], ["mean"], ["attention_matching", "quantized_4bit"]) if m.kind == "press"]
+    assert [(m.name, m.ratio) for m in methods] == [("attention_matching 1:4", 4), ("quantized_4bit", 1)]
     records = run_ruler(studio, methods, examples, max_new_tokens=3, expand_new_tokens=3)
-    assert [r["method"] for r in records] == ["attention_matching 1:4", "quantized_4bit 1:4"]
+    assert [r["method"] for r in records] == ["attention_matching 1:4", "quantized_4bit"]
+    assert [r["family"] for r in records] == ["Attention Matching", "KV 4-bit"]
     compacted, quantized = records
     assert compacted["positions"] < quantized["positions"]
     assert all(math.isfinite(r["score"]) for r in records if "score" in r)
