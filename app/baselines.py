@@ -13,18 +13,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from app.catalog import Variant
 from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
 from app.kv_cache import PrefixEntry, PrefixKey
 from app.service import AskEvent, Studio, guard_stream
 from cache import document_sha256
-from model.baselines import PRESSES, QUESTION_MARK, make_press, matched_ratio
+from model.baselines import (PRESSES, QUANTIZED_BITS, QUESTION_MARK, kept_positions, make_press, new_cache,
+                             stored_kv_bytes)
 from model.errors import UserError
 from model.generation import StreamingDetokenizer, fork_cache, stop_token_ids
 
 KVPRESS_MISSING = "kvpress not installed (pip install kvpress)"
+QUANTO_MISSING = "optimum-quanto not installed (pip install optimum-quanto --no-deps)"
 
 
 class Baseline:
@@ -62,7 +63,11 @@ class KVPress(Baseline):
         return f"kvpress {self.press}"
 
     def unavailable(self) -> str | None:
-        return None if importlib.util.find_spec("kvpress") else KVPRESS_MISSING
+        if not importlib.util.find_spec("kvpress"):
+            return KVPRESS_MISSING
+        if self.press in QUANTIZED_BITS and not importlib.util.find_spec("optimum.quanto"):
+            return QUANTO_MISSING
+        return None
 
     def ask(self, studio, text, question, variant, max_new_tokens, prompt_profile=None):
         reason = self.unavailable()
@@ -102,20 +107,22 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
         if model.max_positions and context_len + question_len + max_new_tokens > model.max_positions:
             raise UserError(f"the prompt needs {context_len + question_len:,} decoder positions plus {max_new_tokens} "
                             f"new tokens; this decoder reads at most {model.max_positions:,}")
-        press = make_press(press_name, variant.ratio)
+        press = make_press(press_name, variant.ratio, residual_length=studio.settings.kv_residual_length)
         start = clock.ms()
         key = PrefixKey(document_sha256(text), model.checkpoint_id, f"kvpress {press_name}", variant.ratio, None,
                         str(model.dtype).removeprefix("torch."), str(device), profile.name)
-        entry = studio.prefix_cache.get(key) if studio.prefix_cache.enabled else None
+        # a press with a cache of its own (quantization) changes it in place: not kept for follow-ups
+        reusable = studio.prefix_cache.enabled and not hasattr(press, "new_cache")
+        entry = studio.prefix_cache.get(key) if reusable else None
         if entry is not None and torch.equal(entry.ids, context_ids[0].cpu()):
             cache = fork_cache(entry.cache)  # the compressed context of an earlier question
             measurement.prefix_reused_positions = cache.get_seq_length()
         else:
-            cache = DynamicCache(config=decoder.config)
+            cache = new_cache(press, decoder.config)
             with press(decoder):
                 decoder.model(input_ids=context_ids, past_key_values=cache)
             measurement.prefill_positions = context_len
-            if studio.prefix_cache.enabled:
+            if reusable:
                 studio.prefix_cache.put(key, PrefixEntry(context_ids[0].cpu().clone(), cache))
                 cache = fork_cache(cache)
         measurement.compress_ms = clock.ms() - start
@@ -126,6 +133,7 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
                          logits_to_keep=1).logits[0, -1]  # [vocab]
         prefill_done = clock.ms()
         measurement.prefill_ms = prefill_done - start
+        stored = stored_kv_bytes(press, cache)  # quantized: the context and question as stored (bits, scales, residual)
         detok = StreamingDetokenizer(model.decoder_tokenizer)
         stops = stop_token_ids(model.decoder_tokenizer, decoder)
         next_position = context_len + question_len
@@ -146,18 +154,20 @@ def kvpress_answer(studio: Studio, press_name: str, text: str, question: str, va
                                  position_ids=torch.tensor([[next_position + step]], device=device)).logits[0, -1]
         if measurement.ttft_ms == 0.0:  # stopped at once: TTFT is the end of the prefill
             measurement.ttft_ms = clock.ms()
-    kept = round(context_len * (1 - press.compression_ratio))  # kvpress's accounting, as in model.baselines
+    kept = kept_positions(press, context_len)  # kvpress's accounting, as in model.baselines
     measurement.positions = kept + question_len
     measurement.peak_mem_bytes = memory.peak
     measurement.peak_mem_above_weights_bytes = memory.above_baseline
     measurement.kv_cache_bytes = kv_cache_bytes(decoder.config, measurement.positions, model.dtype)
+    if stored is not None:
+        measurement.kv_cache_bytes = stored
     measurement.finish(clock.ms())
     yield AskEvent("done", result={
         "answer": detok.text.strip(), "mode": f"kvpress {press_name}", "question": question, "ratio": variant.ratio,
         "pooling": None, "checkpoint": model.checkpoint_id, "prompt_profile": profile.name, "tokens": len(document),
         "latents": 0, "cached": False,
         "trained": True, **measurement.to_dict(), "prefilled_positions": context_len + question_len,
-        "press_ratio": round(matched_ratio(variant.ratio), 4), **studio.dtype_choice().to_dict(),
+        "press_ratio": round(press.compression_ratio, 4), **studio.dtype_choice().to_dict(),
     })
 
 

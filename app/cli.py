@@ -43,8 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--question", "-q", required=True, action="append",
                      help="repeat to ask several questions in order; each follow-up reuses the document's KV cache "
                      "(with --json: a list of one object per question)")
-    ask.add_argument("--mode", choices=MODES, default="lclm",
-                     help="full: the decoder reads the raw text; lclm: it reads latents; expand: latents + EXPAND tool")
+    ask.add_argument("--mode", choices=(*MODES, "press"), default="lclm",
+                     help="full: the decoder reads the raw text; lclm: it reads latents; expand: latents + EXPAND tool; "
+                          "press: the raw text with its KV cache compressed by --press")
+    ask.add_argument("--press", default=None,
+                     help="with --mode press: snapkv, kvzip, expected_attention, knorm, streaming_llm, "
+                          "attention_matching, quantized_4bit or quantized_2bit (at the matched ratio 1 - 1/N)")
+    ask.add_argument("--kv-residual", type=int, default=None,
+                     help="with a quantized press: newest positions kept in float (default: 64)")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="default: 128; with expand, 256 per round")
     ask.add_argument("--prompt-profile", choices=PROFILES, default=None,
                      help="paper: the authors' prompts (default for --checkpoint); studio: the studio's short "
@@ -87,12 +93,14 @@ def run(args: argparse.Namespace) -> int:
     from app.service import Studio
     from app.settings import Settings
 
+    check_press(args)
     if args.chunk_tokens is not None and args.chunk_tokens < 1:
         from model.errors import UserError
 
         raise UserError(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
     settings = Settings.from_env(device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
-                                 prompt_profile=getattr(args, "prompt_profile", None))
+                                 prompt_profile=getattr(args, "prompt_profile", None),
+                                 kv_residual_length=getattr(args, "kv_residual", None))
     studio = Studio(settings, checkpoint=args.checkpoint)
     progress = Progress()
     use_cache = not args.no_cache
@@ -113,8 +121,12 @@ def run(args: argparse.Namespace) -> int:
                 if several and not args.json:
                     print(f"Q: {question}", flush=True)
                 result = {}
-                for event in studio.ask(text, question, args.mode, args.ratio, args.pooling,
-                                        max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress):
+                if args.mode == "press":
+                    events = press_events(studio, text, question, args)
+                else:
+                    events = studio.ask(text, question, args.mode, args.ratio, args.pooling,
+                                        max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress)
+                for event in events:
                     if event.kind == "token" and stream:
                         print(event.text, end="", flush=True)
                     elif event.kind == "done":
@@ -134,6 +146,36 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         studio.close()
     return 0
+
+
+def check_press(args: argparse.Namespace) -> None:
+    """--press names a baseline exactly when --mode is press."""
+    from model.errors import UserError
+
+    if args.command != "ask":
+        return
+    if args.kv_residual is not None and args.kv_residual < 1:
+        raise UserError(f"--kv-residual must be at least 1, got {args.kv_residual}")
+    if args.mode == "press":
+        from model.baselines import PRESSES
+
+        if args.press not in PRESSES:
+            raise UserError(f"--mode press needs --press, one of {', '.join(PRESSES)}"
+                            + (f"; got {args.press!r}" if args.press else ""))
+    elif args.press is not None:
+        raise UserError("--press is for --mode press")
+
+
+def press_events(studio, text: str, question: str, args: argparse.Namespace):
+    """The answer of the baseline named by --press (app.baselines), streamed as Studio.ask streams."""
+    from app.baselines import BASELINES
+    from app.catalog import Variant
+
+    model = studio.model(args.checkpoint, args.ratio, args.pooling)
+    variant = Variant(family="cli", spec=args.checkpoint, ratio=args.ratio or model.config.compression_ratio,
+                      pooling=args.pooling or model.config.pooling, trained=True)
+    return BASELINES[f"kvpress {args.press}"].ask(studio, text, question, variant, args.max_new_tokens,
+                                                  prompt_profile=args.prompt_profile)
 
 
 def emit(args: argparse.Namespace, result: dict, as_text) -> None:

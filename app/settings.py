@@ -34,7 +34,7 @@ class Settings:
     """Everything configurable. Environment variables (read by `from_env`):
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
     LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE, LCLM_STUDIO_DTYPE,
-    LCLM_STUDIO_KV_CACHE_MB."""
+    LCLM_STUDIO_KV_CACHE_MB, LCLM_STUDIO_KV_RESIDUAL."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
@@ -47,6 +47,7 @@ class Settings:
     device: str | None = None  # None: CUDA when present, else CPU
     kv_cache_mb: int = field(default_factory=default_size_mb)  # prefix KV caches kept in memory; 0: none
     dtype: str = "auto"  # auto: bfloat16 where the device computes it fast (model.precision), else float32
+    kv_residual_length: int = 64  # newest positions a quantized KV cache keeps in float (model.quantized_cache)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -54,6 +55,8 @@ class Settings:
             raise ValueError("max_document_tokens must be positive")
         if self.chunk_tokens < 1:
             raise ValueError("chunk_tokens must be positive")
+        if self.kv_residual_length < 1:
+            raise ValueError("kv_residual_length must be at least 1")
         if self.max_expand_rounds < 1:
             raise ValueError("max_expand_rounds must be at least 1")
         if self.prompt_profile is not None and self.prompt_profile not in PROMPT_PROFILES:
@@ -78,6 +81,7 @@ class Settings:
             prompt_profile=os.environ.get("LCLM_STUDIO_PROMPT_PROFILE") or None,
             dtype=os.environ.get("LCLM_STUDIO_DTYPE") or cls.dtype,
             kv_cache_mb=_env_int("LCLM_STUDIO_KV_CACHE_MB", default_size_mb()),
+            kv_residual_length=_env_int("LCLM_STUDIO_KV_RESIDUAL", cls.kv_residual_length),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

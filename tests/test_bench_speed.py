@@ -50,7 +50,7 @@ def test_paper_decoder_full_context_kv_cache_at_1m_tokens_is_144_gib():
 
 def test_plan_caps_and_registry():
     assert set(METHODS) == {"full", "lclm", "lclm_cached", "full_followup", "lclm_followup", "question_only", "snapkv",
-                            "kvzip"}
+                            "kvzip", "attention_matching", "quantized_4bit", "quantized_2bit"}
     plan = Plan(lengths=[1024, 4096], ratios=[16, 4], methods=["kvzip"], max_length={"kvzip": 4096},
                 sweep_max_length={"kvzip": 1024})
     assert plan.main_ratio == 16 and plan.ratios == [4, 16]
@@ -116,8 +116,9 @@ def test_random_pair_rig_end_to_end(tmp_path, one_thread):
                  "--runs", "1", "--new-tokens", "2", "--out-dir", str(tmp_path), "--no-plots"])
     assert data["rig"]["dtype"] == "float32" and data["rig"]["decoder"]["layers"] == 3
     records = {(r["method"], r["ratio"]): r for r in data["records"]}
-    assert set(records) == {("full", None), ("full_followup", None), ("question_only", None)} | {
-        (m, n) for m in ("lclm", "lclm_cached", "lclm_followup", "snapkv", "kvzip") for n in (8, 16)}
+    assert set(records) == {("full", None), ("full_followup", None), ("question_only", None), ("quantized_4bit", None),
+                            ("quantized_2bit", None)} | {
+        (m, n) for m in ("lclm", "lclm_cached", "lclm_followup", "snapkv", "kvzip", "attention_matching") for n in (8, 16)}
     for r in records.values():
         check_record_fields(r, runs=1)
     full_positions = records[("full", None)]["median"]["positions"]

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="RULER context lengths (tokens)")
     parser.add_argument("--samples", type=int, default=1, help="examples per task and length")
     parser.add_argument("--tasks", nargs="+", help="task names (default: all)")
-    parser.add_argument("--presses", nargs="*", default=["snapkv", "kvzip", "expected_attention"])
+    parser.add_argument("--presses", nargs="*", default=["snapkv", "kvzip", "expected_attention", "attention_matching",
+                                                        "quantized_4bit", "quantized_2bit"])
     parser.add_argument("--spans", type=int, default=4, help="reconstruction spans per variant")
     parser.add_argument("--span-tokens", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="small models restate the question first")

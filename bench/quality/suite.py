@@ -41,8 +41,9 @@ class Method:
         if self.kind == "lclm":
             return f"LCLM {self.pooling}"
         if self.kind == "press":
-            return {"snapkv": "SnapKV", "kvzip": "KVzip", "expected_attention": "ExpectedAttention"}.get(
-                self.press, self.press)
+            return {"snapkv": "SnapKV", "kvzip": "KVzip", "expected_attention": "ExpectedAttention",
+                    "attention_matching": "Attention Matching", "quantized_4bit": "KV 4-bit",
+                    "quantized_2bit": "KV 2-bit"}.get(self.press, self.press)
         return {"full": "full context", "expand": f"LCLM 1:{self.ratio} + EXPAND"}[self.kind]
 
 
@@ -51,7 +52,10 @@ def methods(ratios: list[int], poolings: list[str], presses: list[str], expand_r
     out += [Method(f"LCLM 1:{n} {p}", "lclm", n, p) for p in poolings for n in ratios]
     if expand_ratio:
         out.append(Method(f"LCLM 1:{expand_ratio} mean + EXPAND", "expand", expand_ratio, "mean"))
-    out += [Method(f"{press} 1:{n}", "press", n, press=press) for press in presses for n in ratios]
+    quantized = [p for p in presses if p.startswith("quantized_")]  # every position kept: no ratio, once each
+    out += [Method(f"{press} 1:{n}", "press", n, press=press) for press in presses if press not in quantized
+            for n in ratios]
+    out += [Method(press, "press", 1, press=press) for press in quantized]
     return out
 
 

@@ -14,10 +14,12 @@ the app's own code where the app has it, and fills one `app.measure.Measurement`
 - lclm_followup: the same for the LCLM: the prefix holds the memory region of the latents.
 - question_only: the question's tokens prefilled alone, with no document before them: the
                 floor a follow-up question's prefill can approach.
-- snapkv/kvzip: kvpress presses at the matched ratio 1 - 1/N (`model.baselines.make_press`),
+- snapkv/kvzip/attention_matching: presses at the matched ratio 1 - 1/N (`model.baselines.make_press`),
                 applied as kvpress's pipeline does: the context (instruction + document) is
                 prefilled with the press (timed as compress_ms: it builds and compresses the KV
                 cache), then the question is prefilled over the compressed cache (prefill_ms).
+- quantized_4bit/quantized_2bit: the same path with a quantized cache (every position kept);
+                KV bytes as stored (bits, scales, float residual) after the question.
 
 TTFT parts follow app/measure.py: compress, prefill (prompt building and decoder forward),
 first token (picking and detokenizing it); the chat template and the latent move are other_ms.
@@ -198,15 +200,13 @@ class Press(Method):
     prefills_context = True
 
     def run(self, rig, case, clock, m, new_tokens):
-        from transformers import DynamicCache
-
-        from model.baselines import make_press
+        from model.baselines import kept_positions, make_press, new_cache, stored_kv_bytes
 
         decoder = rig.decoder
         press = make_press(self.name, case.ratio)
         start = clock.ms()
         context = torch.tensor([rig.before + case.doc], device=rig.device)  # [1, C]
-        cache = DynamicCache(config=decoder.config)
+        cache = new_cache(press, decoder.config)
         with press(decoder):
             decoder.model(input_ids=context, past_key_values=cache)
         m.compress_ms = clock.ms() - start
@@ -217,9 +217,12 @@ class Press(Method):
         logits = decoder(input_ids=question, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits
         done = clock.ms()
         m.prefill_ms = done - start
-        kept = round(length * (1 - press.compression_ratio))  # kvpress's accounting, as in model.baselines
+        kept = kept_positions(press, length)  # kvpress's accounting, as in model.baselines
         m.positions = kept + asked
         m.extra["kv_positions_held"] = cache.get_seq_length()
+        stored = stored_kv_bytes(press, cache)
+        if stored is not None:
+            m.extra["kv_stored_bytes"] = stored
         detok = StreamingDetokenizer(rig.any_lclm.decoder_tokenizer)
         position = length + asked
         for step in range(new_tokens):  # greedy, with the uncompressed positions, as kvpress's pipeline
@@ -247,8 +250,21 @@ class KVzip(Press):
                    len(rig.before) + tokens + KVZIP_REPLAY_TOKENS)
 
 
+class AttentionMatching(Press):
+    name, label = "attention_matching", "Attention Matching"
+
+
+class Quantized4(Press):
+    name, label, uses_ratio = "quantized_4bit", "KV quantized 4-bit", False
+
+
+class Quantized2(Press):
+    name, label, uses_ratio = "quantized_2bit", "KV quantized 2-bit", False
+
+
 METHODS: dict[str, Method] = {cls.name: cls() for cls in (FullContext, LCLMCold, LCLMCached, FullFollowUp, LCLMFollowUp,
-                                                            QuestionOnly, SnapKV, KVzip)}
+                                                            QuestionOnly, SnapKV, KVzip, AttentionMatching, Quantized4,
+                                                            Quantized2)}
 
 
 # ---- one request ------------------------------------------------------------------------
@@ -290,6 +306,6 @@ def measure(rig: Rig, method: Method, case: Case, new_tokens: int) -> Measuremen
     total_ms = clock.ms()
     m.peak_mem_bytes = memory.peak
     m.peak_mem_above_weights_bytes = memory.above_baseline
-    m.kv_cache_bytes = kv_cache_bytes(rig.decoder.config, m.positions, rig.dtype)
+    m.kv_cache_bytes = m.extra.get("kv_stored_bytes") or kv_cache_bytes(rig.decoder.config, m.positions, rig.dtype)
     m.finish(total_ms)
     return m

@@ -135,6 +135,18 @@ def test_ask_streams_with_ttft_expand_and_baselines(loaded):
     assert strip.count('class="lclm-cell"') > 3
 
 
+@pytest.mark.parametrize("baseline", ["kvpress attention_matching", "kvpress quantized_4bit", "kvpress quantized_2bit"])
+def test_ask_with_attention_matching_and_quantized_baselines(loaded, baseline):
+    pytest.importorskip("kvpress")
+    pytest.importorskip("optimum.quanto")
+    outputs = ask(loaded, kvpress=baseline, max_new_tokens=3)[-1]
+    readout, results = outputs[4], outputs[7]
+    rows = {row[0]: dict(zip(readout["headers"], row)) for row in readout["data"]}
+    assert rows[baseline]["status"] == "done" and results[baseline]["ttft_ms"] > 0
+    kept, prefilled = results[baseline]["positions"], results[baseline]["prefilled_positions"]
+    assert kept < prefilled / 2 if baseline.endswith("attention_matching") else kept == prefilled
+
+
 def test_metrics_history_and_export(loaded, tmp_path):
     ask(loaded, full=True)
     history, chart, csv_path, json_path, follow_ups = loaded.predict(api_name="/metrics")
