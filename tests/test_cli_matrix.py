@@ -36,7 +36,7 @@ def run(capsys, command, mode, doc, checkpoint, *extra):
     assert code == 0, err
     assert "Traceback" not in err and "warning" not in err.lower()
     # stderr holds progress only: "..." messages and tqdm bars named after a stage
-    stages = ("encoding windows", "reconstructing chunks")
+    stages = ("encoding windows", "encoding chunks", "reconstructing chunks")
     for line in err.replace("\r", "\n").splitlines():
         assert not line.strip() or line.startswith("... ") or line.strip().startswith(stages), line
     return out
