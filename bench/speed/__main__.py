@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import shlex
 import sys
 import time
@@ -61,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="timed runs per point (median), after one warm-up per method")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per request")
     parser.add_argument("--budget-min", type=float, help="stop starting new runs after this many minutes")
+    parser.add_argument("--time-budget-s", type=float,
+                        help="the same in seconds, counted from the start of the process (rig building included); "
+                             "a run predicted to end past it is left for a resumed call")
+    parser.add_argument("--resume", action="store_true",
+                        help="take over the points measured in the results file already at --out-dir/--name (same "
+                             "rig and machine) and run only the rest")
     parser.add_argument("--max-repeat-s", type=float, help="do not repeat a point whose first run took longer")
     parser.add_argument("--no-caps", action="store_true", help="drop the preset's per-method length caps")
     parser.add_argument("--memory-limit-gib", type=float,
@@ -71,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default="bench/results")
     parser.add_argument("--name", help="file stem under --out-dir (default: speed-<machine>)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plots-from", help="measure nothing: write the Markdown table and plots of this JSON")
     return parser.parse_args(argv)
 
 
@@ -93,6 +102,12 @@ def limit_memory(device: torch.device, limit_gib: float | None) -> int | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.plots_from:  # a results file measured elsewhere: its Markdown and plots here
+        data = json.loads(Path(args.plots_from).read_text())
+        stem = Path(args.plots_from).with_suffix("")
+        stem.with_suffix(".md").write_text(markdown_table(data))
+        print("wrote " + ", ".join(str(p) for p in [stem.with_suffix(".md"), *plots(data, stem)]))
+        return data
     preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = Plan(
         lengths=args.lengths or preset.lengths, ratios=args.ratios, methods=args.methods,
         runs=args.runs or preset.runs, new_tokens=args.new_tokens,
-        budget_s=60 * (args.budget_min if args.budget_min is not None else preset.budget_min),
+        budget_s=args.time_budget_s if args.time_budget_s is not None else
+        60 * (args.budget_min if args.budget_min is not None else preset.budget_min),
         max_repeat_s=args.max_repeat_s if args.max_repeat_s is not None else preset.max_repeat_s,
         max_length={} if args.no_caps else preset.max_length,
         sweep_max_length={} if args.no_caps else preset.sweep_max_length,
@@ -122,11 +138,19 @@ def main(argv: list[str] | None = None) -> dict:
         return data
 
     sweep = Sweep(rig, plan, started=STARTED, on_progress=save)
+    if args.resume and stem.with_suffix(".json").is_file():
+        earlier = json.loads(stem.with_suffix(".json").read_text())
+        if (earlier["rig"]["name"], earlier["rig"]["dtype"], earlier["machine"]["name"]) != \
+                (rig.describe()["name"], rig.describe()["dtype"], info["name"]):
+            raise SystemExit(f"error: {stem.with_suffix('.json')} was measured on another rig or machine")
+        print(f"resuming: {sweep.restore(earlier['records'])} points taken over from {stem.with_suffix('.json')}")
     sweep.run()
     data = save(sweep)
     stem.with_suffix(".md").write_text(markdown_table(data))
     written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-    if not args.no_plots:
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plots (draw them later with --plots-from the JSON)")
+    elif not args.no_plots:
         written += plots(data, stem)
     print(markdown_table(data))
     print("wrote " + ", ".join(str(p) for p in written), flush=True)
