@@ -16,6 +16,15 @@ SIGTERM), and leaves:
 The next call with the same STATE resumes where this one stopped. `--init-from DIR` starts a
 new STATE from a checkpoint in the published layout (e.g. the committed model/weights/...).
 
+On a lent GPU machine (docs/gpu.md):
+    python -m model.training.campaign --variants cs4-concat,cs16-mean --minutes 2.5 \
+        --state runs/gpu/state --out runs/gpu/out --returned runs/gpu/returned --pack $OUT
+trains the variants in order, each in an equal share of what is left of the box, under
+STATE/<variant> and OUT/<variant>; on CUDA a throughput probe (`--probe-s`, 20 s) first picks the
+span tokens per step. `--pack` writes each variant's OUT/ and state.json as <variant>.tar.N parts
+that the machine can bring back; `--returned` unpacks such parts, and the call continues from
+their final/ (bf16) with a fresh optimizer; `--publish-only` unpacks and publishes, here.
+
 A recipe (RECIPES) says what is trained (encoder LoRA, adapter, memory-tag rows, optionally
 decoder LoRA), on which objectives (reconstruction of spans, interleaved next-token, or
 interleaved distillation from the full-context decoder) and the span-length curriculum.
