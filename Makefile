@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser test test-fast test-embedded run corpus smoke clean
+.PHONY: install browser test test-fast test-embedded run corpus smoke gpu-bundle clean
 
 install: $(STAMP) browser
 
@@ -44,6 +44,12 @@ corpus: install
 
 smoke: install
 	$(PY) -m model.training --smoke --out runs/smoke
+
+# What a lent GPU machine needs beyond its own packages, in parts that each fit one call
+# beside the working tree (docs/gpu.md).
+gpu-bundle: install
+	@test -f data/corpus.safetensors.xz || $(MAKE) corpus
+	$(PY) -m bench.gpu_bundle build
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -80,6 +80,19 @@ def clean_tokenizer(gguf_tokenizer):
     )
 
 
+def plain_model(model):
+    """The de-quantized model as an ordinary one: newer transformers (5.17) keep a GGUF-loaded
+    model marked as quantized and refuse to save it; its config without the quantization entry
+    and its float weights make the same model, saved and loaded like any other."""
+    from transformers import AutoModelForCausalLM
+
+    settings = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    plain = AutoModelForCausalLM.from_config(model.config.__class__.from_dict(settings), dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
+
+
 def convert(target: Path, progress: Callable[[str], None] | None = None) -> float:
     """Convert the GGUF file to `target`/{decoder,encoder}; returns the seconds taken."""
     import torch
@@ -96,7 +109,8 @@ def convert(target: Path, progress: Callable[[str], None] | None = None) -> floa
         say("reading the embedded GGUF tokenizer")
         tokenizer = clean_tokenizer(AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name))
         say("de-quantizing the embedded GGUF weights (once)")
-        decoder = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        decoder = plain_model(AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                                   dtype=torch.float32))
         decoder.config.eos_token_id = tokenizer.eos_token_id
         decoder.config.pad_token_id = tokenizer.pad_token_id
         decoder.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -17,6 +17,18 @@ _CHECKPOINT_DEFAULTS = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped where torch sees no CUDA device (`pytest -m cuda` on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def offline_environment(monkeypatch, tmp_path_factory):
     """No test reaches a model hub or the user's data directory."""

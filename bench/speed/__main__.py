@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import shlex
 import sys
 import time
@@ -63,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="timed runs per point (median), after one warm-up per method")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per request")
     parser.add_argument("--budget-min", type=float, help="stop starting new runs after this many minutes")
+    parser.add_argument("--time-budget-s", type=float,
+                        help="the same in seconds, counted from the start of the process (rig building included); "
+                             "a run predicted to end past it is left for a resumed call")
+    parser.add_argument("--resume", action="store_true",
+                        help="take over the points measured in the results file already at --out-dir/--name (same "
+                             "rig and machine) and run only the rest")
     parser.add_argument("--max-repeat-s", type=float, help="do not repeat a point whose first run took longer")
     parser.add_argument("--no-caps", action="store_true", help="drop the preset's per-method length caps")
     parser.add_argument("--memory-limit-gib", type=float,
@@ -76,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default="bench/results")
     parser.add_argument("--name", help="file stem under --out-dir (default: speed-<machine>)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plots-from", help="measure nothing: write the Markdown table and plots of this JSON")
     return parser.parse_args(argv)
 
 
@@ -98,6 +107,15 @@ def limit_memory(device: torch.device, limit_gib: float | None) -> int | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.plots_from:  # a results file measured elsewhere: its Markdown and plots here
+        data = json.loads(Path(args.plots_from).read_text())
+        stem = Path(args.plots_from).with_suffix("")
+        stem.with_suffix(".md").write_text(markdown_table(data))
+        print("wrote " + ", ".join(str(p) for p in [stem.with_suffix(".md"), *plots(data, stem)]))
+        return data
+    # the budget counts from the process's start when run as a command (torch's import included),
+    # from this call when main() is called in a process that has done other work (the tests)
+    started = STARTED if __name__ == "__main__" else time.perf_counter()
     preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = Plan(
         lengths=args.lengths or preset.lengths, ratios=args.ratios, methods=args.methods,
         runs=args.runs or preset.runs, new_tokens=args.new_tokens,
-        budget_s=60 * (args.budget_min if args.budget_min is not None else preset.budget_min),
+        budget_s=args.time_budget_s if args.time_budget_s is not None else
+        60 * (args.budget_min if args.budget_min is not None else preset.budget_min),
         max_repeat_s=args.max_repeat_s if args.max_repeat_s is not None else preset.max_repeat_s,
         max_length={} if args.no_caps else preset.max_length,
         sweep_max_length={} if args.no_caps else preset.sweep_max_length,
@@ -135,24 +154,37 @@ def main(argv: list[str] | None = None) -> dict:
     def saver(name: str):
         def save(sweep: Sweep) -> dict:
             data = results(sweep.rig, plan, sweep.points, {**info, **choices[name].to_dict()},
-                           time.perf_counter() - STARTED, command)
+                           time.perf_counter() - started, command)
             write_json(data, stems[name].with_suffix(".json"))
             return data
         return save
 
-    sweeps = {name: Sweep(each, plan, started=STARTED, on_progress=saver(name)) for name, each in rigs.items()}
+    sweeps = {name: Sweep(each, plan, started=started, on_progress=saver(name)) for name, each in rigs.items()}
+    if args.resume:
+        for name, sweep in sweeps.items():
+            path = stems[name].with_suffix(".json")
+            if not path.is_file():
+                continue
+            earlier = json.loads(path.read_text())
+            if (earlier["rig"]["name"], earlier["rig"]["dtype"], earlier["machine"]["name"]) != \
+                    (sweep.rig.describe()["name"], sweep.rig.describe()["dtype"], info["name"]):
+                raise SystemExit(f"error: {path} was measured on another rig or machine")
+            print(f"resuming: {sweep.restore(earlier['records'])} points taken over from {path}")
     for sweep in sweeps.values():
         sweep.warm_up()
-    for _ in range(plan.runs):  # the dtypes' runs interleaved: a noisy machine disturbs them alike
+    for rep in range(plan.runs):  # the dtypes' runs interleaved: a noisy machine disturbs them alike
         for sweep in sweeps.values():
-            sweep.run_round()
+            sweep.run_round(rep)
     written, all_data = [], {}
+    plots_possible = importlib.util.find_spec("matplotlib") is not None
+    if not args.no_plots and not plots_possible:
+        print("matplotlib is not installed: no plots (draw them later with --plots-from the JSON)")
     for name, sweep in sweeps.items():
         data = all_data[name] = saver(name)(sweep)
         stem = stems[name]
         stem.with_suffix(".md").write_text(markdown_table(data))
         written += [stem.with_suffix(".json"), stem.with_suffix(".md")]
-        if not args.no_plots:
+        if not args.no_plots and plots_possible:
             written += plots(data, stem)
         print(markdown_table(data))
     if len(all_data) > 1:

@@ -116,6 +116,7 @@ def record(rig: Rig, point: Point, full: Point | None, peak: dict | None = None)
     med = point.median()
     out["median"] = {k: round(v, 3) for k, v in med.items()}
     out["samples_ttft_ms"] = [s["ttft_ms"] for s in point.samples]
+    out["samples"], out["first_run_s"] = point.samples, round(point.first_run_s, 3)  # what a resumed sweep takes over
     out.update(point.extra())
     if med["compress_ms"] > 0:
         out["compress_tokens_per_s"] = round(point.tokens / (med["compress_ms"] / 1000), 1)

@@ -7,12 +7,14 @@ disturbs all methods alike. Points that cannot or need not run get a status inst
     oom                     ran out of device memory
     exceeds_max_positions   the decoder cannot address that many positions
     not_planned             outside the plan's per-method length caps (time)
-    over_budget             the plan's time budget ran out first
+    over_budget             the plan's time budget ran out first, or the point's run, predicted
+                            from shorter ones, would end past it (a resumed sweep runs it later)
     error                   the method raised (the message is kept); the sweep goes on
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -125,6 +127,37 @@ class Sweep:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def restore(self, records: list[dict]) -> int:
+        """Take over the finished points of an earlier call's records (same rig and plan keys):
+        measured ones keep their samples, and the ones that cannot run keep their status; points
+        that were over budget or pending run again. Returns the points taken over."""
+        done = 0
+        for r in records:
+            point = self.points.get((r["method"], r["ratio"], r["tokens"]))
+            if point is None or r["status"] in ("pending", "over_budget", "not_planned") or \
+                    (r["status"] == "ok" and not r.get("samples")):
+                continue
+            point.status, point.reason = r["status"], r.get("reason", "")
+            point.samples, point.first_run_s = list(r.get("samples", [])), r.get("first_run_s", 0.0)
+            point.predicted_bytes = r.get("predicted_peak_above_weights_bytes", 0)
+            done += 1
+        return done
+
+    def predicted_s(self, point: Point) -> float:
+        """Seconds of one run of `point`, from the first runs of the same method and ratio at
+        shorter lengths: the growth between the last two (between linear and quadratic in the
+        length), or linear from one; 0 when none was measured."""
+        shorter = sorted((p.tokens, p.first_run_s) for p in self.points.values() if p.method == point.method
+                         and p.ratio == point.ratio and p.tokens < point.tokens and p.samples and p.first_run_s > 0)
+        if not shorter:
+            return 0.0
+        tokens, seconds = shorter[-1]
+        power = 1.0
+        if len(shorter) > 1:
+            (t0, s0), (t1, s1) = shorter[-2], shorter[-1]
+            power = min(2.0, max(1.0, math.log(s1 / s0) / math.log(t1 / t0))) if s1 > s0 else 1.0
+        return seconds * (point.tokens / tokens) ** power
+
     @staticmethod
     def case_key(point: Point) -> tuple:
         """Points that share a document (and, for cached latents, its latents) share a case."""
@@ -208,11 +241,13 @@ class Sweep:
     def run(self) -> dict[tuple, Point]:
         self.warm_up()
         for rep in range(self.plan.runs):
-            self.run_round()
+            self.run_round(rep)
         return self.points
 
-    def run_round(self) -> None:
-        """One run of every point that still runs (the sweep's runs are rounds of these)."""
+    def run_round(self, rep: int) -> None:
+        """Run `rep` (from 0) of every point that still runs (the sweep's runs are rounds of these):
+        points measured that often in an earlier call are skipped, and a point predicted to end past
+        the time budget is not started."""
         for length in self.plan.lengths:
             for point in [p for p in self.points.values() if p.tokens == length]:
                 if point.status == "pending":
@@ -221,9 +256,14 @@ class Sweep:
                     continue
                 if point.status == "ok" and point.first_run_s > self.plan.max_repeat_s:
                     continue  # one run of this point is long enough to stand alone
-                if self.elapsed() > self.plan.budget_s:
+                if len(point.samples) > rep:
+                    continue  # measured in an earlier call
+                predicted = point.first_run_s if point.samples else self.predicted_s(point)
+                if self.elapsed() + predicted > self.plan.budget_s:
                     if point.status == "pending":
-                        point.status, point.reason = "over_budget", "the time budget ran out first"
+                        point.status = "over_budget"
+                        point.reason = (f"one run predicted to take {predicted:.0f} s; "
+                                        f"{max(0.0, self.plan.budget_s - self.elapsed()):.0f} s were left")
                     continue
                 self.run_point(point)
         if self.on_progress:

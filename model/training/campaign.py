@@ -16,6 +16,15 @@ SIGTERM), and leaves:
 The next call with the same STATE resumes where this one stopped. `--init-from DIR` starts a
 new STATE from a checkpoint in the published layout (e.g. the committed model/weights/...).
 
+On a lent GPU machine (docs/gpu.md):
+    python -m model.training.campaign --variants cs4-concat,cs16-mean --minutes 2.5 \
+        --state runs/gpu/state --out runs/gpu/out --returned runs/gpu/returned --pack $OUT
+trains the variants in order, each in an equal share of what is left of the box, under
+STATE/<variant> and OUT/<variant>; on CUDA a throughput probe (`--probe-s`, 20 s) first picks the
+span tokens per step. `--pack` writes each variant's OUT/ and state.json as <variant>.tar.N parts
+that the machine can bring back; `--returned` unpacks such parts, and the call continues from
+their final/ (bf16) with a fresh optimizer; `--publish-only` unpacks and publishes, here.
+
 A recipe (RECIPES) says what is trained (encoder LoRA, adapter, memory-tag rows, optionally
 decoder LoRA), on which objectives (reconstruction of spans, interleaved next-token, or
 interleaved distillation from the full-context decoder) and the span-length curriculum.
@@ -28,11 +37,13 @@ of them.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import shutil
 import sys
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -368,23 +379,90 @@ def plot_curve(evals: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---- the throughput probe -----------------------------------------------------------------------
+PROBE_S = 20.0  # seconds the probe takes on CUDA before training (0 on a CPU: the recipe's batch)
+PROBE_SCALES = (1, 2, 4, 8, 16, 32, 64)  # candidates: the recipe's batch_tokens times these
+PROBE_GAIN = 1.05  # a larger batch is chosen only when it trains this much more tokens per second
+
+
+def probe(lclm, data: CampaignData, groups, pad_id: int, autocast: bool, seconds: float,
+          span_tokens_done: int = 0, scales: tuple[int, ...] = PROBE_SCALES) -> dict:
+    """The span tokens per step that train fastest here. Each candidate batch (the recipe's span
+    length, more spans a step) runs forward + backward for an equal share of `seconds` (no
+    optimizer step: the weights stay as they are), growing until out of memory or until a
+    larger batch is clearly slower; the smallest within PROBE_GAIN of the best wins (smaller
+    batches take more optimizer steps per token)."""
+    base = data.recipe
+    rng = torch.get_rng_state()
+    params = [p for ps in groups.values() for _, p in ps]
+    cuda = lclm.device.type == "cuda"
+    share = seconds / len(scales)
+    rates: dict[int, float] = {}
+    stopped = "all candidates"
+    for scale in scales:
+        tokens = base.batch_tokens * scale
+        data.recipe = replace(base, batch_tokens=tokens)
+        done, elapsed, step = 0, 0.0, 0
+        try:
+            while elapsed < share or step < 2:
+                batch = data.step(step, span_tokens_done)
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.autocast(lclm.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss, _, _ = step_loss(lclm, batch, pad_id)
+                loss.backward()
+                if cuda:
+                    torch.cuda.synchronize()
+                if step > 0:  # a shape's first step warms kernels and the allocator
+                    elapsed += time.perf_counter() - t0
+                    done += sum(s.tokens for s in batch.samples)
+                step += 1
+                for p in params:
+                    p.grad = None
+        except torch.OutOfMemoryError:
+            stopped = f"out of memory at {tokens}"
+            break
+        finally:
+            for p in params:
+                p.grad = None
+            if cuda:
+                torch.cuda.empty_cache()
+        rates[tokens] = round(done / max(elapsed, 1e-9), 1)
+        if rates[tokens] * PROBE_GAIN < max(rates.values()):
+            stopped = f"slower at {tokens}"
+            break
+    data.recipe = base
+    torch.set_rng_state(rng)
+    if not rates:
+        raise SystemExit(f"error: the probe ran out of memory at the recipe's own batch of {base.batch_tokens} tokens")
+    best = max(rates.values())
+    chosen = min(t for t, r in rates.items() if r * PROBE_GAIN >= best)
+    return {"batch_tokens": chosen, "tokens_per_s": rates, "stopped": stopped, "seconds": seconds}
+
+
 # ---- the campaign -------------------------------------------------------------------------------
 def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out: Path, corpus: str | None = None,
              init_from: Path | None = None, eval_minutes: float = 5.0, seed: int = 0, quiet: bool = False,
              run: RunConfig | None = None, free_running: int = FREE_RUNNING_SPANS,
-             validation_span: int = VALIDATION_SPAN, lr_scale: float = 1.0) -> dict:
+             validation_span: int = VALIDATION_SPAN, lr_scale: float = 1.0, probe_s: float | None = None) -> dict:
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     box_s = minutes * 60
     run = run or run_config(variant, recipe, corpus)
     resuming = (state_dir / "state.json").is_file()
+    # a returned state (state.json beside OUT/final/, no tensors): the trained tensors come from
+    # final/ (bf16) and the optimizer starts again (its moments are too large to bring back)
+    returned = resuming and not (state_dir / "trainable.safetensors").is_file()
+    if returned and not (out / "final").is_dir():
+        raise SystemExit(f"error: {state_dir} holds no tensors and {out / 'final'} is missing")
     if resuming:  # the checkpoint the state started from holds what this recipe does not train
         started_from = json.loads((state_dir / "state.json").read_text()).get("init_from")
         init_from = Path(started_from) if started_from else None
-    lclm = build_trainable(run, init_from=init_from)
+    lclm = build_trainable(run, init_from=out / "final" if returned else init_from)
     for model in (lclm.decoder, lclm.encoder.model):
         # short training sequences: matmul attention beats the fused CPU kernel in bf16 several times
         model.set_attn_implementation("eager")
-    if not recipe.train_decoder and init_from is None:
+    if not recipe.train_decoder and init_from is None and not returned:
         set_decoder_lora(lclm.decoder, False)  # freshly initialised LoRA is the identity: skip its compute
     groups = trainable_groups(lclm, recipe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -401,7 +479,12 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
              "cpu_s": 0.0, "wall_s": 0.0, "evals": [], "precision": "bf16" if use_bf16 else "fp32",
              "calls": 0, "init_from": str(init_from) if init_from else None}
     if resuming:
-        saved = load_state(state_dir, lclm, groups, optimizer)
+        if returned:
+            saved = json.loads((state_dir / "state.json").read_text())
+            state["optimizer_restarts"] = saved.get("optimizer_restarts", 0) + 1
+        else:
+            saved = load_state(state_dir, lclm, groups, optimizer)
+            state["optimizer_restarts"] = saved.get("optimizer_restarts", 0)
         if saved["variant"] != variant or saved["recipe"]["name"] != recipe.name:
             raise SystemExit(f"error: {state_dir} belongs to {saved['recipe']['name']} on {saved['variant']}")
         state.update({k: saved[k] for k in ("step", "tokens", "span_tokens", "cpu_s", "wall_s", "evals", "calls",
@@ -412,6 +495,13 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
     validation = data.validation_spans(validation_span)
     say = (lambda m: None) if quiet else tqdm.write
     base_cpu, base_wall = state["cpu_s"], state["wall_s"]
+    if probe_s is None:
+        probe_s = PROBE_S if device.type == "cuda" else 0.0
+    if probe_s > 0:
+        state["probe"] = probe(lclm, data, groups, pad_id, use_bf16, probe_s, state["span_tokens"])
+        recipe = replace(recipe, batch_tokens=state["probe"]["batch_tokens"])
+        data.recipe = recipe
+        say(f"probe: {recipe.batch_tokens} span tokens a step; tokens/s by batch: {state['probe']['tokens_per_s']}")
 
     def clocks() -> tuple[float, float]:
         return (base_cpu + time.process_time() - started_cpu, base_wall + time.perf_counter() - started_wall)
@@ -485,13 +575,19 @@ def write_outputs(lclm, out: Path, state: dict, run: RunConfig) -> None:
     save_checkpoint(lclm, tmp, dtype=torch.bfloat16)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    metrics = {k: state[k] for k in ("variant", "recipe", "step", "tokens", "span_tokens", "cpu_s", "wall_s",
-                                     "precision", "calls", "lr_scales", "init_from", "evals")}
+    metrics = {k: state.get(k) for k in ("variant", "recipe", "step", "tokens", "span_tokens", "cpu_s", "wall_s",
+                                         "precision", "calls", "lr_scales", "init_from", "probe", "optimizer_restarts",
+                                         "evals")}
+    metrics["device"] = device_name(lclm.device)
     metrics["cpu"] = cpu_name()
     metrics["threads"] = torch.get_num_threads()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    try:
+        import matplotlib  # noqa: F401  (not on every GPU machine; the curve can be drawn later from metrics.json)
+    except ImportError:
+        return
     plot_curve(state["evals"], out / "curve.png",
-               f"{state['variant']} {state['recipe']['name']} ({state['precision']}, {cpu_name()})")
+               f"{state['variant']} {state['recipe']['name']} ({state['precision']}, {device_name(lclm.device)})")
 
 
 def model_card(state: dict, run: RunConfig) -> dict:
@@ -502,7 +598,7 @@ def model_card(state: dict, run: RunConfig) -> dict:
             "decoder": run.decoder, "recipe": state["recipe"], "tokens_per_objective": state["tokens"],
             "steps": state["step"], "cpu_hours": round(state["cpu_s"] / 3600, 3),
             "wall_hours": round(state["wall_s"] / 3600, 3), "cpu": cpu_name(), "precision": state["precision"],
-            "campaign_calls": state["calls"], "lr_scales": state["lr_scales"], "init_from": state["init_from"],
+            "campaign_calls": state["calls"], "lr_scales": state.get("lr_scales"), "init_from": state["init_from"],
             "validation": {"spans": f"{VALIDATION_SPANS} held-back {VALIDATION_SPAN}-token spans (teacher-forced), "
                                     f"{FREE_RUNNING_SPANS} of them free-running",
                            "untrained": {"teacher_forced": first["teacher_forced"],
@@ -532,6 +628,10 @@ def publish(out: Path, state: dict, run: RunConfig, target: Path) -> bool:
     return True
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -544,6 +644,75 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# ---- what a GPU machine brings back ---------------------------------------------------------------
+PART_BYTES = 15 * 2**20  # one returned file: under the 16 MiB limit
+RETURN_FILES, RETURN_BYTES, RETURN_FILE_BYTES = 8, 64 * 2**20, 16 * 2**20
+
+
+def pack(variant: str, state_dir: Path, out: Path, dest: Path) -> list[Path]:
+    """One variant's OUT/ (final/ in bf16, metrics.json, curve.png) and STATE/state.json as one tar
+    in parts of at most PART_BYTES: DEST/<variant>.tar.0, .1, ... The tensors of STATE/ and the
+    optimizer moments stay behind (fp32, several times final/); `unpack` and a later call continue
+    from final/ with a fresh optimizer."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob(f"{variant}.tar.*"):
+        old.unlink()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(state_dir / "state.json", arcname="state/state.json")
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            tar.add(path, arcname=f"out/{path.relative_to(out).as_posix()}")
+    data = buffer.getvalue()
+    parts = []
+    for index, at in enumerate(range(0, len(data), PART_BYTES)):
+        parts.append(dest / f"{variant}.tar.{index}")
+        parts[-1].write_bytes(data[at:at + PART_BYTES])
+    return parts
+
+
+def unpack(variant: str, source: Path, state_dir: Path, out: Path) -> bool:
+    """Restore a packed variant into STATE/ and OUT/ when it has trained more steps than the state
+    already there (or there is none); True when it did."""
+    parts = sorted(source.glob(f"{variant}.tar.*"), key=lambda p: int(p.suffix[1:]))
+    if not parts:
+        return False
+    tar = tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts)))
+    with tar:
+        packed = json.loads(tar.extractfile("state/state.json").read())
+        here = state_dir / "state.json"
+        if here.is_file() and json.loads(here.read_text())["step"] >= packed["step"]:
+            return False
+        tmp = state_dir.with_name(state_dir.name + ".unpack")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tar.extractall(tmp, filter="data")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (tmp / "state").rename(state_dir)
+    (tmp / "out").rename(out)
+    shutil.rmtree(tmp)
+    return True
+
+
+def return_problems(dest: Path) -> list[str]:
+    """What under DEST would not come back from the GPU machine (count, size per file, total)."""
+    files = [p for p in dest.rglob("*") if p.is_file()]
+    problems = [f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB" for p in files if p.stat().st_size > RETURN_FILE_BYTES]
+    if len(files) > RETURN_FILES:
+        problems.append(f"{len(files)} files (at most {RETURN_FILES})")
+    if (total := sum(p.stat().st_size for p in files)) > RETURN_BYTES:
+        problems.append(f"{total / 2**20:.1f} MiB in all (at most {RETURN_BYTES // 2**20})")
+    return problems
+
+
+def folders(args, variant: str) -> tuple[Path, Path]:
+    """STATE/ and OUT/ of one variant: the given folders, or a sub-folder each under --variants."""
+    if args.variants is None:
+        return args.state, args.out
+    return args.state / variant, args.out / variant
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.training.campaign", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -551,7 +720,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="the smoke run's tiny random pair and corpus (made under STATE/../smoke-data)")
     parser.add_argument("--recipe", default=next(iter(RECIPES)), choices=list(RECIPES))
-    parser.add_argument("--minutes", type=float, required=True, help="wall-clock box of this call")
+    parser.add_argument("--variants", help="comma-separated variants trained in this order within --minutes (each "
+                        "gets an equal share of what is left), under STATE/<variant> and OUT/<variant>; with --smoke "
+                        "any names, each a copy of the smoke run")
+    parser.add_argument("--minutes", type=float, help="wall-clock box of this call (all variants together)")
+    parser.add_argument("--probe-s", type=float,
+                        help=f"seconds of the throughput probe that picks the batch (default {PROBE_S:g} on CUDA, "
+                             "none on a CPU: the recipe's batch)")
+    parser.add_argument("--pack", type=Path, help="after each variant, write its OUT/ and state.json here as "
+                        "<variant>.tar.N parts of at most 15 MiB (what a GPU machine can bring back)")
+    parser.add_argument("--returned", type=Path,
+                        help="first unpack <variant>.tar.N parts from here into STATE/ and OUT/ (a later call "
+                             "continues from what an earlier one brought back)")
+    parser.add_argument("--publish-only", action="store_true", help="train nothing: unpack --returned and --publish")
     parser.add_argument("--state", required=True, type=Path, help="resumable state directory")
     parser.add_argument("--out", required=True, type=Path, help="final/, metrics.json and curve.png")
     parser.add_argument("--corpus", help="shard directory or packed corpus (default: the variant's config)")
@@ -566,28 +747,64 @@ def main(argv: list[str] | None = None) -> int:
                              "and the variant shipped there")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    if args.minutes <= 0:
-        parser.error("--minutes must be positive")
+    if args.publish_only:
+        args.publish = True
+    elif args.minutes is None or args.minutes <= 0:
+        parser.error("--minutes must be given and positive")
     if args.lr_scale <= 0:
         parser.error("--lr-scale must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
-    run, variant = None, args.variant
+    variants = [args.variant] if args.variants is None else [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS and not args.smoke]
+    if unknown or not variants:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    smoke = None
     if args.smoke:
         from model.training.smoke import smoke_run
 
-        run, variant = smoke_run(args.state.resolve().parent), "smoke"
-    state = campaign(variant, RECIPES[args.recipe], args.minutes, args.state, args.out, args.corpus, args.init_from,
-                     args.eval_minutes, args.seed, args.quiet, run=run, lr_scale=args.lr_scale)
-    if args.publish:
-        run = run or run_config(variant, RECIPES[args.recipe], args.corpus)
-        if run.publish_to is None:
-            parser.error("this run has no publish_to folder")
-        target = Path(run.publish_to)
-        target = target if target.is_absolute() else Path(__file__).resolve().parents[2] / target
-        shipped = publish(args.out, state, run, target)
-        print(f"published to {target}" if shipped else f"not published: final/ does not improve on {target} "
-              "or on its untrained start")
+        smoke = smoke_run(args.state.resolve().parent)
+    if args.variants is None and args.smoke:
+        variants = ["smoke"]
+    recipe = RECIPES[args.recipe]
+    deadline = time.perf_counter() + 60 * (args.minutes or 0)
+    for index, variant in enumerate(variants):
+        state_dir, out = folders(args, variant)
+        if args.returned and unpack(variant, args.returned, state_dir, out):
+            print(f"{variant}: continuing from {args.returned}")
+        if args.publish_only:
+            state = json.loads((state_dir / "state.json").read_text())
+        else:
+            box = (deadline - time.perf_counter()) / (len(variants) - index)
+            packed = [p for p in args.pack.rglob("*") if p.is_file()] if args.pack and args.pack.is_dir() else []
+            largest = max((sum(p.stat().st_size for p in packed if p.name.startswith(v + ".tar."))
+                           for v in variants[:index]), default=0)  # the next pack: as large as the largest so far
+            if len(packed) + math.ceil(largest / PART_BYTES) > RETURN_FILES or \
+                    sum(p.stat().st_size for p in packed) + largest > RETURN_BYTES:
+                print(f"not trained: {', '.join(variants[index:])} (their packs would pass the return limits)")
+                break
+            if box < 5:
+                print(f"not trained: {', '.join(variants[index:])} (no time left in the box)")
+                break
+            state = campaign(variant, recipe, box / 60, state_dir, out, args.corpus, args.init_from,
+                             args.eval_minutes, args.seed, args.quiet, run=smoke, lr_scale=args.lr_scale,
+                             probe_s=args.probe_s)
+            if args.pack:
+                parts = pack(variant, state_dir, out, args.pack)
+                print(f"{variant}: packed {sum(p.stat().st_size for p in parts) / 2**20:.1f} MiB in {len(parts)} "
+                      f"part(s) under {args.pack}")
+        if args.publish:
+            run = smoke or run_config(variant, recipe, args.corpus)
+            if run.publish_to is None:
+                parser.error("this run has no publish_to folder")
+            target = Path(run.publish_to)
+            target = target if target.is_absolute() else Path(__file__).resolve().parents[2] / target
+            shipped = publish(out, state, run, target)
+            print(f"published to {target}" if shipped else f"not published: final/ does not improve on {target} "
+                  "or on its untrained start")
+    if args.pack and (problems := return_problems(args.pack)):
+        print(f"error: {args.pack} would not all come back: {'; '.join(problems)}")
+        return 1
     return 0
 
 
