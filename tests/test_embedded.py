@@ -1,6 +1,8 @@
 """End to end on the embedded SmolLM2 default (converted from its GGUF once per test session).
 Select with `pytest -m embedded`; `make test` runs them too."""
 
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,21 @@ pytestmark = pytest.mark.embedded
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 12
 NEEDLE_DOC = FILLER + "The special magic number is 7294. " + FILLER
 QUESTION = "What is the special magic number?"
+# Python source of the kind the shipped variants were trained to reconstruct (written for this test).
+RECONSTRUCTION_TEXT = '''def moving_average(values, window):
+    """Return the averages of every run of `window` consecutive values.
+
+    A window larger than the list gives an empty result.
+    """
+    if window <= 0:
+        raise ValueError("window must be positive")
+    total = sum(values[:window])
+    averages = [total / window] if len(values) >= window else []
+    for index in range(window, len(values)):
+        total += values[index] - values[index - window]
+        averages.append(total / window)
+    return averages
+'''
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +93,9 @@ def test_bfloat16_follow_up_answers_as_without_reuse(bf16_studio, studio):
 
 
 def test_lclm_runs_end_to_end_and_says_untrained(studio):
-    events, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="lclm", ratio=16, max_new_tokens=8))
-    assert result["trained"] is False and "untrained" in result["note"]
-    assert result["latents"] == -(-result["tokens"] // 16)
+    events, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="lclm", ratio=8, max_new_tokens=8))
+    assert result["trained"] is False and "untrained" in result["note"]  # no 1:8 weights ship
+    assert result["latents"] == -(-result["tokens"] // 8)
     full_positions = final(studio.ask(NEEDLE_DOC, QUESTION, mode="full", max_new_tokens=1))[1]["positions"]
     assert result["positions"] < full_positions / 4  # the decoder reads far fewer positions
 
@@ -94,7 +111,7 @@ def test_expand_and_reconstruct_run(studio):
     assert paper["rounds"][0]["forced"] is None and paper["rounds"][-1]["action"] in ("answer", "forced")
     assert paper["expanded"] and all(1 <= n <= len(paper["chunks"]) for n in paper["expanded"])
     rec = studio.reconstruct(NEEDLE_DOC, ratio=16, max_chunks=1)
-    assert rec["trained"] is False and len(rec["chunks"]) == 1
+    assert rec["trained"] is True and len(rec["chunks"]) == 1  # 1:16 mean weights ship
     assert 0.0 <= rec["chunks"][0]["token_accuracy"] <= 1.0
 
 
@@ -107,3 +124,49 @@ def test_save_and_load_in_published_layout(studio, tmp_path):
     ids = model.tokenize_document(NEEDLE_DOC[:400]).ids
     assert again.config.trained is False and again.config.pooling == "concat"
     assert (again.compress(ids) - model.compress(ids)).abs().max() == 0
+
+
+# Halfway between the untrained and the shipped variant on RECONSTRUCTION_TEXT (float32), measured
+# when the weights were shipped. 1:4 concat: teacher-forced 0.429 untrained, 0.580 trained; its
+# free-running accuracy on this text did not rise (0.025 both), so it has no free-running floor.
+# 1:16 mean: teacher-forced 0.438 and 0.545, free-running 0.017 and 0.076.
+RECONSTRUCTION_FLOORS = {(4, "concat"): {"free_running": None, "teacher_forced": 0.50},
+                         (16, "mean"): {"free_running": 0.045, "teacher_forced": 0.49}}
+
+
+def shipped_variants() -> list[tuple[int, str]]:
+    from model.embedded import TRAINED_WEIGHTS
+
+    found = []
+    for card in sorted(TRAINED_WEIGHTS.glob("*/model_card.json")):
+        config = json.loads((card.parent / "model_config.json").read_text())
+        found.append((config["compression_ratio"], config["pooling"]))
+    return found
+
+
+def test_trained_variants_ship_for_1_4_concat_and_say_so(studio):
+    assert {(4, "concat"), (16, "mean")} <= set(shipped_variants())
+    for ratio, pooling in shipped_variants():
+        model = studio.model(ratio=ratio, pooling=pooling)
+        assert model.config.trained is True and "untrained" not in model.checkpoint_id
+
+
+@pytest.mark.parametrize("ratio, pooling", shipped_variants())
+def test_shipped_weights_reconstruct_better_than_untrained(studio, ratio, pooling):
+    """Free-running (the studio's Reconstruction) and teacher-forced token accuracy of a shipped
+    variant on a text none was trained on, against thresholds between the untrained and the
+    trained values measured when the weights were shipped (README, "Training ... on a CPU")."""
+    from model.training.campaign import validate
+    from model.training.examples import ExampleBuilder
+
+    floors = RECONSTRUCTION_FLOORS[(ratio, pooling)]
+    rec = studio.reconstruct(RECONSTRUCTION_TEXT, ratio=ratio, pooling=pooling, use_cache=False)
+    assert rec["trained"] is True and "note" not in rec
+    if floors["free_running"] is not None:
+        assert rec["token_accuracy"] >= floors["free_running"], rec["token_accuracy"]
+    model = studio.model(ratio=ratio, pooling=pooling)
+    ids = model.decoder_tokenizer(RECONSTRUCTION_TEXT, add_special_tokens=False)["input_ids"]
+    spans = [ids[:56], ids[56:112]]
+    result = validate(model, ExampleBuilder(model), spans, model.decoder_tokenizer.pad_token_id or 0, 0,
+                      autocast=False)
+    assert result["teacher_forced"] >= floors["teacher_forced"], result

@@ -16,7 +16,9 @@ from app.inspect import latent_statistics, pca, project, token_diff, token_piece
 from app.service import Studio, share_weights
 from app.settings import Settings
 from app.workspace import Workspace, sweep_lengths
+from model.embedded import embedded_config, trained_dir
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
+from model.loading import has_layout
 from tests.studio.conftest import DOCUMENT
 from views.common import user_errors
 
@@ -34,8 +36,12 @@ def test_catalog_offers_the_checkpoints_first_then_every_embedded_variant(worksp
     assert catalog.families() == [CHECKPOINT_FAMILY, EMBEDDED_FAMILY]
     assert (catalog.default.ratio, catalog.default.pooling) == (4, "mean")
     assert catalog.ratios(CHECKPOINT_FAMILY) == [4, 8] and catalog.ratios(EMBEDDED_FAMILY) == [4, 8, 16]
-    # no trained embedded weights ship yet: every embedded variant says so
-    assert all(label.endswith("(untrained)") for label, _ in catalog.poolings(EMBEDDED_FAMILY, 16))
+    # an embedded variant says it is untrained exactly when no trained weights ship for it
+    for ratio in (4, 8, 16):
+        for label, pooling in catalog.poolings(EMBEDDED_FAMILY, ratio):
+            shipped = has_layout(trained_dir(embedded_config(ratio, pooling)))
+            assert label.endswith("(untrained)") is not shipped, (ratio, label)
+    assert "concat" in dict(catalog.poolings(EMBEDDED_FAMILY, 4)).values()
     assert catalog.sibling(catalog.default, 8).ratio == 8 and catalog.sibling(catalog.default, 16) is None
     with pytest.raises(UserError, match="offers: 1:4 mean, 1:8 mean"):
         catalog.find(CHECKPOINT_FAMILY, 16, "mean")
