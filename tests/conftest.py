@@ -131,3 +131,14 @@ def out_of_memory(monkeypatch):
         return calls
 
     return inject
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from app.service import Studio
 from app.settings import Settings
@@ -18,14 +17,6 @@ from tests.tiny_models import CORPUS
 
 pytest.importorskip("kvpress")
 pytest.importorskip("optimum.quanto")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_speed_rehearsal(tiny_checkpoint_factory, tmp_path, one_thread):

@@ -20,15 +20,6 @@ PAPER_ENCODER = Shape.from_config(Qwen3Config(**QWEN3_EMBEDDING_0_6B))
 PAPER_DECODER = Shape.from_config(Qwen3Config(**QWEN3_4B_INSTRUCT_2507))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- the analytic limit ------------------------------------------------------------------------
 @pytest.mark.parametrize("tokens, expected", [(4096, 5.8), (32768, 11), (131072, 29), (1 << 20, 119)])
 def test_analytic_limit_gives_the_issue_numbers_for_the_paper_pair(tokens, expected):

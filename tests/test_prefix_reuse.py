@@ -10,8 +10,10 @@ from app.cli import main
 from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey, cache_bytes
 from app.service import Studio, release_memory
 from app.settings import Settings
+from model.baselines import QUESTION_MARK
 from model.errors import OutOfMemory
 from model.generation import fork_cache, prefill
+from model.prompts import PROMPT_PROFILES
 
 DOC = ("The quick brown fox jumps over the lazy dog. The vault code is 5521. " * 8).strip()
 OTHER_DOC = ("A slow green turtle naps under the old tree. The door number is 802. " * 8).strip()
@@ -52,7 +54,8 @@ def test_the_reused_prefix_is_the_prompt_up_to_the_question(tmp_path, tiny_check
     result = ask(studio, QUESTIONS[1], "full")
     model = studio.model()
     count = lambda text: len(model.decoder_tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    asked = count(f"\n\nQuestion: {QUESTIONS[1]}") + count(model.chat("x").split("x")[1])  # question + turn end
+    profile = PROMPT_PROFILES[result["prompt_profile"]]  # the question's layout (paper for a checkpoint directory)
+    asked = count(model.chat(profile.question(DOC + QUESTION_MARK, QUESTIONS[1])).split(QUESTION_MARK)[1])
     assert result["prefix_reused_positions"] + asked == pytest.approx(result["positions"], abs=2)
     assert result["prefix_reused_positions"] > count(DOC)  # the whole document is in the prefix
 
