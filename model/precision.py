@@ -9,8 +9,10 @@ a dtype and says why, with the probe's numbers where the probe decided."""
 from __future__ import annotations
 
 import functools
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -107,3 +109,14 @@ def choose_dtype(requested: str, device: str | torch.device) -> DtypeChoice:
                            "than float32 (probe)", probe)
     return DtypeChoice(requested, torch.float32, f"this CPU multiplies bfloat16 at {probe.speedup:.2f}x "
                        f"float32's rate (probe; bfloat16 needs {MIN_SPEEDUP}x)", probe)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo where there is one), e.g. for a result beside its dtype."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -19,21 +19,12 @@ from bench.speed.analytic import cached_ttft_gain_limit, encoder_share, ttft_gai
 from bench.speed.methods import METHODS
 from bench.speed.rigs import Rig
 from bench.speed.sweep import MEASURED_FIELDS, Plan, Point
+from model.precision import cpu_name
 
 MiB = 2**20
 
 
 # ---- the machine ----------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def version(package: str) -> str | None:
     try:
         return metadata.version(package)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from model import precision
 from model.fidelity import token_accuracy
 from model.generation import decode, prefill, stop_token_ids
 from model.precision import fast_dtype
@@ -633,15 +634,8 @@ def device_name(device: torch.device) -> str:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    """The CPU and its core count, as training results name it."""
+    return f"{precision.cpu_name()}, {os.cpu_count()} cores"
 
 
 # ---- what a GPU machine brings back ---------------------------------------------------------------
