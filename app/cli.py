@@ -9,10 +9,14 @@ import argparse
 import json
 import sys
 
-from app.settings import MODES, POOLINGS, PROFILES, RATIOS
+from app.methods import METHODS, PRESS_METHODS
+from app.settings import POOLINGS, PROFILES, RATIOS
 from model.precision import DTYPE_CHOICES
 
 EXIT_USER_ERROR = 2
+
+
+ANSWER_MODES = [name for name in METHODS if name not in PRESS_METHODS]  # the presses go by --press
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--question", "-q", required=True, action="append",
                      help="repeat to ask several questions in order; each follow-up reuses the document's KV cache "
                      "(with --json: a list of one object per question)")
-    ask.add_argument("--mode", choices=(*MODES, "press"), default="lclm",
-                     help="full: the decoder reads the raw text; lclm: it reads latents; expand: latents + EXPAND tool; "
-                          "press: the raw text with its KV cache compressed by --press")
+    ask.add_argument("--mode", choices=(*ANSWER_MODES, "press"), default="lclm",
+                     help="; ".join(f"{name}: {METHODS[name].label}, it prepares {METHODS[name].prepares}"
+                                    for name in ANSWER_MODES) + "; press: the raw text with its KV cache compressed "
+                                                                "by --press")
     ask.add_argument("--press", default=None,
-                     help="with --mode press: snapkv, kvzip, expected_attention, knorm, streaming_llm, "
-                          "attention_matching, quantized_4bit or quantized_2bit (at the matched ratio 1 - 1/N)")
+                     help=f"with --mode press: {', '.join(PRESS_METHODS)} (at the matched ratio 1 - 1/N)")
     ask.add_argument("--kv-residual", type=int, default=None,
                      help="with a quantized press: newest positions kept in float (default: 64)")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="default: 128; with expand, 256 per round")
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             result = studio.compress(text, args.ratio, args.pooling, use_cache=use_cache, progress=progress).result
             out = result.to_dict()
             if not result.trained:
-                from app.service import UNTRAINED_NOTE
+                from app.methods import UNTRAINED_NOTE
 
                 out["note"] = UNTRAINED_NOTE
             emit(args, out, compress_text)
@@ -121,11 +125,9 @@ def run(args: argparse.Namespace) -> int:
                 if several and not args.json:
                     print(f"Q: {question}", flush=True)
                 result = {}
-                if args.mode == "press":
-                    events = press_events(studio, text, question, args)
-                else:
-                    events = studio.ask(text, question, args.mode, args.ratio, args.pooling,
-                                        max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress)
+                mode = args.press if args.mode == "press" else args.mode
+                events = studio.ask(text, question, mode, args.ratio, args.pooling,
+                                    max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress)
                 for event in events:
                     if event.kind == "token" and stream:
                         print(event.text, end="", flush=True)
@@ -157,25 +159,11 @@ def check_press(args: argparse.Namespace) -> None:
     if args.kv_residual is not None and args.kv_residual < 1:
         raise UserError(f"--kv-residual must be at least 1, got {args.kv_residual}")
     if args.mode == "press":
-        from model.baselines import PRESSES
-
-        if args.press not in PRESSES:
-            raise UserError(f"--mode press needs --press, one of {', '.join(PRESSES)}"
+        if args.press not in PRESS_METHODS:
+            raise UserError(f"--mode press needs --press, one of {', '.join(PRESS_METHODS)}"
                             + (f"; got {args.press!r}" if args.press else ""))
     elif args.press is not None:
         raise UserError("--press is for --mode press")
-
-
-def press_events(studio, text: str, question: str, args: argparse.Namespace):
-    """The answer of the baseline named by --press (app.baselines), streamed as Studio.ask streams."""
-    from app.baselines import BASELINES
-    from app.catalog import Variant
-
-    model = studio.model(args.checkpoint, args.ratio, args.pooling)
-    variant = Variant(family="cli", spec=args.checkpoint, ratio=args.ratio or model.config.compression_ratio,
-                      pooling=args.pooling or model.config.pooling, trained=True)
-    return BASELINES[f"kvpress {args.press}"].ask(studio, text, question, variant, args.max_new_tokens,
-                                                  prompt_profile=args.prompt_profile)
 
 
 def emit(args: argparse.Namespace, result: dict, as_text) -> None:

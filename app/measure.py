@@ -1,4 +1,5 @@
-"""Measurements, defined once for the UI, the CLI and the benchmarks (see DESIGN.md).
+"""Measurements, defined once for the UI, the CLI and the benchmarks (docs/architecture.md):
+every answer method is measured inside one `Meter`.
 
 - TTFT: wall time from the request to the first generated token, with its parts:
   compress (encoder + adapter; 0 on a cache hit), prefill (prompt building and the decoder
@@ -123,3 +124,30 @@ class Measurement:
         extra = data.pop("extra")
         data.update(extra)
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in data.items()}
+
+
+class Meter:
+    """Context manager around one request: its `Measurement`, a `Clock` started at entry and the
+    peak memory during the block. On a normal exit it fills the peaks, the KV-cache bytes (from the
+    positions, unless the method set what its cache stores) and the derived fields."""
+
+    def __init__(self, device: torch.device, decoder_config, dtype: torch.dtype):
+        self.decoder_config, self.dtype = decoder_config, dtype
+        self.measurement = Measurement(device=str(device))
+        self.clock = Clock(device)
+        self.memory = PeakMemory(device)
+
+    def __enter__(self) -> "Meter":
+        self.memory.__enter__()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.memory.__exit__(kind, error, traceback)
+        if kind is not None:
+            return
+        m = self.measurement
+        total_ms = self.clock.ms()
+        m.peak_mem_bytes, m.peak_mem_above_weights_bytes = self.memory.peak, self.memory.above_baseline
+        if not m.kv_cache_bytes:
+            m.kv_cache_bytes = kv_cache_bytes(self.decoder_config, m.positions, self.dtype)
+        m.finish(total_ms)

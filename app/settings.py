@@ -10,12 +10,12 @@ from app.kv_cache import default_size_mb
 from model.agent import DEFAULT_ROUNDS
 from model.chunking import DEFAULT_CHUNK_TOKENS
 from model.embedded import default_data_dir
+from model.pooling import POOLINGS as POOLING_CLASSES
 from model.precision import DTYPE_CHOICES
 from model.prompts import PROMPT_PROFILES
 
 RATIOS = (4, 8, 16)
-POOLINGS = ("mean", "concat", "eos")
-MODES = ("full", "lclm", "expand")
+POOLINGS = tuple(POOLING_CLASSES)  # model/pooling.py registers them
 PROFILES = tuple(PROMPT_PROFILES)
 
 

@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,17 +19,18 @@ import psutil
 import torch
 
 from app import figures
-from app.baselines import BASELINES
+from app.methods import METHODS
 from app.catalog import Catalog, Variant
 from app.documents import Document, DocumentStore, Layout, layout
 from app.history import RunHistory, run_row, to_csv, to_json
 from app.inspect import latent_set, latent_statistics, project_sets, source_token_set, token_diff
 from app.serving import UPLOAD_DIR_ENV, discard_upload
-from app.service import UNTRAINED_NOTE, Studio, validate_choice
+from app.methods import UNTRAINED_NOTE
+from app.models import ProgressFn, validate_choice
+from app.service import Studio
 from model.errors import UserError
 
 log = logging.getLogger(__name__)
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total); total 0 for a message
 SWEEP_QUESTION = "What is this document about?"
 SWEEP_MIN_TOKENS = 32
 
@@ -38,7 +39,8 @@ SWEEP_MIN_TOKENS = 32
 class MethodRun:
     """One method's answer as it streams, with its live readout."""
 
-    name: str
+    name: str  # as the page shows it
+    method: str  # its name in app.methods.METHODS
     status: str = "waiting"  # waiting, running, done, or an error / unavailable message
     text: str = ""
     started: float = 0.0
@@ -226,12 +228,13 @@ class Workspace:
         text = self.documents.get(doc_id).text
         if not question or not question.strip():
             raise UserError("the question is empty")
-        unknown = [b for b in baselines if b not in BASELINES]
+        comparisons = [name for name, m in METHODS.items() if not m.reads_latents]
+        unknown = [b for b in baselines if b not in comparisons]
         if unknown:
-            raise UserError(f"unknown comparison {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+            raise UserError(f"unknown comparison {unknown[0]!r}; choose from {', '.join(comparisons)}")
         mode = "expand" if expand else "lclm"
-        main = MethodRun(f"LCLM {variant.label}" + (" + EXPAND" if expand else ""))
-        state = AskState([main] + [MethodRun(name) for name in baselines])
+        main = MethodRun(f"LCLM {variant.label}" + (" + EXPAND" if expand else ""), mode)
+        state = AskState([main] + [MethodRun(METHODS[name].label, name) for name in baselines])
         device = self.model(variant).device
 
         def stream(run: MethodRun, events) -> Iterator[AskState]:
@@ -257,15 +260,9 @@ class Workspace:
         yield from stream(main, self.studio.ask(text, question, mode, variant.ratio, variant.pooling, variant.spec,
                                                 max_new_tokens, prompt_profile=prompt_profile))
         for run in state.methods[1:]:
-            baseline = BASELINES[run.name]
-            reason = baseline.unavailable()
-            if reason:
-                run.status = run.text = reason
-                yield state
-                continue
             try:
-                yield from stream(run, baseline.ask(self.studio, text, question, variant, max_new_tokens,
-                                                    prompt_profile))
+                yield from stream(run, self.studio.ask(text, question, run.method, variant.ratio, variant.pooling,
+                                                       variant.spec, max_new_tokens, prompt_profile=prompt_profile))
             except Exception as err:  # a comparison that fails here says so; the answers so far stay
                 if not isinstance(err, UserError):
                     log.exception("%s failed", run.name)

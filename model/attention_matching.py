@@ -37,7 +37,7 @@ positions of that layer's logits (per KV head, repeated over its query heads) an
 the resulting float mask. A cache without biases, or a layer without them, takes the plain sdpa
 path, so the decoder keeps `attention_matching` as its implementation once a press has run.
 
-Imports kvpress (and so datasets and pandas): import this module lazily, as model.baselines does.
+Imports kvpress (and so datasets and pandas): import this module lazily, as model.presses does.
 """
 
 from __future__ import annotations

@@ -35,18 +35,26 @@ REFERENCE_SAMPLING = Sampling(temperature=0.7, top_p=0.8, top_k=20, repetition_p
 class PrefillState:
     cache: DynamicCache
     logits: torch.Tensor  # [vocab] next-token logits after the prompt
-    positions: int
+    positions: int  # positions the prompt occupies: the next token's position. A press's cache holds fewer
+    # entries than that (it dropped some), and the tokens after it keep their uncompressed positions.
+
+
+def position_ids(start: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + length, device=device)[None]  # [1, length]
 
 
 @torch.inference_mode()
-def prefill(decoder: nn.Module, inputs_embeds: torch.Tensor, cache: DynamicCache | None = None) -> PrefillState:
+def prefill(decoder: nn.Module, inputs_embeds: torch.Tensor, cache: DynamicCache | None = None,
+            start: int | None = None) -> PrefillState:
     """One forward over the prompt, or over the rest of it after `cache` (the KV of the prompt's
-    first positions, which the new positions follow). inputs_embeds: [1, P, D]."""
+    first positions, which the new positions follow from `start`: by default the cache's length).
+    inputs_embeds: [1, P, D]."""
     cache = cache if cache is not None else DynamicCache(config=decoder.config)
-    before = cache.get_seq_length()
-    out = decoder(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return PrefillState(cache=out.past_key_values, logits=out.logits[0, -1].float(),
-                        positions=before + inputs_embeds.shape[1])
+    start = cache.get_seq_length() if start is None else start
+    length = inputs_embeds.shape[1]
+    out = decoder(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                  position_ids=position_ids(start, length, inputs_embeds.device))
+    return PrefillState(cache=out.past_key_values, logits=out.logits[0, -1].float(), positions=start + length)
 
 
 def fork_cache(cache: DynamicCache) -> DynamicCache:
@@ -88,7 +96,9 @@ def decode(
     stop_ids: set[int],
     sampling: Sampling = Sampling(),
 ) -> Iterator[int]:
-    """Yields generated token ids one by one; the first comes from the prefill's logits."""
+    """Yields generated token ids one by one; the first comes from the prefill's logits. Each new
+    token takes the position after the last (from `state.positions`), whatever the cache holds.
+    Every answer method of the studio and the benchmarks decodes here."""
     generator = torch.Generator().manual_seed(sampling.seed)
     logits, cache, generated = state.logits, state.cache, []
     device = next(decoder.parameters()).device
@@ -100,7 +110,8 @@ def decode(
         yield token
         if step + 1 == max_new_tokens:
             return
-        out = decoder(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+        out = decoder(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
+                      position_ids=position_ids(state.positions + step, 1, device))
         logits, cache = out.logits[0, -1].float(), out.past_key_values
 
 

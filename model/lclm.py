@@ -11,7 +11,7 @@ from torch import nn
 from model.adapter import make_adapter
 from model.config import LCLMConfig
 from model.encoder import LatentEncoder, ProgressFn, count_latents, latent_spans
-from model.prompts import CHATML_TEMPLATE, MEMORY, MEMORY_END, MEMORY_START, memory_region
+from model.prompts import CHATML_TEMPLATE, MEMORY, MEMORY_END, MEMORY_START
 
 
 @dataclass
@@ -136,7 +136,13 @@ class LCLM(nn.Module):
 
         `prompt` holds one `memory_region(len(r))` per region r, in order.
         """
-        ids = self.decoder_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]  # [1, P]
+        ids = self.decoder_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self.prepare_ids(ids, regions)
+
+    def prepare_ids(self, ids: Sequence[int], regions: Sequence[torch.Tensor] = ()) -> PreparedPrompt:
+        """Decoder ids [P] with one run of `<|memory|>` placeholders per region, in order, and
+        each region's latents spliced over its placeholders."""
+        ids = torch.tensor([list(ids)], dtype=torch.long)  # [1, P]
         # Placeholders are found on the host, before the ids move: no device-to-host sync here.
         placeholders = (ids[0] == self.memory_token_id).nonzero().squeeze(-1)  # [sum M_r]
         total = sum(int(r.shape[0]) for r in regions)
@@ -149,7 +155,3 @@ class LCLM(nn.Module):
             embeds = embeds.clone()
             embeds[0, placeholders.to(embeds.device)] = latents  # [sum M_r, D] over the placeholders, in order
         return PreparedPrompt(input_ids=ids, inputs_embeds=embeds)
-
-    @staticmethod
-    def memory_region(num_latents: int) -> str:
-        return memory_region(num_latents)

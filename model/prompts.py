@@ -14,6 +14,9 @@ CHATML_TEMPLATE = (
 )
 
 
+QUESTION_MARK = "\x00QUESTION\x00"  # put after the document in a prompt to split it there (prefix reuse, presses)
+
+
 def memory_region(num_latents: int) -> str:
     """Inline text of one memory region: start tag, one placeholder per latent, end tag."""
     return MEMORY_START + MEMORY * num_latents + MEMORY_END

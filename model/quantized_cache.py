@@ -7,7 +7,7 @@ huggingface_hub (all already here) and ninja (only to build its optional C++/CUD
 installs with `--no-deps` next to a CPU torch; hqq ships as an sdist to build. transformers'
 quanto layer offers 2 and 4 bits.
 
-It has the shape of a press (model.baselines treats both alike): `with baseline(model):` is a
+It has the shape of a press (model.presses treats both alike): `with baseline(model):` is a
 no-op, `new_cache(config)` is the cache to prefill, compression_ratio is 0 (every position kept),
 and `stored_bytes(cache)` counts what the cache holds: packed bits, scales and zero-points, and
 the float residual.

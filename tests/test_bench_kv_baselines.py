@@ -42,7 +42,7 @@ def test_quality_rehearsal(tmp_path, tiny_checkpoint):
     model = studio.model()
     haystack = Haystack(CORPUS, lambda t: len(model.encoder_tokenizer(t, add_special_tokens=False)["input_ids"]))
     examples = ruler_examples(haystack, ["niah_single"], [96], 1)
-    methods = [m for m in suite_methods([4], ["mean"], ["attention_matching", "quantized_4bit"]) if m.kind == "press"]
+    methods = [m for m in suite_methods([4], ["mean"], ["attention_matching", "quantized_4bit"]) if m.is_press]
     assert [(m.name, m.ratio) for m in methods] == [("attention_matching 1:4", 4), ("quantized_4bit", 1)]
     records = run_ruler(studio, methods, examples, max_new_tokens=3, expand_new_tokens=3)
     assert [r["method"] for r in records] == ["attention_matching 1:4", "quantized_4bit"]

@@ -252,7 +252,7 @@ def test_a_damaged_database_is_moved_aside_and_a_fresh_cache_started(studio, cap
     assert db.stat().st_size >= 16384
     DAMAGES[damage](db)
     damaged = db.read_bytes()
-    later = Studio(studio.settings, checkpoint=studio.default_checkpoint)  # the next run of the CLI or the studio
+    later = Studio(studio.settings, checkpoint=studio.models.default_checkpoint)  # the next run of the CLI or the studio
     with caplog.at_level(logging.WARNING, logger="cache.latents"):
         again = later.compress(DOC)
     assert again.result.cached is False and torch.equal(again.latents, reference.latents)
@@ -268,7 +268,7 @@ def test_a_damaged_database_is_moved_aside_and_a_fresh_cache_started(studio, cap
 def test_a_zero_length_database_is_an_empty_cache(studio, caplog):  # noqa: F811
     db = fill(studio)
     db.write_bytes(b"")
-    later = Studio(studio.settings, checkpoint=studio.default_checkpoint)
+    later = Studio(studio.settings, checkpoint=studio.models.default_checkpoint)
     with caplog.at_level(logging.WARNING, logger="cache.latents"):
         assert later.compress(DOC).result.cached is False
     assert not caplog.records and not moved_aside(db.parent)  # nothing to move aside: SQLite reads it as empty
@@ -317,7 +317,7 @@ def test_an_unwritable_cache_directory_means_work_goes_on_uncached(studio, caplo
         fill(studio)
     home = studio.settings.data_dir
     unwritable(home if where == "home" else studio.settings.cache_dir)
-    later = Studio(studio.settings, checkpoint=studio.default_checkpoint)
+    later = Studio(studio.settings, checkpoint=studio.models.default_checkpoint)
     with caplog.at_level(logging.WARNING, logger="cache.latents"):
         results = [later.compress(DOC) for _ in range(2)]
     assert [r.result.cached for r in results] == [False, False]
@@ -331,7 +331,7 @@ def test_a_damaged_database_that_cannot_be_moved_aside(studio, caplog, unwritabl
     db = fill(studio)
     overwrite(0)(db)
     unwritable(studio.settings.data_dir)  # the cache directory cannot be renamed
-    later = Studio(studio.settings, checkpoint=studio.default_checkpoint)
+    later = Studio(studio.settings, checkpoint=studio.models.default_checkpoint)
     with caplog.at_level(logging.WARNING, logger="cache.latents"):
         assert [later.compress(DOC).result.cached for _ in range(2)] == [False, False]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

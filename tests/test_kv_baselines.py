@@ -11,7 +11,7 @@ pytest.importorskip("kvpress")
 
 from model.attention_matching import (AttentionMatchingPress, attention_matching_forward, block_output,  # noqa: E402
                                       compact_block, compact_size)
-from model.baselines import PRESSES, kept_positions, make_press, new_cache, stored_kv_bytes  # noqa: E402
+from model.presses import PRESSES, kept_positions, make_press, new_cache, stored_kv_bytes  # noqa: E402
 from tests.tiny_models import build_tiny_lclm  # noqa: E402
 
 D = 16

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-import app.service
+import app.methods
+import app.models
 from app.cli import main
-from app.service import Studio, is_out_of_memory
+from app.memory import is_out_of_memory
+from app.service import Studio
 from app.settings import Settings
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.lclm import LCLM
@@ -76,7 +78,7 @@ def test_a_failed_request_leaves_no_tensors_behind(studio, out_of_memory, monkey
         return wrapper
 
     monkeypatch.setattr(model, "compress", tracked(model.compress))
-    monkeypatch.setattr(app.service, "prefill", tracked(app.service.prefill))
+    monkeypatch.setattr(app.methods, "prefill", tracked(app.methods.prefill))
     out_of_memory(model.decoder, "forward", call=3)  # inside the decode loop
     with pytest.raises(OutOfMemory) as failure:
         list(studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=8, use_cache=False))
@@ -89,7 +91,7 @@ def test_memory_errors_of_the_host_are_caught_too(studio, monkeypatch):
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(app.service, "prefill", no_memory)
+    monkeypatch.setattr(app.methods, "prefill", no_memory)
     with pytest.raises(OutOfMemory, match=OUT_OF_MEMORY):
         answer(studio, "full")
 
@@ -98,7 +100,7 @@ def test_other_runtime_errors_are_not_taken_for_memory(studio, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(app.service, "prefill", bug)
+    monkeypatch.setattr(app.methods, "prefill", bug)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         answer(studio, "full")
 
@@ -115,7 +117,7 @@ def test_out_of_memory_while_reconstructing(studio, out_of_memory):
 @pytest.mark.parametrize("command, target", [
     (["compress"], lambda: (LCLM, "compress", 1)),
     (["ask", "-q", QUESTION, "--mode", "lclm"], lambda: (Qwen3ForCausalLM, "forward", 2)),  # 2nd forward: decoding
-    (["ask", "-q", QUESTION, "--mode", "full"], lambda: (app.service, "prefill", 1)),
+    (["ask", "-q", QUESTION, "--mode", "full"], lambda: (app.methods, "prefill", 1)),
 ], ids=["compress", "ask-decode", "ask-prefill"])
 def test_cli_prints_one_line_and_the_next_run_works(capsys, tmp_path, tiny_checkpoint, out_of_memory, command,
                                                     target):
@@ -138,7 +140,7 @@ def test_out_of_memory_while_loading_a_model(tmp_path, tiny_checkpoint, monkeypa
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(app.service, "build_lclm", no_room)
+        patch.setattr(app.models, "build_lclm", no_room)
         with pytest.raises(OutOfMemory, match=r"^out of memory while loading .*; free memory on the device"):
             studio.model()
     assert isinstance(studio.model(), LCLM)  # nothing half-loaded was kept: the next start works

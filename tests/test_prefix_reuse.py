@@ -8,9 +8,10 @@ import torch
 
 from app.cli import main
 from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey, cache_bytes
-from app.service import Studio, release_memory
+from app.memory import release_memory
+from app.service import Studio
 from app.settings import Settings
-from model.baselines import QUESTION_MARK
+from model.prompts import QUESTION_MARK
 from model.errors import OutOfMemory
 from model.generation import fork_cache, prefill
 from model.prompts import PROMPT_PROFILES
@@ -116,12 +117,12 @@ def test_fork_cache_grows_apart_from_its_source(tiny_lclm_factory):
 
 
 def test_running_out_of_memory_drops_the_kept_prefixes_first(tmp_path, tiny_checkpoint, out_of_memory):
-    import app.service
+    import app.methods
 
     studio = make_studio(tmp_path, tiny_checkpoint)
     ask(studio, QUESTIONS[0], "full")
     assert len(studio.prefix_cache) == 1
-    calls = out_of_memory(app.service, "prefill", call=1)
+    calls = out_of_memory(app.methods, "prefill", call=1)
     with pytest.raises(OutOfMemory):
         ask(studio, QUESTIONS[1], "full")
     assert calls and len(studio.prefix_cache) == 0 and studio.prefix_cache.bytes == 0
@@ -199,14 +200,10 @@ def test_cli_several_questions_as_text(capsys, tmp_path, tiny_checkpoint):
 @pytest.mark.parametrize("press", ["knorm", "snapkv", "streaming_llm"])
 def test_press_follow_ups_start_from_the_kept_compressed_context(tmp_path, tiny_checkpoint, press):
     pytest.importorskip("kvpress")
-    from app.baselines import BASELINES
-    from app.catalog import build_catalog
-
-    variant = build_catalog([str(tiny_checkpoint)]).default
     reusing = make_studio(tmp_path / "a", tiny_checkpoint)
     plain = make_studio(tmp_path / "b", tiny_checkpoint, kv_cache_mb=0)
-    method = BASELINES[f"kvpress {press}"]
-    answers = lambda studio: [list(method.ask(studio, DOC, q, variant, 8))[-1].result for q in QUESTIONS]  # noqa: E731
+    answers = lambda studio: [list(studio.ask(DOC, q, press, max_new_tokens=8))[-1].result  # noqa: E731
+                              for q in QUESTIONS]
     with_reuse, without = answers(reusing), answers(plain)
     assert [r["answer"] for r in with_reuse] == [r["answer"] for r in without]
     first, *follow_ups = with_reuse

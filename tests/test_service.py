@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-import app.service
+import app.methods
 from app.measure import kv_cache_bytes
 from app.service import Studio
 from app.settings import Settings
 from model.errors import UserError
 from model.agent import ACTIONS
 from model.fidelity import token_accuracy
-from model.prompts import PROMPT_PROFILES
+from model.prompts import PROMPT_PROFILES, memory_region
 
 DOC = ("The quick brown fox jumps over the lazy dog. The vault code is 5521. " * 10).strip()
 QUESTION = "What is the vault code?"
@@ -39,7 +39,7 @@ def test_lclm_prefills_fewer_positions_than_full_context(studio):
     model = studio.model()
     profile = PROMPT_PROFILES[lclm["prompt_profile"]]
     assert lclm["prompt_profile"] == full["prompt_profile"] == "paper"  # the default for a checkpoint directory
-    with_placeholders = model.chat(profile.question(model.memory_region(lclm["latents"]), QUESTION))
+    with_placeholders = model.chat(profile.question(memory_region(lclm["latents"]), QUESTION))
     prompt_only = model.chat(profile.question("", QUESTION))
     count = lambda text: len(model.decoder_tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     assert lclm["positions"] == count(with_placeholders)
@@ -83,13 +83,13 @@ def test_cache_hit_then_corruption_is_rebuilt(studio):
 
 def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
     seen = []
-    run = app.service.ExpandAgent.run
+    run = app.methods.ExpandAgent.run
 
     def recording(self, question, chunk_latents, chunk_texts, generate):
         seen.append((list(chunk_latents), list(chunk_texts)))
         return (yield from run(self, question, chunk_latents, chunk_texts, generate))
 
-    monkeypatch.setattr(app.service.ExpandAgent, "run", recording)
+    monkeypatch.setattr(app.methods.ExpandAgent, "run", recording)
     events, result = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=4))
     model = studio.model()
     chunks = studio.chunks(model, DOC)

@@ -12,13 +12,13 @@ import gradio as gr
 import pandas as pd
 
 from app import figures
-from app.baselines import BASELINES, KVPRESS_CHOICES
+from app.methods import METHODS, PRESS_METHODS
 from app.settings import PROFILES
 from views.common import MODEL_SLOT, Shared, user_errors
 
 NO_KVPRESS = "none"
 CHECKPOINT_PROFILE = "checkpoint default"  # paper for published checkpoints, studio for the embedded model
-FULL = "full context"
+FULL = "full"  # the full-context method (app.methods)
 TRANSCRIPT_COLUMNS = ["round", "prefilled", "action", "expanded", "ignored", "prompt tokens", "reply"]
 READOUT_COLUMNS = ["method", "status", "TTFT ms", "compress ms", "prefill ms", "tokens/s", "tokens", "peak MiB",
                    "KV cache MiB", "positions"]
@@ -26,11 +26,8 @@ STREAM_INTERVAL_S = 0.1  # at most this often a streamed update goes to the page
 
 
 def kvpress_choices() -> list[tuple[str, str]]:
-    choices = [(NO_KVPRESS, NO_KVPRESS)]
-    for name in KVPRESS_CHOICES:
-        reason = BASELINES[name].unavailable()
-        choices.append((f"{name} ({reason})" if reason else name, name))
-    return choices
+    """(label, method name) of every press in the registry."""
+    return [(NO_KVPRESS, NO_KVPRESS)] + [(METHODS[name].label, name) for name in PRESS_METHODS]
 
 
 def readout_table(rows: list[dict]) -> pd.DataFrame:
@@ -43,7 +40,7 @@ def build(max_new_tokens: int) -> SimpleNamespace:
     with gr.Row():
         expand = gr.Checkbox(False, label="EXPAND: let the model read chunks in full", elem_id="expand")
         full = gr.Checkbox(False, label="Also answer from the full context", elem_id="compare-full")
-        kvpress = gr.Dropdown(kvpress_choices(), value=NO_KVPRESS, label="Also answer with a kvpress baseline",
+        kvpress = gr.Dropdown(kvpress_choices(), value=NO_KVPRESS, label="Also answer with a KV-cache press",
                               elem_id="compare-kvpress")
         new_tokens = gr.Number(max_new_tokens, precision=0, minimum=1, maximum=4096,
                                label="Max new tokens (per EXPAND round)", elem_id="max-new-tokens")
@@ -114,10 +111,10 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
         states = workspace.ask(request.session_hash, document, question, variant, bool(expand), baselines,
                                int(max_new_tokens or 0) or None, prompt_profile=profile)
         for state in throttled(states):
-            by_name = {m.name: m.text for m in state.methods}
+            by_method = {m.method: m.text for m in state.methods[1:]}
             rows = state.readouts()
             readout = readout_table(rows)
-            yield (by_name[state.methods[0].name], by_name.get(FULL, ""), by_name.get(kvpress, ""),
+            yield (state.methods[0].text, by_method.get(FULL, ""), by_method.get(kvpress, ""),
                    ttft_markdown(rows), readout, figures.document_strip(cells, state.expanded),
                    transcript_table(state.rounds), state.results(), *[readout] * len(live_readouts))
 

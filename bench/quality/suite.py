@@ -4,7 +4,8 @@
   reproduces them (Studio.reconstruct, the app's own code path); token accuracy, BLEU and
   ROUGE-L against the original.
 - ruler: the synthetic suite (model/training/data/synthetic.py) generated with evaluation
-  seeds at several context lengths; every method answers every example; the score is the
+  seeds at several context lengths; every method answers every example through the studio's
+  own method registry (app/methods.py, `Studio.ask`); the score is the
   share of answers found in the reply (case-insensitive substring match). Questions use one
   prompt profile (`paper` by default: the authors' layout and EXPAND agent), and each EXPAND
   case records the rounds it used and the chunks it read.
@@ -18,44 +19,50 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from app.methods import METHODS as STUDIO_METHODS
+from app.methods import PRESS_METHODS
 from app.service import Studio
 from bench.quality.metrics import bleu, rouge_l
-from model.baselines import press_answer
-from model.prompts import PROMPT_PROFILES
 from model.training.data.synthetic import Haystack, TaskExample, eval_seed, make_task, score
 
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the RULER table: `kind` is full, lclm, expand or press."""
+    """One row of the RULER table: a studio method (app.methods.METHODS, by `kind`: full, lclm,
+    expand or a press's name) at one ratio and pooling."""
 
     name: str
     kind: str
     ratio: int = 1
     pooling: str = "mean"
-    press: str = ""
+
+    @property
+    def is_press(self) -> bool:
+        return self.kind in PRESS_METHODS
 
     @property
     def family(self) -> str:
         """The plot line this method belongs to."""
         if self.kind == "lclm":
             return f"LCLM {self.pooling}"
-        if self.kind == "press":
-            return {"snapkv": "SnapKV", "kvzip": "KVzip", "expected_attention": "ExpectedAttention",
-                    "attention_matching": "Attention Matching", "quantized_4bit": "KV 4-bit",
-                    "quantized_2bit": "KV 2-bit"}.get(self.press, self.press)
-        return {"full": "full context", "expand": f"LCLM 1:{self.ratio} + EXPAND"}[self.kind]
+        if self.kind == "expand":
+            return f"LCLM 1:{self.ratio} + EXPAND"
+        return STUDIO_METHODS[self.kind].label
 
 
 def methods(ratios: list[int], poolings: list[str], presses: list[str], expand_ratio: int = 16) -> list[Method]:
+    unknown = [p for p in presses if p not in PRESS_METHODS]
+    if unknown:
+        raise ValueError(f"unknown presses {unknown}; known: {', '.join(PRESS_METHODS)}")
     out = [Method("full context", "full")]
     out += [Method(f"LCLM 1:{n} {p}", "lclm", n, p) for p in poolings for n in ratios]
     if expand_ratio:
         out.append(Method(f"LCLM 1:{expand_ratio} mean + EXPAND", "expand", expand_ratio, "mean"))
-    quantized = [p for p in presses if p.startswith("quantized_")]  # every position kept: no ratio, once each
-    out += [Method(f"{press} 1:{n}", "press", n, press=press) for press in presses if press not in quantized
-            for n in ratios]
-    out += [Method(press, "press", 1, press=press) for press in quantized]
+    for press in presses:
+        if STUDIO_METHODS[press].uses_ratio:
+            out += [Method(f"{press} 1:{n}", press, n) for n in ratios]
+        else:  # every position kept: no ratio, once
+            out.append(Method(press, press, 1))
     return out
 
 
@@ -70,16 +77,16 @@ def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens:
            expand_new_tokens: int | None = None) -> dict:
     """One method on one example: reply, decoder positions, the prompt profile and, for EXPAND,
     the rounds used and the chunks read (numbered from 1)."""
-    if method.kind == "press":
-        model = studio.model()  # any variant: only its decoder is used
-        result = press_answer(model.decoder, model.decoder_tokenizer, example.context, example.question,
-                              method.press, method.ratio, max_new_tokens, PROMPT_PROFILES[prompt_profile].question)
-        return {"reply": result.answer, "positions": result.positions, "prompt_profile": prompt_profile}
-    ratio = None if method.kind == "full" else method.ratio
-    pooling = None if method.kind == "full" else method.pooling
-    tokens = expand_new_tokens if method.kind == "expand" else max_new_tokens  # None: 256 per EXPAND round
-    events = list(studio.ask(example.context, example.question, mode=method.kind, ratio=ratio, pooling=pooling,
-                             max_new_tokens=tokens, use_cache=False, prompt_profile=prompt_profile))
+    if STUDIO_METHODS[method.kind].reads_latents:
+        tokens = expand_new_tokens if method.kind == "expand" else max_new_tokens  # None: 256 per EXPAND round
+        events = list(studio.ask(example.context, example.question, mode=method.kind, ratio=method.ratio,
+                                 pooling=method.pooling, max_new_tokens=tokens, use_cache=False,
+                                 prompt_profile=prompt_profile))
+    else:  # full context and the presses read the raw text with the default variant's decoder
+        variant = studio.variant(prompt_profile=prompt_profile)
+        request = studio.request(example.context, example.question, variant, max_new_tokens, use_cache=False,
+                                 ratio=method.ratio if method.is_press else None)
+        events = list(studio.run(method.kind, request))
     done = events[-1].result
     out = {"reply": done["answer"], "positions": done["positions"], "prompt_profile": done["prompt_profile"]}
     if method.kind == "expand":
@@ -97,8 +104,10 @@ def run_ruler(studio: Studio, all_methods: list[Method], examples: list[tuple[in
             started = time.perf_counter()
             got = answer(studio, method, example, max_new_tokens, prompt_profile, expand_new_tokens)
             reply = got.pop("reply")
-            record = {"method": method.name, "family": method.family, "kind": method.kind, "ratio": method.ratio,
-                      "pooling": method.pooling if method.kind in ("lclm", "expand") else None,
+            kind = "press" if method.is_press else method.kind
+            record = {"method": method.name, "family": method.family, "kind": kind, "ratio": method.ratio,
+                      "pooling": method.pooling if kind in ("lclm", "expand") else None,
+                      **({"press": method.kind} if method.is_press else {}),
                       "task": example.kind, "length": length, "example": index, "depth": round(example.depth, 3),
                       "score": score(example, reply), "reply": reply[:200], "answers": example.answers,
                       **got, "seconds": round(time.perf_counter() - started, 2)}

@@ -1,29 +1,19 @@
-"""The measured methods, one small class each, registered in METHODS.
+"""The measured methods: each is an answer method of the studio's registry (app/methods.py) in
+one scenario, run through `Studio.run` exactly as the studio answers, on a document of random
+token ids (`DocumentIds.from_ids`):
 
-Every method answers the same question about the same document (random token ids), through
-the app's own code where the app has it, and fills one `app.measure.Measurement` per request:
+- cold:     nothing cached: full context prefills the whole prompt; the LCLM runs the encoder +
+            adapter (compress_ms) and then the decoder prefill; a press prefills the context
+            under the press (compress_ms) and then the question over the pressed cache.
+- cached:   the LCLM's latents come from the latent cache (an untimed first request filled it):
+            compress_ms is 0 and the cache read is other_ms.
+- followup: a second question about the same document: an untimed first request filled the
+            prefix cache (and the latent cache), so the decoder prefills only the question.
 
-- full:         the decoder prefills the whole prompt with the document as ordinary tokens.
-- lclm:         cold latents: encoder + adapter (`LCLM.compress`, timed as compress_ms), then
-                `LCLM.prepare` + `prefill`, as `Studio.ask` does.
-- lclm_cached:  latents from the cache: they are moved to the device (other_ms, as a cache hit
-                in `Studio.compress`), compress_ms is 0 and TTFT is the decoder prefill only.
-- full_followup: a follow-up question about the same document, as Studio.ask answers it with
-                the prefix cache: the KV of the prompt up to the question is there (computed
-                untimed), the decoder prefills only the question after it (`fork_cache`).
-- lclm_followup: the same for the LCLM: the prefix holds the memory region of the latents.
-- question_only: the question's tokens prefilled alone, with no document before them: the
-                floor a follow-up question's prefill can approach.
-- snapkv/kvzip/attention_matching: presses at the matched ratio 1 - 1/N (`model.baselines.make_press`),
-                applied as kvpress's pipeline does: the context (instruction + document) is
-                prefilled with the press (timed as compress_ms: it builds and compresses the KV
-                cache), then the question is prefilled over the compressed cache (prefill_ms).
-- quantized_4bit/quantized_2bit: the same path with a quantized cache (every position kept);
-                KV bytes as stored (bits, scales, float residual) after the question.
-
-TTFT parts follow app/measure.py: compress, prefill (prompt building and decoder forward),
-first token (picking and detokenizing it); the chat template and the latent move are other_ms.
-Generation ignores stop tokens so that every request decodes the same number of tokens.
+One reference is not a studio method: `question_only`, the question's tokens prefilled alone
+with no document before them, the floor a follow-up's prefill can approach; it runs through the
+same shared prefill, decode and `Meter`. Generation ignores stop tokens (`stop_at_end` off) so
+that every request decodes the same number of tokens. TTFT parts follow app/measure.py.
 """
 
 from __future__ import annotations
@@ -34,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from app.measure import Clock, Measurement, PeakMemory, kv_cache_bytes
+from app.measure import Measurement, Meter
+from app.methods import METHODS as STUDIO_METHODS
+from app.methods import PRESS_METHODS, DocumentIds, Request, prompt_parts, reply
 from bench.speed.rigs import QUESTION, Rig
-from model.generation import StreamingDetokenizer, decode, fork_cache, prefill
-from model.lclm import LCLM
-from model.prompts import question_prompt
+from model.generation import prefill
 
 KVZIP_REPLAY_TOKENS = 2048 + 32  # kvzip replays the context in chunks of 2048 tokens after a short prompt
 
@@ -50,221 +40,100 @@ class Case:
     tokens: int  # T, document length in tokens
     ratio: int | None  # N (None for full context)
     doc: list[int]  # [T] token ids
-    latents: torch.Tensor | None = None  # [M, D] on the CPU: the latent cache for lclm_cached
-    prefix: object = None  # DynamicCache of the prompt up to the question, for the follow-up methods
+    prepared: bool = False  # the untimed first request of a cached / follow-up scenario has run
+
+    @property
+    def document(self) -> DocumentIds:
+        return DocumentIds.from_ids(self.doc)
 
 
+@dataclass(frozen=True)
 class Method:
-    name = ""
-    label = ""
-    uses_ratio = True
-    prefills_context = False  # True: the decoder prefills the whole document (full context, presses)
+    name: str  # the benchmark's name for it (--methods)
+    label: str
+    studio_method: str  # a name in app.methods.METHODS ("" for question_only)
+    scenario: str = "cold"  # cold | cached | followup
+
+    @property
+    def uses_ratio(self) -> bool:
+        return self.studio_method != "" and STUDIO_METHODS[self.studio_method].uses_ratio
+
+    @property
+    def prefills_context(self) -> bool:
+        """The decoder prefills the whole document (full context, presses) in a cold request."""
+        return self.scenario == "cold" and self.studio_method != "" and not STUDIO_METHODS[
+            self.studio_method].reads_latents
+
+    @property
+    def reads_latents(self) -> bool:
+        return self.studio_method != "" and STUDIO_METHODS[self.studio_method].reads_latents
 
     def positions_needed(self, rig: Rig, tokens: int, ratio: int | None, new_tokens: int) -> int:
         """The largest decoder position this request reaches."""
-        return len(rig.before) + tokens + len(rig.after) + new_tokens
+        if not self.studio_method:
+            return len(rig.after) + new_tokens
+        if self.reads_latents:
+            return len(rig.before) + rig.lclms[ratio].count_latents(tokens) + 2 + len(rig.after) + new_tokens
+        reached = len(rig.before) + tokens + len(rig.after) + new_tokens
+        if self.studio_method == "kvzip":
+            reached = max(reached, len(rig.before) + tokens + KVZIP_REPLAY_TOKENS)
+        return reached
+
+    def request(self, rig: Rig, case: Case, new_tokens: int) -> Request:
+        cached = self.scenario != "cold"
+        return Request(case.document, QUESTION, rig.variant(case.ratio), new_tokens, latent_cache=cached,
+                       prefix_cache=self.scenario == "followup", stop_at_end=False)
 
     def prepare(self, rig: Rig, case: Case) -> None:
-        """Untimed set-up before a request (e.g. filling the latent cache)."""
+        """Untimed set-up before a request: the first request of a cached or follow-up scenario."""
+        if self.scenario != "cold" and self.studio_method and not case.prepared:
+            for _ in rig.studio.run(self.studio_method, self.request(rig, case, 1)):
+                pass
+            case.prepared = True
 
-    def run(self, rig: Rig, case: Case, clock: Clock, m: Measurement, new_tokens: int) -> None:
-        raise NotImplementedError
-
-
-def stream(rig: Rig, tokenizer, state, clock: Clock, m: Measurement, new_tokens: int, prefill_done_ms: float) -> None:
-    """Decode `new_tokens` tokens as Studio._generate does, recording the first token's time."""
-    detok = StreamingDetokenizer(tokenizer)
-    for token in decode(rig.decoder, state, new_tokens, stop_ids=set()):
-        detok.push(token)
-        if m.new_tokens == 0:
-            m.ttft_ms = clock.ms()
-            m.first_token_ms = m.ttft_ms - prefill_done_ms
-        m.new_tokens += 1
-
-
-class FullContext(Method):
-    name, label, uses_ratio, prefills_context = "full", "full context", False, True
-
-    def run(self, rig, case, clock, m, new_tokens):
-        start = clock.ms()
-        ids = torch.tensor([rig.before + case.doc + rig.after], device=rig.device)  # [1, P]
-        embeds = rig.decoder.get_input_embeddings()(ids)  # [1, P, D]
-        state = prefill(rig.decoder, embeds)
-        done = clock.ms()
-        m.prefill_ms, m.positions = done - start, state.positions
-        stream(rig, rig.any_lclm.decoder_tokenizer, state, clock, m, new_tokens, done)
+    def run(self, rig: Rig, case: Case, new_tokens: int) -> Measurement:
+        if not self.studio_method:
+            return question_only(rig, case, new_tokens)
+        done = None
+        for event in rig.studio.run(self.studio_method, self.request(rig, case, new_tokens)):
+            done = event if event.kind == "done" else done
+        m = done.measurement
+        for fact in ("latents", "kv_positions_held"):  # per-request facts the report shows
+            if done.result.get(fact):
+                m.extra[fact] = done.result[fact]
+        return m
 
 
-class LCLMCold(Method):
-    name, label = "lclm", "LCLM (cold)"
-
-    def positions_needed(self, rig, tokens, ratio, new_tokens):
-        latents = rig.lclms[ratio].count_latents(tokens)
-        return len(rig.before) + latents + 2 + len(rig.after) + new_tokens
-
-    def run(self, rig, case, clock, m, new_tokens):
-        lclm = rig.lclms[case.ratio]
-        start = clock.ms()
-        latents = lclm.compress(case.doc)  # [M, dec_hidden]
-        m.compress_ms = clock.ms() - start
-        answer_from_latents(rig, lclm, latents, clock, m, new_tokens)
-
-
-class LCLMCached(LCLMCold):
-    name, label = "lclm_cached", "LCLM (cached latents)"
-
-    def prepare(self, rig, case):
-        if case.latents is None:
-            case.latents = rig.lclms[case.ratio].compress(case.doc).cpu()  # [M, D]: what the latent cache holds
-
-    def run(self, rig, case, clock, m, new_tokens):
-        lclm = rig.lclms[case.ratio]
-        latents = case.latents.to(device=lclm.device, dtype=lclm.dtype)  # a cache hit, as in Studio.compress
-        answer_from_latents(rig, lclm, latents, clock, m, new_tokens)
+def question_only(rig: Rig, case: Case, new_tokens: int) -> Measurement:
+    """The question's tokens prefilled alone (no document), then the same decode."""
+    variant = rig.variant(None)
+    request = Request(case.document, QUESTION, variant, new_tokens, stop_at_end=False)
+    model = variant.model
+    _, after = prompt_parts(model, variant.profile, QUESTION)
+    with Meter(model.device, model.decoder.config, model.dtype) as meter:
+        start = meter.clock.ms()
+        ids = torch.tensor([after], device=model.device)  # [1, Q]
+        state = prefill(model.decoder, model.decoder.get_input_embeddings()(ids))
+        done = meter.clock.ms()
+        meter.measurement.prefill_ms, meter.measurement.positions = done - start, state.positions
+        meter.measurement.prefill_positions = state.positions
+        for _ in reply(request, state, meter, done):
+            pass
+    return meter.measurement
 
 
-class FollowUp(Method):
-    """A follow-up question: the prompt prefix's KV is kept (computed in `prepare`, untimed); the
-    decoder prefills the question's tokens after it, as Studio.ask does on a prefix-cache hit."""
-
-    def prefix_embeds(self, rig: Rig, case: Case) -> torch.Tensor:
-        """[1, L, D] embeddings of the prompt up to the question."""
-        raise NotImplementedError
-
-    def prepare(self, rig, case):
-        if case.prefix is None:
-            case.prefix = prefill(rig.decoder, self.prefix_embeds(rig, case)).cache
-
-    def run(self, rig, case, clock, m, new_tokens):
-        start = clock.ms()
-        ids = torch.tensor([rig.after], device=rig.device)  # [1, Q]
-        state = prefill(rig.decoder, rig.decoder.get_input_embeddings()(ids), fork_cache(case.prefix))
-        done = clock.ms()
-        m.prefill_ms, m.positions = done - start, state.positions
-        m.prefix_reused_positions, m.prefill_positions = state.positions - ids.shape[1], ids.shape[1]
-        stream(rig, rig.any_lclm.decoder_tokenizer, state, clock, m, new_tokens, done)
-
-
-class FullFollowUp(FollowUp):
-    name, label, uses_ratio = "full_followup", "full context, follow-up", False
-
-    def prefix_embeds(self, rig, case):
-        ids = torch.tensor([rig.before + case.doc], device=rig.device)  # [1, L]
-        return rig.decoder.get_input_embeddings()(ids)
-
-
-class LCLMFollowUp(FollowUp):
-    name, label = "lclm_followup", "LCLM, follow-up"
-
-    def positions_needed(self, rig, tokens, ratio, new_tokens):
-        return LCLMCold.positions_needed(self, rig, tokens, ratio, new_tokens)
-
-    def prefix_embeds(self, rig, case):
-        lclm = rig.lclms[case.ratio]
-        latents = lclm.compress(case.doc)  # [M, D]
-        prompt = lclm.chat(question_prompt(lclm.memory_region(int(latents.shape[0])), QUESTION))
-        prepared = lclm.prepare(prompt, [latents])  # [1, P, D]
-        return prepared.inputs_embeds[:, : prepared.positions - len(rig.after)]  # up to the question: [1, L, D]
-
-
-class QuestionOnly(Method):
-    name, label, uses_ratio = "question_only", "question only (no document)", False
-
-    def positions_needed(self, rig, tokens, ratio, new_tokens):
-        return len(rig.after) + new_tokens
-
-    def run(self, rig, case, clock, m, new_tokens):
-        start = clock.ms()
-        ids = torch.tensor([rig.after], device=rig.device)  # [1, Q]
-        state = prefill(rig.decoder, rig.decoder.get_input_embeddings()(ids))
-        done = clock.ms()
-        m.prefill_ms, m.positions = done - start, state.positions
-        stream(rig, rig.any_lclm.decoder_tokenizer, state, clock, m, new_tokens, done)
-
-
-def answer_from_latents(rig: Rig, lclm: LCLM, latents: torch.Tensor, clock: Clock, m: Measurement,
-                        new_tokens: int) -> None:
-    prompt = lclm.chat(question_prompt(lclm.memory_region(int(latents.shape[0])), QUESTION))
-    start = clock.ms()
-    prepared = lclm.prepare(prompt, [latents])
-    state = prefill(lclm.decoder, prepared.inputs_embeds)
-    done = clock.ms()
-    m.prefill_ms, m.positions = done - start, prepared.positions
-    m.extra["latents"] = int(latents.shape[0])
-    stream(rig, lclm.decoder_tokenizer, state, clock, m, new_tokens, done)
-
-
-class Press(Method):
-    """A kvpress press at the matched ratio, applied the way KVPressTextGenerationPipeline does."""
-
-    prefills_context = True
-
-    def run(self, rig, case, clock, m, new_tokens):
-        from model.baselines import kept_positions, make_press, new_cache, stored_kv_bytes
-
-        decoder = rig.decoder
-        press = make_press(self.name, case.ratio)
-        start = clock.ms()
-        context = torch.tensor([rig.before + case.doc], device=rig.device)  # [1, C]
-        cache = new_cache(press, decoder.config)
-        with press(decoder):
-            decoder.model(input_ids=context, past_key_values=cache)
-        m.compress_ms = clock.ms() - start
-        start = clock.ms()
-        length, asked = context.shape[1], len(rig.after)
-        question = torch.tensor([rig.after], device=rig.device)  # [1, Q]
-        positions = torch.arange(length, length + asked, device=rig.device)[None]  # [1, Q], after the full context
-        logits = decoder(input_ids=question, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits
-        done = clock.ms()
-        m.prefill_ms = done - start
-        kept = kept_positions(press, length)  # kvpress's accounting, as in model.baselines
-        m.positions = kept + asked
-        m.extra["kv_positions_held"] = cache.get_seq_length()
-        stored = stored_kv_bytes(press, cache)
-        if stored is not None:
-            m.extra["kv_stored_bytes"] = stored
-        detok = StreamingDetokenizer(rig.any_lclm.decoder_tokenizer)
-        position = length + asked
-        for step in range(new_tokens):  # greedy, with the uncompressed positions, as kvpress's pipeline
-            token = int(logits[0, -1].argmax())
-            detok.push(token)
-            if step == 0:
-                m.ttft_ms = clock.ms()
-                m.first_token_ms = m.ttft_ms - done
-            m.new_tokens += 1
-            if step + 1 < new_tokens:
-                ids = torch.tensor([[token]], device=rig.device)
-                logits = decoder(input_ids=ids, past_key_values=cache, position_ids=torch.tensor([[position]], device=rig.device)).logits
-                position += 1
-
-
-class SnapKV(Press):
-    name, label = "snapkv", "SnapKV (kvpress)"
-
-
-class KVzip(Press):
-    name, label = "kvzip", "KVzip (kvpress)"
-
-    def positions_needed(self, rig, tokens, ratio, new_tokens):
-        return max(super().positions_needed(rig, tokens, ratio, new_tokens),
-                   len(rig.before) + tokens + KVZIP_REPLAY_TOKENS)
-
-
-class AttentionMatching(Press):
-    name, label = "attention_matching", "Attention Matching"
-
-
-class Quantized4(Press):
-    name, label, uses_ratio = "quantized_4bit", "KV quantized 4-bit", False
-
-
-class Quantized2(Press):
-    name, label, uses_ratio = "quantized_2bit", "KV quantized 2-bit", False
-
-
-METHODS: dict[str, Method] = {cls.name: cls() for cls in (FullContext, LCLMCold, LCLMCached, FullFollowUp, LCLMFollowUp,
-                                                            QuestionOnly, SnapKV, KVzip, AttentionMatching, Quantized4,
-                                                            Quantized2)}
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("full", "full context", "full"),
+    Method("lclm", "LCLM (cold)", "lclm"),
+    Method("lclm_cached", "LCLM (cached latents)", "lclm", "cached"),
+    Method("full_followup", "full context, follow-up", "full", "followup"),
+    Method("lclm_followup", "LCLM, follow-up", "lclm", "followup"),
+    Method("question_only", "question only (no document)", ""),
+    *(Method(name, STUDIO_METHODS[name].label, name) for name in PRESS_METHODS),
+)}
+# What a plain `python -m bench.speed` measures: every method above but the three kvpress presses
+# that the paper does not compare against (they run when named with --methods).
+DEFAULT_METHODS = [name for name in METHODS if name not in ("expected_attention", "knorm", "streaming_llm")]
 
 
 # ---- one request ------------------------------------------------------------------------
@@ -294,18 +163,8 @@ def quiet_kvpress() -> None:
     logging.getLogger("kvpress").setLevel(logging.ERROR)
 
 
-@torch.inference_mode()
 def measure(rig: Rig, method: Method, case: Case, new_tokens: int) -> Measurement:
     """One request, timed and measured as Studio.ask measures an answer."""
     method.prepare(rig, case)
     settle(rig.device)
-    m = Measurement(device=str(rig.device))
-    clock = Clock(rig.device)
-    with PeakMemory(rig.device) as memory:
-        method.run(rig, case, clock, m, new_tokens)
-    total_ms = clock.ms()
-    m.peak_mem_bytes = memory.peak
-    m.peak_mem_above_weights_bytes = memory.above_baseline
-    m.kv_cache_bytes = m.extra.get("kv_stored_bytes") or kv_cache_bytes(rig.decoder.config, m.positions, rig.dtype)
-    m.finish(total_ms)
-    return m
+    return method.run(rig, case, new_tokens)

@@ -16,16 +16,24 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from app.methods import prompt_parts
+from app.models import LoadedVariant
+from app.service import Studio
+from app.settings import Settings
 from bench.speed.analytic import Shape
 from model.config import LCLMConfig
 from model.lclm import LCLM
 from model.pooling import make_pooling
-from model.prompts import CHATML_TEMPLATE, MEMORY_END, MEMORY_START, MEMORY_TOKENS, question_prompt
+from model.prompts import CHATML_TEMPLATE, MEMORY_TOKENS, PROMPT_PROFILES
 
 QUESTION = "What is the special magic number mentioned in the document?"
+PROMPT_PROFILE = "studio"  # the studio's short question prompt
+RIG_CHECKPOINT = "benchmark rig"  # the name the rig's LCLMs have in its studio's model pool
 
 
 @dataclass
@@ -35,7 +43,14 @@ class Rig:
     before: list[int]  # decoder ids of the question prompt before the document
     after: list[int]  # ... and after it (question, end of turn, assistant header)
     doc_vocab: torch.Tensor  # [V] ids a document is drawn from (no special tokens)
+    studio: Studio  # answers every request, with the LCLMs above in its model pool
     notes: list[str] = field(default_factory=list)
+
+    def variant(self, ratio: int | None) -> LoadedVariant:
+        """The LCLM at 1:ratio (any, for methods without a ratio) in the benchmark's prompt profile."""
+        lclm = self.lclms[ratio] if ratio is not None else self.any_lclm
+        return self.studio.variant(RIG_CHECKPOINT, lclm.config.compression_ratio, lclm.config.pooling,
+                                   prompt_profile=PROMPT_PROFILE)
 
     @property
     def any_lclm(self) -> LCLM:
@@ -106,13 +121,17 @@ class Rig:
 
 
 # ---- shared pieces ------------------------------------------------------------------------
-def prompt_parts(lclm: LCLM, question: str = QUESTION) -> tuple[list[int], list[int]]:
-    """Decoder ids before and after the document in the chat-formatted question prompt."""
-    text = lclm.chat(question_prompt(MEMORY_START + MEMORY_END, question))
-    ids = lclm.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
-    vocab = lclm.decoder_tokenizer.get_vocab()
-    start, end = ids.index(vocab[MEMORY_START]), ids.index(vocab[MEMORY_END])
-    return ids[:start], ids[end + 1 :]
+def rig_studio(lclms: dict[int, LCLM]) -> Studio:
+    """A studio whose model pool holds the rig's LCLMs, with its caches sized for any document
+    (the latent cache in a temporary directory)."""
+    base = next(iter(lclms.values()))
+    settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="lclm-speed-")), device=str(base.device),
+                        dtype=str(base.dtype).removeprefix("torch."), max_document_tokens=2**31 - 1,
+                        kv_cache_mb=2**40 // 2**20, cache_size_mb=2**20)
+    studio = Studio(settings, checkpoint=RIG_CHECKPOINT)
+    for lclm in lclms.values():
+        studio.models.add(RIG_CHECKPOINT, lclm)
+    return studio
 
 
 def document_vocab(lclm: LCLM, size: int) -> torch.Tensor:
@@ -143,9 +162,9 @@ def embedding_rows(base: LCLM) -> int:
 
 def finish_rig(name: str, base: LCLM, ratios: list[int], vocab_size: int, notes: list[str]) -> Rig:
     lclms = {ratio: with_ratio(base, ratio) for ratio in ratios}
-    before, after = prompt_parts(base)
+    before, after = prompt_parts(base, PROMPT_PROFILES[PROMPT_PROFILE], QUESTION)
     return Rig(name=name, lclms=lclms, before=before, after=after, doc_vocab=document_vocab(base, vocab_size),
-               notes=notes)
+               studio=rig_studio(lclms), notes=notes)
 
 
 # ---- a real checkpoint (the embedded default) --------------------------------------------------

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from app import baselines, figures, inspect
+from app import figures, inspect
 from app.catalog import CHECKPOINT_FAMILY, EMBEDDED_FAMILY, Catalog, Variant, build_catalog
 from app.documents import Cell, DocumentStore
 from app.history import COLUMNS, RunHistory, run_row, to_csv
 from app.inspect import latent_statistics, pca, project, token_diff, token_pieces
-from app.service import Studio, share_weights
+from app.models import share_weights
+from app.service import Studio
 from app.settings import Settings
 from app.workspace import Workspace, sweep_lengths
 from model.embedded import embedded_config, trained_dir
@@ -131,15 +132,14 @@ def test_latent_map_of_two_ratios_and_the_source_tokens(workspace, monkeypatch):
 
 
 # ---- answers, baselines, history -------------------------------------------------------------------
-def test_ask_streams_states_and_records_the_run(workspace, monkeypatch):
-    monkeypatch.setattr(baselines.importlib.util, "find_spec", lambda name: None)  # as if kvpress were absent
+def test_ask_streams_states_and_records_the_run(workspace):
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     states = list(workspace.ask("session-a", document.sha256, "What is the vault code?", workspace.catalog.default,
-                                expand=True, baselines=["full context", "kvpress snapkv"], max_new_tokens=4))
+                                expand=True, baselines=["full", "snapkv"], max_new_tokens=4))
     final = states[-1]
     main, full, kvpress = final.methods
     assert main.status == full.status == "done" and main.result["mode"] == "expand"
-    assert kvpress.status == baselines.KVPRESS_MISSING and kvpress.result is None
+    assert kvpress.status == "done" and kvpress.name == "SnapKV" and kvpress.result["mode"] == "snapkv"
     assert main.result["prompt_profile"] == "paper" and final.rounds[0]["action"] in ("expand", "demoted")
     assert final.expanded == {n: r["number"] for r in reversed(final.rounds) for n in r["expanded"]}
     assert all(1 <= n <= len(main.result["chunks"]) for n in final.expanded)
@@ -147,7 +147,7 @@ def test_ask_streams_states_and_records_the_run(workspace, monkeypatch):
                                         workspace.catalog.default, expand=True, max_new_tokens=2,
                                         prompt_profile="studio"))[-1]
     assert studio_profile.rounds[0]["forced"] == "EXPAND:" and studio_profile.methods[0].result["prompt_profile"] == "studio"
-    assert [row["method"] for row in workspace.history.rows("session-a")] == [main.name, "full context", main.name]
+    assert [row["method"] for row in workspace.history.rows("session-a")] == [main.name, "full context", "SnapKV", main.name]
     assert workspace.history.rows("session-b") == []
     with pytest.raises(UserError, match="the question is empty"):
         next(workspace.ask("s", document.sha256, "  ", workspace.catalog.default))
@@ -156,8 +156,9 @@ def test_ask_streams_states_and_records_the_run(workspace, monkeypatch):
 def test_kvpress_keeps_the_matched_share_of_the_context(workspace):
     pytest.importorskip("kvpress")
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
-    events = list(baselines.BASELINES["kvpress knorm"].ask(workspace.studio, document.text, "What is the code?",
-                                                          workspace.catalog.default, 3))
+    variant = workspace.catalog.default
+    events = list(workspace.studio.ask(document.text, "What is the code?", "knorm", variant.ratio, variant.pooling,
+                                       variant.spec, 3))
     result = events[-1].result
     assert result["press_ratio"] == 0.75 and result["ttft_ms"] > 0
     assert result["positions"] < result["prefilled_positions"] / 2  # a quarter of the context, plus the question

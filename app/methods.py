@@ -1,0 +1,389 @@
+"""The answer methods, one registry from the model to the page: full context, LCLM, LCLM +
+EXPAND and every KV-cache press of model/presses.py are one kind of object (`Method`) with a
+name, a label and what it prepares before the decoder reads the question.
+
+Every method runs one `Request` (a document, a question, a `LoadedVariant` and its limits) the
+same way: it prepares its context (latents, a pressed KV cache, ...; timed as compress_ms),
+prefills the decoder (prefill_ms) and streams the reply through the one shared decode
+(model.generation.decode, from the prompt's last position), all inside one `Meter`
+(app/measure.py). The studio's services, the CLI, bench.speed and bench.quality all answer
+through METHODS, so every number they report comes from the path the studio runs.
+
+The question prompt is cut around the document (`prompt_parts`): the same decoder ids come
+before and after it for every method, so full context, the presses and the LCLM differ only
+in what stands where the document goes: its ids, a pressed KV cache of them, or a memory
+region of latents. Adding a press is one line in model/presses.py (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import torch
+
+from app.kv_cache import PrefixEntry, PrefixKey
+from app.measure import Meter, Measurement
+from app.models import LoadedVariant, ProgressFn
+from cache import document_sha256
+from model.agent import ExpandAgent, Round
+from model.errors import UserError
+from model.generation import PrefillState, Sampling, StreamingDetokenizer, decode, fork_cache, prefill, stop_token_ids
+from model.lclm import LCLM
+from model.presses import PRESSES, PressSpec, kept_positions, make_press, new_cache, stored_kv_bytes
+from model.prompts import MEMORY, MEMORY_END, MEMORY_START, PromptProfile
+
+if TYPE_CHECKING:
+    from app.service import Studio
+
+UNTRAINED_NOTE = "untrained: this LCLM's adapter is freshly initialised, so its latents carry no learned meaning"
+DOCUMENT_MARK = "\x00DOCUMENT\x00"  # where the document goes in a rendered prompt
+
+
+@dataclass
+class AskEvent:
+    """One streamed piece of an answer: `kind` is "token", "round" or "done"; the "done" event
+    carries the result dict and the `Measurement` it was built from."""
+
+    kind: str
+    text: str = ""
+    round: dict | None = None
+    result: dict | None = None
+    measurement: Measurement | None = None
+
+
+class DocumentIds:
+    """A document as the methods read it: encoder ids (compressed by the LCLM), decoder ids
+    (read as text by full context and the presses) and a key for the caches. A benchmark's
+    document of random ids has no text (`text` None) and one list of ids for both."""
+
+    def __init__(self, key: str, encoder_ids: list[int], text: str | None = None, decoder_tokenizer=None,
+                 decoder_ids: list[int] | None = None):
+        self.key, self.encoder_ids, self.text = key, encoder_ids, text
+        self._decoder_tokenizer = decoder_tokenizer
+        if decoder_ids is not None:
+            self.__dict__["decoder_ids"] = decoder_ids
+
+    @classmethod
+    def from_ids(cls, ids: list[int], decoder_ids: list[int] | None = None) -> "DocumentIds":
+        """A document of token ids: `ids` for both tokenizers (the benchmarks' random documents,
+        from ids both tokenizers share) unless the decoder's are given."""
+        decoder_ids = list(ids) if decoder_ids is None else list(decoder_ids)
+        data = torch.tensor(list(ids) + [-1] + decoder_ids, dtype=torch.int64).numpy().tobytes()
+        return cls(hashlib.sha256(b"token ids:" + data).hexdigest(), list(ids), decoder_ids=decoder_ids)
+
+    @cached_property
+    def decoder_ids(self) -> list[int]:
+        return self._decoder_tokenizer(self.text, add_special_tokens=False)["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.encoder_ids)
+
+
+@dataclass
+class Request:
+    document: DocumentIds
+    question: str
+    variant: LoadedVariant
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    latent_cache: bool = True  # latents from / into the latent cache
+    prefix_cache: bool = True  # the prompt prefix's KV from / into the prefix cache
+    stop_at_end: bool = True  # False: decode exactly max_new_tokens (the benchmarks)
+    progress: ProgressFn | None = None
+    ratio: int | None = None  # N of a press's matched ratio 1 - 1/N; None: the variant's
+
+    @property
+    def compression_ratio(self) -> int:
+        return self.ratio or self.variant.ratio
+
+    @property
+    def model(self) -> LCLM:
+        return self.variant.model
+
+
+# ---- the shared pieces -----------------------------------------------------------------------
+def prompt_parts(model: LCLM, profile: PromptProfile, question: str) -> tuple[list[int], list[int]]:
+    """Decoder ids before and after the document in the chat-formatted question prompt."""
+    before, after = model.chat(profile.question(DOCUMENT_MARK, question)).split(DOCUMENT_MARK)
+    tokenize = model.decoder_tokenizer
+    return (tokenize(before, add_special_tokens=False)["input_ids"],
+            tokenize(after, add_special_tokens=False)["input_ids"])
+
+
+def memory_region_ids(model: LCLM, latents: int) -> list[int]:
+    vocab = model.decoder_tokenizer.get_vocab()
+    return [vocab[MEMORY_START], *[vocab[MEMORY]] * latents, vocab[MEMORY_END]]
+
+
+def check_positions(model: LCLM, positions: int, max_new_tokens: int, hint: str = "") -> None:
+    if model.max_positions and positions + max_new_tokens > model.max_positions:
+        raise UserError(f"the prompt needs {positions:,} decoder positions plus {max_new_tokens} new tokens; this "
+                        f"decoder reads at most {model.max_positions:,}" + (f" ({hint})" if hint else ""))
+
+
+def prefix_key(request: Request, method: str, ratio: int | None, pooling: str | None) -> PrefixKey:
+    model = request.model
+    return PrefixKey(request.document.key, model.checkpoint_id, method, ratio, pooling,
+                     str(model.dtype).removeprefix("torch."), str(model.device), request.variant.profile.name)
+
+
+def prefill_reusing(studio: "Studio", request: Request, key: PrefixKey, ids: list[int], embeds: torch.Tensor,
+                    prefix: int, meter: Meter) -> PrefillState:
+    """The decoder's prefill of a prompt (ids [P], embeds [1, P, D]) whose first `prefix` positions
+    (everything up to the question) depend on the document only. With prefix reuse on, their KV
+    comes from the prefix cache when an entry holds exactly these ids, and is otherwise computed
+    first and kept there; only the rest is prefilled after it."""
+    decoder, m = request.model.decoder, meter.measurement
+    if not (request.prefix_cache and studio.prefix_cache.enabled and 0 < prefix < len(ids)):
+        m.prefill_positions += len(ids)
+        return prefill(decoder, embeds)
+    head = torch.tensor(ids[:prefix])  # [L]
+    entry = studio.prefix_cache.get(key)
+    if entry is not None and torch.equal(entry.ids, head):
+        m.prefix_reused_positions += prefix
+    else:
+        entry = PrefixEntry(head, prefill(decoder, embeds[:, :prefix]).cache)  # KV of the L prefix positions
+        studio.prefix_cache.put(key, entry)
+        m.prefill_positions += prefix
+    m.prefill_positions += len(ids) - prefix
+    return prefill(decoder, embeds[:, prefix:], fork_cache(entry.cache))  # the rest: [1, P - L, D]
+
+
+def reply(request: Request, state: PrefillState, meter: Meter, prefill_done_ms: float,
+          max_new_tokens: int | None = None) -> Generator[AskEvent, None, str]:
+    """Stream one reply from a prefilled prompt; returns its text. The first reply of a request
+    sets TTFT and its first-token part; every reply counts its tokens."""
+    model, m = request.model, meter.measurement
+    first_reply = m.ttft_ms == 0.0
+    stops = stop_token_ids(model.decoder_tokenizer, model.decoder) if request.stop_at_end else set()
+    detok = StreamingDetokenizer(model.decoder_tokenizer)
+    for token in decode(model.decoder, state, max_new_tokens or request.max_new_tokens, stops, request.sampling):
+        piece = detok.push(token)
+        if first_reply and m.ttft_ms == 0.0:
+            m.ttft_ms = meter.clock.ms()
+            m.first_token_ms = m.ttft_ms - prefill_done_ms
+        m.new_tokens += 1
+        if piece:
+            yield AskEvent("token", text=piece)
+    tail = detok.flush()  # an incomplete last character, if the reply ended inside one
+    if tail:
+        yield AskEvent("token", text=tail)
+    if first_reply and m.ttft_ms == 0.0:  # stopped at once: TTFT is the end of the prefill
+        m.ttft_ms = meter.clock.ms()
+    return detok.text
+
+
+# ---- the methods ------------------------------------------------------------------------------
+class Method:
+    """One way to answer a question about a document. `run` prepares, prefills and streams,
+    filling the meter's measurement, and returns the result's method-specific fields."""
+
+    name = ""  # registry key: the studio's and the CLI's choice, the benchmarks' method
+    label = ""  # how the page and the reports name it
+    prepares = ""  # what it builds before the decoder reads the question
+    reads_latents = False  # an LCLM method: the result names its ratio and pooling
+    uses_ratio = True  # the compression ratio changes what it does
+
+    @torch.inference_mode()
+    def answer(self, studio: "Studio", request: Request) -> Iterator[AskEvent]:
+        model, variant = request.model, request.variant
+        with Meter(model.device, model.decoder.config, model.dtype) as meter:
+            fields = yield from self.run(studio, request, meter)
+        m = meter.measurement
+        result = {
+            "answer": fields.pop("answer").strip(), "mode": self.name, "method": self.label,
+            "question": request.question, "ratio": request.compression_ratio if self.uses_ratio else None,
+            "pooling": variant.pooling if self.reads_latents else None, "checkpoint": model.checkpoint_id,
+            "prompt_profile": variant.profile.name, "tokens": len(request.document), "latents": 0,
+            "compress_ms": round(m.compress_ms, 3), "cached": False, "trained": True,
+            **fields, **m.to_dict(), **variant.precision.to_dict(),
+        }
+        if not result["trained"]:
+            result["note"] = UNTRAINED_NOTE
+        yield AskEvent("done", result=result, measurement=m)
+
+    def run(self, studio: "Studio", request: Request, meter: Meter) -> Generator[AskEvent, None, dict]:
+        raise NotImplementedError
+
+
+class FullContext(Method):
+    name, label, prepares, uses_ratio = "full", "full context", "nothing: the decoder reads the document's ids", False
+
+    def run(self, studio, request, meter):
+        model, document, m = request.model, request.document, meter.measurement
+        before, after = prompt_parts(model, request.variant.profile, request.question)
+        ids = before + document.decoder_ids + after  # [P]
+        check_positions(model, len(ids), request.max_new_tokens)
+        start = meter.clock.ms()
+        embeds = model.decoder.get_input_embeddings()(torch.tensor([ids], device=model.device))  # [1, P, D]
+        key = prefix_key(request, self.name, None, None)
+        state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(document.decoder_ids), meter)
+        done = meter.clock.ms()
+        m.prefill_ms, m.positions = done - start, len(ids)
+        answer = yield from reply(request, state, meter, done)
+        return {"answer": answer}
+
+
+class LatentContext(Method):
+    """The LCLM: the document's latents in one memory region where the document goes."""
+
+    name, label, prepares, reads_latents = "lclm", "LCLM", "latents (encoder + adapter, or the latent cache)", True
+
+    def run(self, studio, request, meter):
+        model, m = request.model, meter.measurement
+        latents, compress_ms, cached = studio.latents(model, request.document, request.latent_cache,
+                                                      request.progress)  # [M, D]
+        m.compress_ms = compress_ms
+        before, after = prompt_parts(model, request.variant.profile, request.question)
+        region = memory_region_ids(model, int(latents.shape[0]))
+        ids = before + region + after  # [P]
+        check_positions(model, len(ids), request.max_new_tokens, "use a higher compression ratio or a shorter document")
+        start = meter.clock.ms()
+        embeds = model.prepare_ids(ids, [latents]).inputs_embeds  # [1, P, D]
+        key = prefix_key(request, self.name, model.config.compression_ratio, model.config.pooling)
+        state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(region), meter)
+        done = meter.clock.ms()
+        m.prefill_ms, m.positions = done - start, len(ids)
+        answer = yield from reply(request, state, meter, done)
+        return {"answer": answer, "latents": int(latents.shape[0]), "cached": cached, "trained": model.config.trained}
+
+
+class Expand(Method):
+    """The EXPAND agent (model/agent.py): each chunk's latents in its own memory region, the
+    chunks it asks for as plain text in the next round."""
+
+    name, label, reads_latents = "expand", "LCLM + EXPAND", True
+    prepares = "each chunk's latents (encoded alone, cached per chunk)"
+
+    def run(self, studio, request, meter):
+        model, m, text = request.model, meter.measurement, request.document.text
+        if text is None:
+            raise UserError("EXPAND reads the document's text in chunks; this document has only token ids")
+        chunks = studio.chunks(model, text)
+        latents, compress_ms, cached = studio.chunk_latents(model, chunks, request.latent_cache, request.progress)
+        m.compress_ms = compress_ms
+
+        def generate(prompt: str, regions: list[torch.Tensor], prefix: str) -> Generator[AskEvent, None, tuple]:
+            first_reply = m.ttft_ms == 0.0
+            start = meter.clock.ms()
+            prepared = model.prepare(model.chat(prompt) + prefix, regions)
+            check_positions(model, prepared.positions, request.max_new_tokens,
+                            "use a higher compression ratio or a shorter document")
+            state = prefill(model.decoder, prepared.inputs_embeds)
+            done = meter.clock.ms()
+            m.prefill_positions += prepared.positions
+            m.positions = max(m.positions, prepared.positions)
+            if first_reply:
+                m.prefill_ms = done - start
+            answer = yield from reply(request, state, meter, done)
+            return answer, prepared.positions
+
+        runner = ExpandAgent(studio.settings.max_expand_rounds, request.variant.profile).run(
+            request.question, latents, [c.text for c in chunks], generate)
+        rounds: list[dict] = []
+        while True:
+            try:
+                item = next(runner)
+            except StopIteration as stop:
+                answer = stop.value
+                break
+            if isinstance(item, Round):
+                rounds.append(item.to_dict())
+                yield AskEvent("round", round=item.to_dict())
+            else:
+                yield item
+        return {"answer": answer, "latents": sum(int(r.shape[0]) for r in latents), "cached": cached,
+                "trained": model.config.trained, "chunk_tokens": studio.settings.chunk_tokens,
+                "chunks": [c.to_dict() for c in chunks],
+                "expanded": sorted({n for r in rounds for n in r["expanded"]}), "rounds": rounds}
+
+
+@dataclass(frozen=True)
+class Pressed(Method):
+    """A press (model/presses.py) over the decoder's KV cache of the document, at the matched
+    ratio 1 - 1/N, as kvpress's own pipeline applies it: the context (everything before the
+    question) is prefilled under the press (compress_ms), then the question over the pressed
+    cache at its uncompressed positions (prefill_ms). Positions = KV pairs kept + the question.
+    The pressed context does not depend on the question, so it is kept in the prefix cache and
+    a follow-up question starts from it (compress_ms 0)."""
+
+    press: PressSpec
+
+    @property
+    def name(self) -> str:
+        return self.press.name
+
+    @property
+    def label(self) -> str:
+        return self.press.label
+
+    @property
+    def uses_ratio(self) -> bool:
+        return self.press.uses_ratio
+
+    @property
+    def prepares(self) -> str:
+        return "a KV cache of the document, " + ("pressed at the matched ratio" if self.press.uses_ratio
+                                                  else "quantized (every position kept)")
+
+    def run(self, studio, request, meter):
+        model, m = request.model, meter.measurement
+        decoder, device = model.decoder, model.device
+        before, after = prompt_parts(model, request.variant.profile, request.question)
+        context_ids = before + request.document.decoder_ids  # [C]: pressed
+        context_len, question_len = len(context_ids), len(after)
+        check_positions(model, context_len + question_len, request.max_new_tokens)
+        press = make_press(self.name, request.compression_ratio, residual_length=studio.settings.kv_residual_length)
+        start = meter.clock.ms()
+        key = prefix_key(request, self.name, request.compression_ratio, None)
+        # a press with a cache of its own (quantization) changes it in place: not kept for follow-ups
+        reusable = request.prefix_cache and studio.prefix_cache.enabled and not hasattr(press, "new_cache")
+        entry = studio.prefix_cache.get(key) if reusable else None
+        head = torch.tensor(context_ids)  # [C]
+        if entry is not None and torch.equal(entry.ids, head):
+            cache = fork_cache(entry.cache)  # the pressed context of an earlier question
+            m.prefix_reused_positions = cache.get_seq_length()  # the entries it kept
+        else:
+            cache = new_cache(press, decoder.config)
+            with press(decoder):
+                decoder.model(input_ids=head[None].to(device), past_key_values=cache)
+            m.prefill_positions = context_len
+            if reusable:
+                studio.prefix_cache.put(key, PrefixEntry(head, cache))
+                cache = fork_cache(cache)
+        m.compress_ms = meter.clock.ms() - start
+        m.prefill_positions += question_len
+        start = meter.clock.ms()
+        question = decoder.get_input_embeddings()(torch.tensor([after], device=device))  # [1, Q, D]
+        state = prefill(decoder, question, cache, start=context_len)  # at the uncompressed positions
+        done = meter.clock.ms()
+        m.prefill_ms = done - start
+        held = state.cache.get_seq_length()  # entries the cache holds (kvpress's KVzip masks evicted keys, keeps them)
+        m.positions = kept_positions(press, context_len) + question_len  # kvpress's accounting
+        stored = stored_kv_bytes(press, cache)  # quantized: the context and question as stored
+        if stored is not None:
+            m.kv_cache_bytes = stored
+        answer = yield from reply(request, state, meter, done)
+        return {"answer": answer, "prefilled_positions": context_len + question_len,
+                "press_ratio": round(press.compression_ratio, 4), "kv_positions_held": held}
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (FullContext(), LatentContext(), Expand(),
+                                                  *(Pressed(spec) for spec in PRESSES.values()))}
+PRESS_METHODS = [name for name, m in METHODS.items() if isinstance(m, Pressed)]
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"mode must be one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def text_document(model: LCLM, text: str, encoder_ids: list[int]) -> DocumentIds:
+    """A document from its text and its encoder ids (decoder ids tokenized when first read)."""
+    shared = model.decoder_tokenizer is model.encoder_tokenizer
+    return DocumentIds(document_sha256(text), encoder_ids, text, model.decoder_tokenizer,
+                       decoder_ids=list(encoder_ids) if shared else None)

@@ -1,0 +1,140 @@
+"""The model pool: every LCLM this process has loaded, once each, with the variants of one
+encoder/decoder pair (the embedded ratios and poolings) sharing its weights; and the variant
+object every request runs on.
+
+A `LoadedVariant` is what the services, the methods (app/methods.py) and the benchmarks pass
+around instead of loose (checkpoint, ratio, pooling, dtype, prompt profile) arguments."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from app.memory import guard_memory
+from app.settings import POOLINGS, RATIOS, Settings
+from model.errors import UserError
+from model.lclm import LCLM
+from model.loading import CheckpointParts, build_lclm, default_device, resolve
+from model.precision import DtypeChoice, choose_dtype
+from model.prompts import PROMPT_PROFILES, PromptProfile, default_prompt_profile
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total); total 0 for a message
+
+
+@dataclass(frozen=True)
+class LoadedVariant:
+    """One LCLM (its checkpoint, ratio and pooling), the dtype it runs in and the prompt profile
+    its questions are put in."""
+
+    model: LCLM
+    profile: PromptProfile
+    precision: DtypeChoice
+
+    @property
+    def ratio(self) -> int:
+        return self.model.config.compression_ratio
+
+    @property
+    def pooling(self) -> str:
+        return self.model.config.pooling
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.model.checkpoint_id
+
+    @property
+    def trained(self) -> bool:
+        return self.model.config.trained
+
+
+class ModelPool:
+    """LCLMs by (checkpoint, device, dtype), loaded on first use. Models built elsewhere (a
+    benchmark's random-weight pair) are added with `add` under a checkpoint name of their own."""
+
+    def __init__(self, settings: Settings, default_checkpoint: str | None = None):
+        self.settings = settings
+        self.default_checkpoint = default_checkpoint
+        self._models: dict[tuple, LCLM] = {}
+        self._parts: dict[tuple, CheckpointParts] = {}
+        self._added: dict[tuple[str, int, str], LCLM] = {}
+        self._dtype: DtypeChoice | None = None
+        self._lock = threading.RLock()
+
+    def dtype_choice(self) -> DtypeChoice:
+        """The dtype every model of this process runs in (settings.dtype on this device), and why."""
+        with self._lock:
+            if self._dtype is None:
+                self._dtype = choose_dtype(self.settings.dtype, self.settings.device or default_device())
+            return self._dtype
+
+    def add(self, checkpoint: str, lclm: LCLM) -> None:
+        """Offer a model built elsewhere as `checkpoint` at its own ratio and pooling."""
+        with self._lock:
+            self._added[(checkpoint, lclm.config.compression_ratio, lclm.config.pooling)] = lclm
+
+    def model(self, checkpoint: str | None = None, ratio: int | None = None, pooling: str | None = None,
+              progress: ProgressFn | None = None) -> LCLM:
+        """The LCLM for this checkpoint and variant, loaded once per process."""
+        checkpoint = checkpoint if checkpoint is not None else self.default_checkpoint
+        with self._lock:
+            added = [m for (name, r, p), m in self._added.items() if name == checkpoint
+                     and ratio in (None, r) and pooling in (None, p)]
+            if added:
+                return added[0]
+            validate_choice(ratio, pooling)
+            say = (lambda message: progress(message, 0, 0)) if progress else None
+            parts = resolve(checkpoint, ratio=ratio, pooling=pooling, data_dir=self.settings.data_dir, progress=say)
+            key = (parts.checkpoint_id, self.settings.device, self.dtype_choice().dtype)
+            if key not in self._models:
+                if say:
+                    say(f"loading {parts.checkpoint_id}")
+                self._models[key] = guard_memory(self._build, parts, message=(
+                    f"out of memory while loading {parts.checkpoint_id}; free memory on the device, or use "
+                    "--device cpu or a smaller model"))
+                self._parts[key] = parts
+            return self._models[key]
+
+    def _build(self, parts: CheckpointParts) -> LCLM:
+        """Load a variant; one whose encoder and decoder come from the same directories as a
+        loaded model's (the embedded ratios and poolings) shares that model's weights."""
+        for key, loaded_parts in self._parts.items():
+            if (loaded_parts.encoder_dir, loaded_parts.decoder_dir, loaded_parts.config.encoder_mask_type) == (
+                    parts.encoder_dir, parts.decoder_dir, parts.config.encoder_mask_type):
+                return share_weights(self._models[key], parts)
+        return build_lclm(parts, device=self.settings.device, dtype=self.dtype_choice().dtype,
+                          data_dir=self.settings.data_dir)
+
+    def prompt_profile(self, model: LCLM, name: str | None = None) -> PromptProfile:
+        """The named profile, else the settings' one, else the checkpoint's default."""
+        name = name or self.settings.prompt_profile or default_prompt_profile(model.checkpoint_id)
+        if name not in PROMPT_PROFILES:
+            raise UserError(f"prompt profile must be one of {', '.join(PROMPT_PROFILES)}, got {name!r}")
+        return PROMPT_PROFILES[name]
+
+    def variant(self, checkpoint: str | None = None, ratio: int | None = None, pooling: str | None = None,
+                prompt_profile: str | None = None, progress: ProgressFn | None = None) -> LoadedVariant:
+        model = self.model(checkpoint, ratio, pooling, progress)
+        return LoadedVariant(model, self.prompt_profile(model, prompt_profile), self.dtype_choice())
+
+
+def share_weights(loaded: LCLM, parts: CheckpointParts) -> LCLM:
+    """A new LCLM variant around `loaded`'s encoder and decoder, with its own config and adapter
+    (initialised as `build_lclm` does, then loaded from the checkpoint where it has one)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same fresh adapter as build_lclm's
+        lclm = LCLM(parts.config, loaded.encoder.model, loaded.encoder_tokenizer, loaded.decoder,
+                    loaded.decoder_tokenizer, checkpoint_id=parts.checkpoint_id)
+    if parts.adapter_file is not None:
+        lclm.adapter.load_state_dict(load_file(parts.adapter_file))
+    return lclm.to(device=loaded.device, dtype=loaded.dtype).eval()
+
+
+def validate_choice(ratio: int | None, pooling: str | None) -> None:
+    if ratio is not None and ratio not in RATIOS:
+        raise UserError(f"ratio must be one of {', '.join(map(str, RATIOS))}, got {ratio!r}")
+    if pooling is not None and pooling not in POOLINGS:
+        raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")

@@ -1,0 +1,109 @@
+"""The method registry (app/methods.py) and the press registry (model/presses.py): every entry
+answers through the studio, and every list of choices (CLI, Ask tab, both benchmarks) is the
+registry itself, so adding a press is one line in model/presses.py."""
+
+import pytest
+import torch
+
+from app.cli import build_parser
+from app.methods import METHODS, PRESS_METHODS, DocumentIds, Request, prompt_parts
+from app.service import Studio
+from app.settings import Settings
+from bench.quality.suite import methods as quality_methods
+from bench.speed.methods import METHODS as SPEED_METHODS
+from model.generation import decode, prefill
+from model.presses import PRESSES
+from views.ask import kvpress_choices
+
+DOC = "The vault code is 5521. The grass is green and the sky is blue. " * 8
+QUESTION = "What is the vault code?"
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, tiny_checkpoint_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("home"), device="cpu", chunk_tokens=32)
+    return Studio(settings, checkpoint=str(tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)))
+
+
+def test_every_method_says_what_it_is():
+    for name, method in METHODS.items():
+        assert method.name == name and method.label and method.prepares
+    assert {"full", "lclm", "expand"} <= set(METHODS)
+    assert PRESS_METHODS == list(PRESSES)
+
+
+def test_every_choice_list_is_the_registry():
+    press_action = next(a for a in build_parser()._subparsers._group_actions[0].choices["ask"]._actions
+                        if a.dest == "press")
+    assert all(name in press_action.help for name in PRESSES)
+    assert [value for _, value in kvpress_choices()][1:] == list(PRESSES)
+    assert set(PRESSES) <= set(SPEED_METHODS)
+    assert {m.kind for m in quality_methods([4], ["mean"], list(PRESSES))} == {"full", "lclm", "expand", *PRESSES}
+    with pytest.raises(ValueError, match="unknown presses"):
+        quality_methods([4], ["mean"], ["nope"])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_answers_one_request(studio, name):
+    if name == "kvzip":
+        pytest.skip("kvpress's KVzip cannot mask the keys of a tiny checkpoint; tests/test_bench_speed.py runs it "
+                    "on the tiny random Qwen3 pair")
+    events = list(studio.ask(DOC, QUESTION, name, max_new_tokens=3))
+    result = events[-1].result
+    assert events[-1].kind == "done" and events[-1].measurement.ttft_ms == pytest.approx(result["ttft_ms"], abs=1e-3)
+    assert result["ttft_ms"] > 0
+    assert result["mode"] == name and result["method"] == METHODS[name].label
+    assert result["positions"] > 0 and result["kv_cache_bytes"] > 0 and result["new_tokens"] >= 0
+    assert result["ttft_ms"] >= result["compress_ms"] + result["prefill_ms"]
+    if name in PRESSES:
+        assert result["positions"] < result["prefilled_positions"] or not PRESSES[name].uses_ratio
+    if METHODS[name].reads_latents:
+        assert result["latents"] > 0 and result["ratio"] == 4
+
+
+def test_full_context_reads_the_prompt_cut_around_the_document(studio):
+    """The methods share one prompt layout: the decoder ids before the document, the document's
+    ids, the ids after it; full context's positions are exactly those."""
+    variant = studio.variant()
+    before, after = prompt_parts(variant.model, variant.profile, QUESTION)
+    document = studio.request(DOC, QUESTION, variant, 2).document
+    result = list(studio.ask(DOC, QUESTION, "full", max_new_tokens=2, use_cache=False))[-1].result
+    assert result["positions"] == len(before) + len(document.decoder_ids) + len(after)
+    lclm = list(studio.ask(DOC, QUESTION, "lclm", max_new_tokens=2, use_cache=False))[-1].result
+    assert lclm["positions"] == len(before) + lclm["latents"] + 2 + len(after)  # + the memory start and end tags
+
+
+def test_a_document_of_ids_answers_as_its_text(studio):
+    """The benchmarks' documents are token ids: the same ids give the same answer and positions."""
+    variant = studio.variant()
+    from_text = studio.request(DOC, QUESTION, variant, 4, use_cache=False)
+    ids = DocumentIds.from_ids(from_text.document.encoder_ids, from_text.document.decoder_ids)
+    assert ids.key != from_text.document.key
+    for name in ("full", "lclm", "snapkv"):
+        by_text = list(studio.run(name, from_text))[-1].result
+        by_ids = list(studio.run(name, Request(ids, QUESTION, variant, 4, latent_cache=False,
+                                               prefix_cache=False)))[-1].result
+        assert (by_ids["answer"], by_ids["positions"]) == (by_text["answer"], by_text["positions"])
+    with pytest.raises(Exception, match="only token ids"):
+        list(studio.run("expand", Request(ids, QUESTION, variant, 4)))
+
+
+def test_decode_continues_from_the_prompt_position_not_the_cache_length(studio):
+    """A press's cache holds fewer entries than the positions it covers: decode must place each
+    new token after the prompt's last position (what `PrefillState.positions` says)."""
+    import copy
+
+    decoder = studio.model().decoder
+    with torch.inference_mode():
+        embeds = decoder.get_input_embeddings()(torch.arange(1, 9)[None])  # [1, 8, D]
+        state = prefill(decoder, embeds, start=100)  # 8 entries standing at positions 100..107
+        assert state.positions == 108 and state.cache.get_seq_length() == 8
+        reference, cache, logits = [], copy.deepcopy(state.cache), state.logits
+        for step in range(6):  # greedy, each token at 108 + step, written out by hand
+            token = int(logits.argmax())
+            reference.append(token)
+            out = decoder(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                          position_ids=torch.tensor([[108 + step]]))
+            logits, cache = out.logits[0, -1].float(), out.past_key_values
+        decoded = list(decode(decoder, state, 6, stop_ids=set()))
+    assert decoded == reference
