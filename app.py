@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def create_workspace(args: argparse.Namespace):
     """The process-wide workspace with its default model loaded; progress printed as it goes."""
     from app.catalog import build_catalog
-    from app.inspect import warm_umap_in_background
+    from app.latent_analysis import warm_umap_in_background
     from app.service import Studio
     from app.settings import Settings
     from app.workspace import Workspace

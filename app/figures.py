@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.documents import Cell
-from app.inspect import PointSet, Projection
+from app.latent_analysis import PointSet, Projection
 
 SYMBOLS = ("circle", "diamond", "square", "triangle-up", "x")
 METHOD_COLOURS = {"lclm": "#1f77b4", "expand": "#17becf", "full": "#d62728"}

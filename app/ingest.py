@@ -8,7 +8,6 @@ more than MAX_FILE_BYTES + 1 bytes, whatever their size claims.
 from __future__ import annotations
 
 import codecs
-import html.parser
 import io
 import logging
 import os
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 from model.errors import UserError
+from model.html_text import html_to_text
 
 TEXT_SUFFIXES = {"", ".txt", ".md", ".markdown", ".rst", ".log", ".csv", ".json", ".xml", ".tex"}
 HTML_SUFFIXES = {".html", ".htm"}
@@ -77,44 +77,6 @@ def decode_bytes(data: bytes, source: str) -> str:
         raise UserError(
             f"{source} is not valid UTF-8 text (undecodable byte at offset {err.start}); save it as UTF-8 and retry"
         ) from None
-
-
-class _HTMLText(html.parser.HTMLParser):
-    BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "pre", "table"}
-    SKIP = {"script", "style", "noscript", "template", "head"}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skipping = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self.skipping += 1
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self.SKIP:
-            self.skipping = max(0, self.skipping - 1)
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if not self.skipping:
-            self.parts.append(data)
-
-
-def html_to_text(markup: str, source: str = "the page") -> str:
-    parser = _HTMLText()
-    try:
-        parser.feed(markup)
-        parser.close()
-    except (AssertionError, ValueError) as err:  # html.parser gives up on some malformed markup
-        raise UserError(f"{source} is not readable HTML ({err})") from None
-    text = "".join(parser.parts)
-    text = re.sub(r"[ \t]+", " ", text)
-    return re.sub(r"\n\s*\n+", "\n\n", text)
 
 
 def pdf_to_text(data: bytes, source: str) -> str:

@@ -23,7 +23,7 @@ from app.methods import METHODS
 from app.catalog import Catalog, Variant
 from app.documents import Document, DocumentStore, Layout, layout
 from app.history import RunHistory, run_row, to_csv, to_json
-from app.inspect import latent_set, latent_statistics, project_sets, source_token_set, token_diff
+from app.latent_analysis import latent_set, latent_statistics, project_sets, source_token_set, token_diff
 from app.serving import UPLOAD_DIR_ENV, discard_upload
 from app.methods import UNTRAINED_NOTE
 from app.models import ProgressFn, validate_choice

@@ -24,7 +24,7 @@ import torch
 from cache import LatentCache, document_sha256, latent_key
 from cache.latents import BytesOnlyDisk
 from tests.cache_writer import latents_of
-from tests.test_cache import KEY, META, raw_bytes_cache, value_files
+from tests.test_cache import KEY, META, cache, raw_bytes_cache, value_files  # noqa: F401 (cache: fixture)
 from app.service import Studio
 from tests.test_service import DOC, studio  # noqa: F401 - the Studio fixture on the tiny checkpoint
 
@@ -41,13 +41,6 @@ def stale_hash(blob: bytes) -> bytes:
     """`blob` with one hex digit of its stored sha256 changed (same length, still parses)."""
     at = blob.index(b'"sha256":"') + len(b'"sha256":"')
     return blob[:at] + (b"1" if blob[at:at + 1] == b"0" else b"0") + blob[at + 1:]
-
-
-@pytest.fixture
-def cache(tmp_path):
-    c = LatentCache(tmp_path / "latents")
-    yield c
-    c.close()
 
 
 # ---- corrupt and truncated entries through compress ------------------------------------------------

@@ -15,7 +15,7 @@ from model.training.campaign import (RECIPES, CampaignData, Phase, Recipe, freez
 from model.training.examples import ExampleBuilder
 from model.training.modeling import build_trainable
 from model.training.smoke import smoke_run
-from tests.test_training import builder, lclm, tiny_corpus, tiny_run  # noqa: F401 (fixtures)
+from tests.test_training import builder, lclm, pair, tiny_corpus  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -66,11 +66,6 @@ def test_curriculum_phases_follow_the_tokens_trained():
     recipe = RECIPES["curriculum"]
     assert [recipe.phase(t).span_tokens for t in (0, 59_999, 60_000, 299_999, 300_000, 10**9)] == \
         [16, 16, 64, 64, 256, 256]
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_checkpoint, tiny_corpus):  # noqa: F811
-    return tiny_run(tiny_checkpoint, tiny_corpus, "lora", stages=(0,))
 
 
 LEARNING = {

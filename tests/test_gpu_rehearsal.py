@@ -18,7 +18,7 @@ from model.training.campaign import (RECIPES, CampaignData, Phase, Recipe, pack,
 from model.training.examples import ExampleBuilder
 from model.training.modeling import build_trainable
 from model.training.smoke import smoke_run
-from tests.test_training import builder, lclm, tiny_corpus, tiny_run  # noqa: F401 (fixtures)
+from tests.test_training import builder, lclm, pair, tiny_corpus  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOK = ROOT / "docs" / "gpu.md"
@@ -42,11 +42,6 @@ def replace_option(args: list[str], option: str, value: str) -> list[str]:
 
 
 # ---- the probe -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pair(tiny_checkpoint, tiny_corpus):  # noqa: F811
-    return tiny_run(tiny_checkpoint, tiny_corpus, "lora", stages=(0,))
-
-
 def probe_setup(pair):
     recipe = Recipe("p", "", phases=(Phase(16),), objectives={"reconstruction": 1.0}, batch_tokens=32,
                     train_decoder=True)

@@ -17,14 +17,9 @@ from app.service import Studio
 from app.settings import Settings
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.lclm import LCLM
-from tests.test_service import DOC, QUESTION
+from tests.test_service import DOC, QUESTION, studio  # noqa: F401 - the Studio fixture on the tiny checkpoint
 
 ERROR_LINE = f"error: {OUT_OF_MEMORY}"
-
-
-@pytest.fixture
-def studio(tmp_path, tiny_checkpoint):
-    return Studio(Settings(data_dir=tmp_path, device="cpu", chunk_tokens=8), checkpoint=str(tiny_checkpoint))
 
 
 def answer(studio, mode="lclm", **kwargs):

@@ -21,14 +21,13 @@ from model.loading import load_lclm
 from model.prompts import MEMORY, MEMORY_END, MEMORY_START, memory_region, reconstruction_prompt
 from model.training.config import (InterleavedSettings, LoraSettings, ReconstructionSettings, RunConfig, StageConfig,
                                    TaskSettings)
-from model.training.data.corpus import Document, Source
 from model.training.data.prepare import prepare
 from model.training.data.shards import pack
 from model.training.examples import IGNORE, OBJECTIVES, ExampleBuilder, collate
 from model.training.modeling import LCLMForTraining, build_trainable, lora_flags
 from model.training.stages import STAGES, apply_stage
 from model.training.trainer import Trainer
-from tests.tiny_models import CORPUS
+from tests.tiny_models import CORPUS, TextSource, corpus_rotations
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,21 +115,10 @@ def test_collate_pads_and_keeps_regions_in_placeholder_order(lclm, builder):
 
 
 # ---- tiny runs ---------------------------------------------------------------------------------
-class TextSource(Source):
-    def __init__(self, docs):
-        self.name, self.licence, self.docs = "test-text", "test", docs
-
-    def documents(self):
-        for i, text in enumerate(self.docs):
-            yield Document(self.name, f"doc{i}", text)
-
-
 @pytest.fixture(scope="module")
 def tiny_corpus(lclm, tmp_path_factory):
-    lines = CORPUS.splitlines()
-    docs = ["\n".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 4
     root = tmp_path_factory.mktemp("corpus")
-    prepare([TextSource(docs)], lclm.decoder_tokenizer, root / "shards", max_tokens_per_source=20_000,
+    prepare([TextSource(corpus_rotations(4))], lclm.decoder_tokenizer, root / "shards", max_tokens_per_source=20_000,
             validation_permille=200, quiet=True)
     pack(root / "shards", root / "corpus.safetensors.xz")
     return root / "corpus.safetensors.xz"
@@ -151,6 +139,12 @@ def tiny_run(checkpoint: Path, corpus: Path, weights: str = "lora", stages=(0, 1
                 for s in stages],
         save_every=save_every, keep_checkpoints=1, eval_batches=1, log_every=1,
     )
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint, tiny_corpus):
+    """The tiny LoRA pair and corpus as one stage-0 run, for the campaign's and the runbook's tests."""
+    return tiny_run(tiny_checkpoint, tiny_corpus, "lora", stages=(0,))
 
 
 @pytest.mark.parametrize("weights", ["lora", "full"])
@@ -258,16 +252,6 @@ def test_stage_config_validation():
         StageConfig(stage=7, steps=1, lr={}, objectives={"interleaved": 1.0})
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "model" / "training" / "configs").glob("*.yaml")))
-def test_shipped_run_configs_are_valid_and_named_by_their_settings(path):
-    run = RunConfig.load(path)
-    assert path.stem == run.name
-    assert [s.stage for s in run.stages] == [0, 1, 2, 3]
-    if run.decoder == "HuggingFaceTB/SmolLM2-135M-Instruct":
-        assert run.decoder_weights == run.encoder_weights == "lora"
-        assert run.publish_to == f"model/weights/smollm2-135m-{run.lclm.name}"
-
-
 def test_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     """The CI test: all four stages on a tiny random model and corpus, on CPU."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -290,10 +274,9 @@ def test_embedded_lora_checkpoint_loads_through_the_local_base(tmp_path):
     from model.embedded import BASE_NAME, ensure_base
 
     corpus_root = tmp_path / "corpus"
-    lines = CORPUS.splitlines()
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(ensure_base() / "decoder")
-    prepare([TextSource(["\n".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 4)], tokenizer,
-            corpus_root, max_tokens_per_source=20_000, validation_permille=200, quiet=True)
+    prepare([TextSource(corpus_rotations(4))], tokenizer, corpus_root, max_tokens_per_source=20_000,
+            validation_permille=200, quiet=True)
     run = RunConfig.load("smollm2-l6-smollm2-135m-cs16-mean-w1024-causal-mlp")
     run = replace(run, corpus=str(corpus_root), interleaved=InterleavedSettings(seq_tokens=96, span_tokens=(32, 64)),
                   reconstruction=ReconstructionSettings(span_tokens=(16, 32)), eval_batches=0,

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from bench.quality.metrics import bleu, rouge_l
-from model.training.data.corpus import (COMMON_LICENSES, Document, FileTreeSource, Source, is_licence_file,
-                                        split_of, strip_licence_text)
+from model.training.data.corpus import (COMMON_LICENSES, Document, FileTreeSource, is_licence_file, split_of,
+                                        strip_licence_text)
 from model.training.data.prepare import prepare
 from model.training.data.shards import load_corpus, pack
 from model.training.data.synthetic import TASKS, Haystack, TaskExample, eval_seed, expand_transcript, make_task, \
     score, train_seed
 from model.training.examples import plan_spans
-from tests.tiny_models import CORPUS, train_tokenizer
+from tests.tiny_models import TextSource, corpus_rotations, train_tokenizer
 
 WORDS = ("river", "stone", "lamp", "garden", "window", "letter", "market", "bridge", "winter", "song")
 
@@ -102,20 +102,9 @@ def test_licence_text_is_never_read():
     assert strip_licence_text(text) == "Useful intro.\n\nMore prose."
 
 
-class TextSource(Source):
-    def __init__(self, docs):
-        self.name, self.licence, self.docs = "test-text", "test", docs
-
-    def documents(self):
-        for i, text in enumerate(self.docs):
-            yield Document(self.name, f"doc{i}", text)
-
-
 def test_prepare_shards_split_and_pack(tmp_path):
     tokenizer = train_tokenizer(300)
-    lines = CORPUS.splitlines()
-    docs = ["\n".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 3
-    manifest = prepare([TextSource(docs)], tokenizer, tmp_path / "shards", max_tokens_per_source=10_000,
+    manifest = prepare([TextSource(corpus_rotations(3))], tokenizer, tmp_path / "shards", max_tokens_per_source=10_000,
                        validation_permille=300, shard_tokens=2_000, quiet=True)
     assert manifest["total_tokens"] == sum(manifest["splits"][s]["tokens"] for s in ("train", "validation"))
     assert manifest["splits"]["validation"]["tokens"] > 0 and len(manifest["splits"]["train"]["files"]) > 1

@@ -10,6 +10,9 @@ With `lora=True`, decoder/ and encoder/ are PEFT LoRA adapters whose
 `base_model_name_or_path` is a full tiny base model written next to the checkpoint
 (`<dir>-base/{decoder,encoder}`). The base weights and the MLP adapter are the same as
 those of the non-LoRA checkpoint with the same settings, so the two differ only by the LoRA.
+
+The tiny text they learn from: CORPUS, a tokenizer trained on it, and TextSource, a training
+corpus source of given texts (corpus_rotations: documents made of CORPUS's lines).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from model.config import LCLMConfig
 from model.lclm import LCLM
 from model.loading import add_memory_tokens, quiet_transformers, save_lclm
 from model.prompts import CHATML_TEMPLATE
+from model.training.data.corpus import Document, Source
 
 SEED = 1234
 ATTN = "sdpa"
@@ -73,6 +77,23 @@ def train_tokenizer(vocab_size: int):
         clean_up_tokenization_spaces=False,
         model_max_length=4096,
     )
+
+
+class TextSource(Source):
+    """A training corpus source of the given texts, as documents doc0, doc1, ..."""
+
+    def __init__(self, docs: list[str]):
+        self.name, self.licence, self.docs = "test-text", "test", docs
+
+    def documents(self):
+        for i, text in enumerate(self.docs):
+            yield Document(self.name, f"doc{i}", text)
+
+
+def corpus_rotations(copies: int) -> list[str]:
+    """Every rotation of CORPUS's lines (each line first in one of them), `copies` times over."""
+    lines = CORPUS.splitlines()
+    return ["\n".join(lines[i:] + lines[:i]) for i in range(len(lines))] * copies
 
 
 def model_config(family: str, hidden: int, vocab_size: int, tokenizer):

@@ -1,9 +1,15 @@
-"""Run and stage settings: one small YAML file per run (configs/), read into dataclasses
-that validate themselves. Run names follow the authors' pattern
-`{enc}-{dec}-cs{N}-{pooling}-w{W}-{mask}-{adapter}`."""
+"""Run and stage settings: small YAML files in configs/, read into dataclasses that validate
+themselves. Run names follow the authors' pattern `{enc}-{dec}-cs{N}-{pooling}-w{W}-{mask}-{adapter}`.
+
+A file holds one run, named by its file name, or a family of runs: a file with a `variants` key
+(`{compression_ratio: [4, 8, 16], pooling: [concat, mean]}`) describes one run per combination of
+those model settings, each named by its settings, the rest shared; `{variant}` in its publish_to is
+the variant's short name (`cs4-mean-w1024-causal-mlp`). `run_names()` lists every run configs/ holds."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -190,14 +196,24 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        import yaml
-
+        """A run from a YAML file of one run, or by name: a file's name in configs/ or a variant of
+        a family file there. A variant's name may also be given as a path to a .yaml file next to
+        its family file (the path a file of its own would have)."""
         path = Path(path)
-        if not path.exists() and (CONFIG_DIR / path).exists():
-            path = CONFIG_DIR / path
-        if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-            path = CONFIG_DIR / f"{path}.yaml"
-        return cls.from_dict(yaml.safe_load(path.read_text()))
+        for candidate in (path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+            if candidate.is_file():
+                data = _read_yaml(candidate)
+                if FAMILY_KEY in data:
+                    raise ValueError(f"{candidate} describes several runs; load one of them by name: "
+                                     f"{', '.join(_family_runs(data))}")
+                return cls.from_dict(data)
+        directory = CONFIG_DIR if path.parent == Path(".") else path.parent
+        name = path.name.removesuffix(".yaml")
+        runs = run_settings(directory)
+        if name not in runs:
+            raise FileNotFoundError(f"no run config {str(path)!r}: not a file, nor a run in {directory} "
+                                    f"(runs there: {', '.join(sorted(runs))})")
+        return cls.from_dict(runs[name])
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -206,3 +222,51 @@ class RunConfig:
 
     def stage(self, number: int) -> StageConfig:
         return next(s for s in self.stages if s.stage == number)
+
+
+# ---- the runs in a directory of configs ------------------------------------------------------
+FAMILY_KEY = "variants"
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _family_runs(family: dict) -> dict[str, dict]:
+    """Each variant of a family file, by run name: the shared settings with the variant's model
+    settings in `lclm` and its short name for `{variant}` in publish_to."""
+    variants = family[FAMILY_KEY]
+    unknown = set(variants) - {f.name for f in fields(LCLMConfig)}
+    if unknown or not variants:
+        raise ValueError(f"{FAMILY_KEY} must list values of model settings (lclm keys), got {sorted(variants)}")
+    shared = {k: v for k, v in family.items() if k != FAMILY_KEY}
+    runs = {}
+    for values in itertools.product(*variants.values()):
+        run = copy.deepcopy(shared)
+        run["lclm"] = {**shared.get("lclm", {}), **dict(zip(variants, values))}
+        variant = LCLMConfig.from_dict(run["lclm"]).name
+        if run.get("publish_to"):
+            run["publish_to"] = run["publish_to"].replace("{variant}", variant)
+        runs[f"{run['encoder_short']}-{run['decoder_short']}-{variant}"] = run
+    return runs
+
+
+def run_settings(directory: Path = CONFIG_DIR) -> dict[str, dict]:
+    """The settings of every run the YAML files in `directory` hold, by run name: a one-run file
+    under its file name, each variant of a family file under the variant's name."""
+    runs = {}
+    for path in sorted(Path(directory).glob("*.yaml")):
+        data = _read_yaml(path)
+        found = _family_runs(data) if FAMILY_KEY in data else {path.stem: data}
+        clash = set(found) & set(runs)
+        if clash:
+            raise ValueError(f"{path} names runs that another file in {directory} names too: {sorted(clash)}")
+        runs.update(found)
+    return runs
+
+
+def run_names(directory: Path = CONFIG_DIR) -> list[str]:
+    """Every run name that RunConfig.load finds in `directory`."""
+    return sorted(run_settings(directory))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from app import figures, inspect
+from app import figures, latent_analysis
 from app.catalog import CHECKPOINT_FAMILY, EMBEDDED_FAMILY, Catalog, Variant, build_catalog
 from app.documents import Cell, DocumentStore
 from app.history import COLUMNS, RunHistory, run_row, to_csv
-from app.inspect import latent_statistics, pca, project, token_diff, token_pieces
+from app.latent_analysis import latent_statistics, pca, project, token_diff, token_pieces
 from app.models import share_weights
 from app.service import Studio
 from app.settings import Settings
@@ -122,7 +122,7 @@ def test_token_diff_covers_both_texts(workspace):
 
 
 def test_latent_map_of_two_ratios_and_the_source_tokens(workspace, monkeypatch):
-    monkeypatch.setattr(inspect, "UMAP_MIN_POINTS", 10**9)  # PCA: spare this process UMAP's JIT
+    monkeypatch.setattr(latent_analysis, "UMAP_MIN_POINTS", 10**9)  # PCA: spare this process UMAP's JIT
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     result = workspace.latent_map(document.sha256, workspace.catalog.default, [8, 16], show_source_tokens=True)
     assert list(result.summary["points"]) == ["latents 1:4 mean", "latents 1:8 mean",

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import html.parser
 import importlib.metadata
 import importlib.util
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from model.html_text import html_to_text
 
 COMMON_LICENSES = Path("/usr/share/common-licenses")
 
@@ -56,49 +57,13 @@ def is_licence_file(path: Path) -> bool:
     return any(LICENCE_NAME.search(part) for part in path.parts[-2:])
 
 
-class _HTMLText(html.parser.HTMLParser):
-    """Visible text of an HTML page, blocks on their own lines; navigation and scripts skipped."""
-
-    BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "pre", "table", "dt", "dd"}
-    SKIP = {"script", "style", "head", "nav", "noscript"}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skipping = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self.skipping += 1
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self.SKIP:
-            self.skipping = max(0, self.skipping - 1)
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if not self.skipping:
-            self.parts.append(data)
-
-
-def html_to_text(markup: str) -> str:
-    parser = _HTMLText()
-    parser.feed(markup)
-    parser.close()
-    text = re.sub(r"[ \t]+", " ", "".join(parser.parts))
-    return re.sub(r"\n\s*\n+", "\n\n", text).strip()
-
-
 def read_text(path: Path) -> str:
     data = path.read_bytes()
     if path.suffix == ".gz":
         data = gzip.decompress(data)
     text = data.decode("utf-8", errors="replace")
     if path.name.endswith((".html", ".html.gz", ".htm")):
-        text = html_to_text(text)
+        text = html_to_text(text, str(path))
     return text
 
 

@@ -119,9 +119,6 @@ def latent_statistics(latents: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 # ---- token-level diff of a reconstruction -------------------------------------------------
-DIFF_LABELS = ("kept", "changed", "lost", "added")
-
-
 def token_pieces(tokenizer, text: str) -> tuple[list[int], list[str]]:
     """Token ids of `text` and the source text of each token (pieces join back to `text`)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
