@@ -194,7 +194,7 @@ def test_dtypes_in_one_run_and_follow_up_questions(tiny_checkpoint_factory, tmp_
 
 
 def test_prefill_profile_lists_the_operators(tiny_checkpoint_factory, one_thread, capsys):
-    from bench.speed.profile import main as profile
+    from bench.speed.op_profile import main as profile
 
     path = tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)
     table = profile(["--checkpoint", str(path), "--tokens", "40", "--dtype", "bfloat16", "--top", "5"])

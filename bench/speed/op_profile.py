@@ -1,7 +1,7 @@
 """Where a prefill's time goes: one full-context prefill of the embedded model (or a checkpoint)
 under torch.profiler, the top operators by their own CPU time.
 
-    python -m bench.speed.profile --tokens 4096 --dtype bfloat16 --threads 1
+    python -m bench.speed.op_profile --tokens 4096 --dtype bfloat16 --threads 1
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from model.precision import DTYPES
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m bench.speed.profile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.speed.op_profile", description=__doc__)
     parser.add_argument("--checkpoint", help="default: the embedded model")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
