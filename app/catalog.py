@@ -75,7 +75,7 @@ class Catalog:
 def embedded_variants() -> list[Variant]:
     """The embedded family: every ratio and pooling; trained where weights are shipped."""
     from model.embedded import embedded_config, trained_dir
-    from model.loading import has_layout
+    from model.checkpoint import has_layout
 
     variants = []
     for ratio in sorted(RATIOS, reverse=True):

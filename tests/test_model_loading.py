@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.checkpoint import find_layout
 from model.config import LCLMConfig
 from model.errors import CheckpointError
 from model.generation import Sampling, decode, prefill
-from model.loading import find_layout, load_lclm, resolve, save_lclm
+from model.loading import load_lclm, resolve, save_lclm
 from model.prompts import memory_region
 from tests.tiny_models import CORPUS
 

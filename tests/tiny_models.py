@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint import add_memory_tokens, quiet_transformers
 from model.config import LCLMConfig
 from model.lclm import LCLM
-from model.loading import add_memory_tokens, quiet_transformers, save_lclm
+from model.loading import save_lclm
 from model.prompts import CHATML_TEMPLATE
 from model.training.data.corpus import Document, Source
 

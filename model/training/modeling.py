@@ -3,8 +3,8 @@ published layout (later stages, resume), with LoRA or full components; the train
 forward; and saving checkpoints in the published layout that model.loading reads.
 
 LoRA components are PEFT adapters whose `base_model_name_or_path` is the run's base spec
-(for the embedded default "HuggingFaceTB/SmolLM2-135M-Instruct", which LOCAL_BASES maps to
-the converted local copy). The decoder's LoRA also carries the rows of the three memory
+(for the embedded default "HuggingFaceTB/SmolLM2-135M-Instruct", which model.loading.LOCAL_BASES
+maps to the converted local copy). The decoder's LoRA also carries the rows of the three memory
 tokens (PEFT `trainable_token_indices`, saved as full values), so a checkpoint does not
 depend on how a base's new rows happened to be initialised.
 """
@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.checkpoint import ADAPTER_FILE, add_memory_tokens, quiet_transformers
 from model.lclm import LCLM
-from model.loading import ADAPTER_FILE, add_memory_tokens, base_path, load_tokenizer, quiet_transformers
+from model.loading import base_path, load_tokenizer
 from model.prompts import MEMORY_TOKENS
 from model.training.config import RunConfig
 

@@ -17,9 +17,9 @@ from app.models import share_weights
 from app.service import Studio
 from app.settings import Settings
 from app.workspace import Workspace, sweep_lengths
+from model.checkpoint import has_layout
 from model.embedded import embedded_config, trained_dir
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
-from model.loading import has_layout
 from tests.studio.conftest import DOCUMENT
 from views.common import user_errors
 
@@ -192,8 +192,9 @@ def test_strips_escape_text_and_mark_expanded_chunks():
 def test_share_weights_reuses_components_and_matches_a_fresh_load(tiny_checkpoint):
     from dataclasses import replace
 
+    from model.checkpoint import parts_from_directory
     from model.config import LCLMConfig
-    from model.loading import build_lclm, parts_from_directory
+    from model.loading import build_lclm
 
     parts = parts_from_directory(tiny_checkpoint)
     loaded = build_lclm(parts, device="cpu")
