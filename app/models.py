@@ -11,15 +11,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from safetensors.torch import load_file
-
 from app.memory import guard_memory
 from app.settings import POOLINGS, RATIOS, Settings
 from model.checkpoint import CheckpointParts
 from model.errors import UserError
 from model.lclm import LCLM
-from model.loading import build_lclm, default_device, resolve
+from model.loading import assemble_lclm, build_lclm, default_device, resolve
 from model.precision import DtypeChoice, choose_dtype
 from model.prompts import PROMPT_PROFILES, PromptProfile, default_prompt_profile
 
@@ -124,13 +121,9 @@ class ModelPool:
 
 def share_weights(loaded: LCLM, parts: CheckpointParts) -> LCLM:
     """A new LCLM variant around `loaded`'s encoder and decoder, with its own config and adapter
-    (initialised as `build_lclm` does, then loaded from the checkpoint where it has one)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the same fresh adapter as build_lclm's
-        lclm = LCLM(parts.config, loaded.encoder.model, loaded.encoder_tokenizer, loaded.decoder,
-                    loaded.decoder_tokenizer, checkpoint_id=parts.checkpoint_id)
-    if parts.adapter_file is not None:
-        lclm.adapter.load_state_dict(load_file(parts.adapter_file))
+    (assembled as `build_lclm` does: the same fresh adapter, or the checkpoint's, checked)."""
+    lclm = assemble_lclm(parts.config, loaded.encoder.model, loaded.encoder_tokenizer, loaded.decoder,
+                         loaded.decoder_tokenizer, adapter_file=parts.adapter_file, checkpoint_id=parts.checkpoint_id)
     return lclm.to(device=loaded.device, dtype=loaded.dtype).eval()
 
 

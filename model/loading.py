@@ -1,7 +1,8 @@
 """One loader for every LCLM: a directory in the published layout (model/checkpoint.py), a
 hub id, or the embedded default (model/embedded.py). Each is first resolved to
 `CheckpointParts` (local paths), then built by `build_lclm`; `save_lclm` writes the
-published layout back.
+published layout back. `assemble_lclm` puts an LCLM together around loaded components, for
+the loader, the studio's variants sharing one model's weights, and training.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from model import embedded
 from model.checkpoint import (ADAPTER_FILE, CheckpointParts, add_memory_tokens, check_safetensors,
@@ -144,17 +146,42 @@ def build_lclm(parts: CheckpointParts, device: str | torch.device | None = None,
     with quiet_transformers():
         decoder, decoder_tokenizer = load_component(parts.decoder_dir, "decoder", dtype, data_dir)
         encoder, encoder_tokenizer = load_component(parts.encoder_dir, "encoder", dtype, data_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # a fresh adapter is the same on every start
-        lclm = LCLM(parts.config, encoder, encoder_tokenizer, decoder, decoder_tokenizer, checkpoint_id=parts.checkpoint_id)
-    if parts.adapter_file is not None:
-        check_safetensors(parts.adapter_file)
-        state = load_file(parts.adapter_file)
-        try:
-            lclm.adapter.load_state_dict(state)
-        except RuntimeError as err:
-            raise CheckpointError(f"{parts.adapter_file} does not fit this checkpoint's adapter: {err}") from err
+    lclm = assemble_lclm(parts.config, encoder, encoder_tokenizer, decoder, decoder_tokenizer,
+                         adapter_file=parts.adapter_file, checkpoint_id=parts.checkpoint_id)
     return lclm.to(device=device, dtype=dtype).eval()
+
+
+def assemble_lclm(config: LCLMConfig, encoder_model: nn.Module, encoder_tokenizer, decoder: nn.Module,
+                  decoder_tokenizer, adapter_file: Path | None = None, checkpoint_id: str = "",
+                  seed: int = 0) -> LCLM:
+    """An LCLM around loaded components. Its adapter is initialised from `seed` (so a fresh
+    adapter is the same on every start; the global random state is left as it was), then, given
+    `adapter_file`, loaded from it. The components stay where they are; the adapter is new, in
+    float32 on the CPU: the caller moves and casts the whole."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lclm = LCLM(config, encoder_model, encoder_tokenizer, decoder, decoder_tokenizer, checkpoint_id=checkpoint_id)
+    if adapter_file is not None:
+        load_adapter(lclm.adapter, adapter_file)
+    return lclm
+
+
+def load_adapter(adapter: nn.Module, path: Path) -> None:
+    """Load `adapter`'s weights from a safetensors file holding exactly its tensors, by name and shape."""
+    check_safetensors(path)
+    state = load_file(path)
+    expected = {name: tuple(tensor.shape) for name, tensor in adapter.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    if found != expected:
+        problems = []
+        if missing := sorted(expected.keys() - found.keys()):
+            problems.append(f"missing {', '.join(missing)}")
+        if unexpected := sorted(found.keys() - expected.keys()):
+            problems.append(f"unexpected {', '.join(unexpected)}")
+        problems += [f"{name} is {list(found[name])}, not {list(expected[name])}"
+                     for name in sorted(expected.keys() & found.keys()) if found[name] != expected[name]]
+        raise CheckpointError(f"{path} does not fit this checkpoint's adapter: {'; '.join(problems)}")
+    adapter.load_state_dict(state)
 
 
 def load_lclm(spec: str | None = None, *, ratio: int | None = None, pooling: str | None = None,

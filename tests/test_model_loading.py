@@ -225,3 +225,30 @@ def test_adapter_that_does_not_fit(tiny_checkpoint_factory, tmp_path):
                 broken / "adapter" / "adapter.safetensors")
     with pytest.raises(CheckpointError, match="does not fit"):
         load_lclm(str(broken), device="cpu")
+
+
+def test_every_assembled_lclm_checks_its_adapter_file(tiny_lclm_factory, tiny_checkpoint_factory, tmp_path):
+    """assemble_lclm (behind the loader, the studio's shared-weight variants and training) names
+    the tensors an adapter file lacks, should not hold or holds in another shape, and refuses
+    anything but safetensors; a fitting file loads exactly."""
+    from safetensors.torch import load_file, save_file
+
+    from model.loading import assemble_lclm
+
+    lclm = tiny_lclm_factory(pooling="mean")
+    components = (lclm.encoder.model, lclm.encoder_tokenizer, lclm.decoder, lclm.decoder_tokenizer)
+    own = tiny_checkpoint_factory(pooling="mean") / "adapter" / "adapter.safetensors"
+    assembled = assemble_lclm(lclm.config, *components, adapter_file=own)
+    for name, tensor in lclm.adapter.state_dict().items():
+        assert torch.equal(assembled.adapter.state_dict()[name], tensor), name
+    state = load_file(own)
+    state["extra.weight"] = state.pop("fc1.bias")
+    state["norm.weight"] = torch.zeros(state["norm.weight"].shape[0] + 1)
+    save_file(state, tmp_path / "renamed.safetensors")
+    with pytest.raises(CheckpointError) as caught:
+        assemble_lclm(lclm.config, *components, adapter_file=tmp_path / "renamed.safetensors")
+    assert str(caught.value) == (f"{tmp_path / 'renamed.safetensors'} does not fit this checkpoint's adapter: "
+                                 "missing fc1.bias; unexpected extra.weight; norm.weight is [25], not [24]")
+    (tmp_path / "pickled.safetensors").write_bytes(b"\x80\x04\x95 a pickle")
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+        assemble_lclm(lclm.config, *components, adapter_file=tmp_path / "pickled.safetensors")

@@ -20,7 +20,7 @@ from torch import nn
 
 from model.checkpoint import ADAPTER_FILE, add_memory_tokens, quiet_transformers
 from model.lclm import LCLM
-from model.loading import base_path, load_tokenizer
+from model.loading import assemble_lclm, base_path, load_tokenizer
 from model.prompts import MEMORY_TOKENS
 from model.training.config import RunConfig
 
@@ -82,12 +82,10 @@ def build_trainable(run: RunConfig, init_from: str | Path | None = None, data_di
     init_from = Path(init_from) if init_from is not None else None
     decoder, decoder_tokenizer = load_component(run, "decoder", init_from, data_dir)
     encoder, encoder_tokenizer = load_component(run, "encoder", init_from, data_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.seed)
-        config = type(run.lclm).from_dict({**run.lclm.to_dict(), "trained": True})
-        lclm = LCLM(config, encoder, encoder_tokenizer, decoder, decoder_tokenizer, checkpoint_id=f"training:{run.name}")
-    if init_from is not None:
-        lclm.adapter.load_state_dict(load_file(init_from / ADAPTER_FILE))
+    config = type(run.lclm).from_dict({**run.lclm.to_dict(), "trained": True})
+    lclm = assemble_lclm(config, encoder, encoder_tokenizer, decoder, decoder_tokenizer,
+                         adapter_file=init_from / ADAPTER_FILE if init_from is not None else None,
+                         checkpoint_id=f"training:{run.name}", seed=run.seed)
     return lclm.float()
 
 
