@@ -116,8 +116,9 @@ def load_tokenizer(*candidates: Path):
 
 
 # ---- building the model from parts -----------------------------------------------
-def load_component(directory: Path, kind: str, dtype: torch.dtype, data_dir: Path | None):
-    """(model, tokenizer) of the encoder or decoder, full or LoRA."""
+def load_inference_component(directory: Path, kind: str, dtype: torch.dtype, data_dir: Path | None):
+    """(model, tokenizer) of a checkpoint's encoder or decoder for inference: in `dtype`, in
+    eval mode, a LoRA component merged into its base."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
@@ -144,8 +145,8 @@ def build_lclm(parts: CheckpointParts, device: str | torch.device | None = None,
     device = torch.device(device) if device else default_device()
     dtype = dtype or default_dtype(device)
     with quiet_transformers():
-        decoder, decoder_tokenizer = load_component(parts.decoder_dir, "decoder", dtype, data_dir)
-        encoder, encoder_tokenizer = load_component(parts.encoder_dir, "encoder", dtype, data_dir)
+        decoder, decoder_tokenizer = load_inference_component(parts.decoder_dir, "decoder", dtype, data_dir)
+        encoder, encoder_tokenizer = load_inference_component(parts.encoder_dir, "encoder", dtype, data_dir)
     lclm = assemble_lclm(parts.config, encoder, encoder_tokenizer, decoder, decoder_tokenizer,
                          adapter_file=parts.adapter_file, checkpoint_id=parts.checkpoint_id)
     return lclm.to(device=device, dtype=dtype).eval()

@@ -43,8 +43,10 @@ def lora_config(run: RunConfig, kind: str, tokenizer):
                       **extra)
 
 
-def load_component(run: RunConfig, kind: str, init_from: Path | None, data_dir: Path | None):
-    """(model, tokenizer) of one component in float32, ready to train."""
+def load_trainable_component(run: RunConfig, kind: str, init_from: Path | None, data_dir: Path | None):
+    """(model, tokenizer) of one component in float32, ready to train: the run's base model
+    (with a fresh LoRA where the run trains one) or the checkpoint `init_from`'s component
+    (its LoRA unmerged and trainable)."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -80,8 +82,8 @@ def build_trainable(run: RunConfig, init_from: str | Path | None = None, data_di
     """The run's LCLM in float32 on the CPU: from the base models when `init_from` is None,
     else from that checkpoint (published layout; its LoRA components stay unmerged)."""
     init_from = Path(init_from) if init_from is not None else None
-    decoder, decoder_tokenizer = load_component(run, "decoder", init_from, data_dir)
-    encoder, encoder_tokenizer = load_component(run, "encoder", init_from, data_dir)
+    decoder, decoder_tokenizer = load_trainable_component(run, "decoder", init_from, data_dir)
+    encoder, encoder_tokenizer = load_trainable_component(run, "encoder", init_from, data_dir)
     config = type(run.lclm).from_dict({**run.lclm.to_dict(), "trained": True})
     lclm = assemble_lclm(config, encoder, encoder_tokenizer, decoder, decoder_tokenizer,
                          adapter_file=init_from / ADAPTER_FILE if init_from is not None else None,
