@@ -10,7 +10,7 @@ from torch import nn
 from model.config import LCLMConfig
 from model.pooling import latents_per_window, make_pooling
 
-ProgressFn = Callable[[int, int], None]  # (windows done, windows total)
+WindowProgress = Callable[[int, int], None]  # (windows done, windows total)
 
 # Encoder tokens per forward batch when none is set, by device type. A GPU needs large batches
 # to be busy; on a CPU one 1024-token window at a time is as fast as batches of 16 and holds a
@@ -32,6 +32,11 @@ def set_mask_type(model: nn.Module, mask_type: str) -> None:
 def window_lengths(num_tokens: int, window: int) -> list[int]:
     """Token counts of the encoder windows that cover `num_tokens` tokens."""
     return [min(window, num_tokens - start) for start in range(0, num_tokens, window)]
+
+
+def split_windows(token_ids: Sequence[int], window: int) -> list[Sequence[int]]:
+    """The encoder windows of a token sequence: consecutive slices of at most `window` tokens."""
+    return [token_ids[start : start + window] for start in range(0, len(token_ids), window)]
 
 
 def latent_spans(num_tokens: int, window: int, ratio: int) -> list[tuple[int, int]]:
@@ -107,32 +112,33 @@ class LatentEncoder(nn.Module):
             use_cache=False,
         ).last_hidden_state  # [B, width, H]
 
+    def _encode_windows(self, windows: Sequence[Sequence[int]],
+                        progress: WindowProgress | None = None) -> list[torch.Tensor]:
+        """Latents of each window, batch_tokens() // W windows (at least one) per forward;
+        `progress` after each forward. One [ceil(L_w/N), D] tensor per window."""
+        per_batch = max(1, self.batch_tokens() // self.config.encoder_window_size)
+        pooled: list[torch.Tensor] = []
+        for first in range(0, len(windows), per_batch):
+            pooled.extend(self._encode_batch(windows[first : first + per_batch]))
+            if progress is not None:
+                progress(min(first + per_batch, len(windows)), len(windows))
+        return pooled
+
     def encode_spans(self, spans: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Latents of several token spans, each windowed on its own and all windows batched
         together (training): one [sum over its windows of ceil(L/N), D] tensor per span."""
         window = self.config.encoder_window_size
         windows, owners = [], []
         for owner, ids in enumerate(spans):
-            for start in range(0, len(ids), window):
-                windows.append(ids[start : start + window])
-                owners.append(owner)
-        per_batch = max(1, self.batch_tokens() // window)
-        pooled: list[torch.Tensor] = []
-        for first in range(0, len(windows), per_batch):
-            pooled.extend(self._encode_batch(windows[first : first + per_batch]))
+            span_windows = split_windows(ids, window)
+            windows += span_windows
+            owners += [owner] * len(span_windows)
         parts: list[list[torch.Tensor]] = [[] for _ in spans]
-        for owner, latents in zip(owners, pooled):
-            parts[owner].append(latents)
+        for owner, latents in zip(owners, self._encode_windows(windows)):
+            parts[owner].append(latents)  # [ceil(L_w/N), D]
         return [torch.cat(p, dim=0) for p in parts]
 
-    def forward(self, token_ids: Sequence[int], progress: ProgressFn | None = None) -> torch.Tensor:
+    def forward(self, token_ids: Sequence[int], progress: WindowProgress | None = None) -> torch.Tensor:
         """token_ids: the document's T encoder tokens -> pooled latents [sum ceil(L_w/N), D]."""
-        window = self.config.encoder_window_size
-        windows = [token_ids[start : start + window] for start in range(0, len(token_ids), window)]
-        per_batch = max(1, self.batch_tokens() // window)
-        pooled: list[torch.Tensor] = []
-        for first in range(0, len(windows), per_batch):
-            pooled.extend(self._encode_batch(windows[first : first + per_batch]))
-            if progress is not None:
-                progress(min(first + per_batch, len(windows)), len(windows))
-        return torch.cat(pooled, dim=0)
+        windows = split_windows(token_ids, self.config.encoder_window_size)
+        return torch.cat(self._encode_windows(windows, progress), dim=0)

@@ -10,7 +10,7 @@ from torch import nn
 
 from model.adapter import make_adapter
 from model.config import LCLMConfig
-from model.encoder import LatentEncoder, ProgressFn, count_latents, latent_spans
+from model.encoder import LatentEncoder, WindowProgress, count_latents, latent_spans
 from model.prompts import CHATML_TEMPLATE, MEMORY, MEMORY_END, MEMORY_START
 
 
@@ -100,7 +100,7 @@ class LCLM(nn.Module):
     def count_latents(self, num_tokens: int) -> int:
         return count_latents(num_tokens, self.config.encoder_window_size, self.config.compression_ratio)
 
-    def encode(self, token_ids: Sequence[int], progress: ProgressFn | None = None) -> torch.Tensor:
+    def encode(self, token_ids: Sequence[int], progress: WindowProgress | None = None) -> torch.Tensor:
         """Encoder + pooling + adapter, with gradients where enabled: [M, dec_hidden]."""
         pooled = self.encoder(token_ids, progress=progress)  # [M, latent_dim]
         return self.adapter(pooled.to(next(self.adapter.parameters()).dtype)).to(self.dtype)  # [M, dec_hidden]
@@ -113,7 +113,7 @@ class LCLM(nn.Module):
         return list(adapted.split([int(p.shape[0]) for p in pooled]))  # [M_i, dec_hidden] each
 
     @torch.inference_mode()
-    def compress(self, token_ids: Sequence[int], progress: ProgressFn | None = None) -> torch.Tensor:
+    def compress(self, token_ids: Sequence[int], progress: WindowProgress | None = None) -> torch.Tensor:
         """Latents of a whole document: [M, dec_hidden], M = sum over windows of ceil(L/N)."""
         if len(token_ids) == 0:
             raise ValueError("nothing to compress: the document has no tokens")

@@ -200,6 +200,25 @@ def test_batch_size_does_not_change_the_latents(tiny_lclm_factory, pooling):
         torch.testing.assert_close(lclm.compress(ids), batched, atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_spans_and_single_documents_give_the_same_latents(tiny_lclm_factory, monkeypatch, pooling):
+    """encode_spans (training: several spans, all their windows batched together) and the forward
+    of one document (inference) run the same window loop: the same latents for each span, equal
+    to the bit when both run one window per forward; the forward reports each batch's progress."""
+    lclm = tiny_lclm_factory(pooling=pooling)
+    ids = doc_ids(lclm, 4 * W)
+    spans = [ids[: W + 6], ids[W + 6 : 3 * W + 6], ids[3 * W + 6 : 3 * W + 11]]  # 2, 2 and 1 windows
+    with torch.no_grad():
+        together = lclm.encoder.encode_spans(spans)  # all five windows in one forward
+        for span, latents in zip(spans, together):
+            torch.testing.assert_close(latents, lclm.encoder(span), atol=1e-5, rtol=0)
+        monkeypatch.setattr(lclm.encoder, "max_batch_tokens", W)  # one window per forward
+        seen = []
+        single = lclm.encoder(spans[1], progress=lambda done, total: seen.append((done, total)))
+        assert torch.equal(lclm.encoder.encode_spans(spans)[1], single)
+        assert seen == [(1, 2), (2, 2)]
+
 def replace_token(ids: list[int], index: int) -> list[int]:
     new = next(t for t in range(10, 300) if t != ids[index])
     return ids[:index] + [new] + ids[index + 1 :]
