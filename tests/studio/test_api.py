@@ -14,6 +14,8 @@ from gradio_client.utils import Status
 
 from tests.studio.conftest import DOCUMENT, ROOT, wait_until
 
+pytestmark = pytest.mark.server
+
 MODEL = ("--checkpoint", 4, "mean")  # family, ratio, pooling
 REQUIRED = {"/load_document", "/compress", "/latent_map", "/reconstruct", "/ask", "/metrics"}
 
@@ -91,6 +93,7 @@ def test_a_ratio_the_family_lacks_is_a_clear_error(loaded):
         loaded.predict("--checkpoint", 16, "mean", api_name="/compress")
 
 
+@pytest.mark.slow
 def test_latent_map_returns_a_umap_figure_with_overlays(loaded):
     _, details = loaded.predict(*MODEL, api_name="/compress")
     summary, figure, stats = loaded.predict(*MODEL, [8, 16], True, api_name="/latent_map")
@@ -168,6 +171,7 @@ def test_sweep_fills_the_chart(loaded):
         assert {p["method"] for p in json.load(f)["sweep"]} == {"lclm 1:4 mean", "full context"}
 
 
+@pytest.mark.slow
 def test_a_second_user_waits_in_the_queue(studio_url, tmp_path):
     """Model-bound events share one slot: a second request queues, and is told its place."""
     from gradio_client import Client
