@@ -144,6 +144,7 @@ def test_standard_input_over_the_limit_is_read_bounded(capsys, monkeypatch):
     assert endless.tell() == MAX_FILE_BYTES + 1  # one byte past the limit, no more
 
 
+@pytest.mark.slow
 def test_process_substitution_and_redirected_stdin_in_a_shell(doc, tiny_checkpoint):
     """`compress <(cat doc)` and `compress - < doc` in bash, as a user types them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -201,6 +202,7 @@ def test_document_over_the_token_limit_names_both_sizes(capsys, doc, tiny_checkp
     assert str(err.value) == expected
 
 
+@pytest.mark.slow
 def test_no_library_warning_comes_before_the_error_line(tmp_path, tiny_checkpoint, tiny_lclm_factory):
     """A document longer than the tokenizer's model_max_length makes transformers warn "Token indices
     sequence length is longer than ..."; the user sees only our line, and nothing when it succeeds.

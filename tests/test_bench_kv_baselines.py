@@ -15,6 +15,8 @@ from bench.speed.__main__ import main
 from model.training.data.synthetic import Haystack
 from tests.tiny_models import CORPUS
 
+pytestmark = pytest.mark.slow  # benchmark runs
+
 pytest.importorskip("kvpress")
 pytest.importorskip("optimum.quanto")
 

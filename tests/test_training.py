@@ -268,6 +268,7 @@ def test_shipped_run_configs_are_valid_and_named_by_their_settings(path):
         assert run.publish_to == f"model/weights/smollm2-135m-{run.lclm.name}"
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     """The CI test: all four stages on a tiny random model and corpus, on CPU."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
