@@ -17,9 +17,6 @@ from tests.tiny_models import CORPUS
 
 pytestmark = pytest.mark.slow  # benchmark runs
 
-pytest.importorskip("kvpress")
-pytest.importorskip("optimum.quanto")
-
 
 def test_speed_rehearsal(tiny_checkpoint_factory, tmp_path, one_thread):
     path = tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)

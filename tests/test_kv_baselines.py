@@ -7,12 +7,10 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("kvpress")
-
-from model.attention_matching import (AttentionMatchingPress, attention_matching_forward, block_output,  # noqa: E402
+from model.attention_matching import (AttentionMatchingPress, attention_matching_forward, block_output,
                                       compact_block, compact_size)
-from model.baselines import PRESSES, kept_positions, make_press, new_cache, stored_kv_bytes  # noqa: E402
-from tests.tiny_models import build_tiny_lclm  # noqa: E402
+from model.baselines import PRESSES, kept_positions, make_press, new_cache, stored_kv_bytes
+from tests.tiny_models import build_tiny_lclm
 
 D = 16
 SCALE = 1 / math.sqrt(D)
@@ -170,7 +168,6 @@ def test_every_baseline_is_registered():
 
 # ---- the quantized cache ------------------------------------------------------------------------
 def test_quantized_cache_stays_close_to_the_float_cache(decoder):
-    pytest.importorskip("optimum.quanto")
     full, _ = question_logits(decoder)
     four, cache4 = question_logits(decoder, make_press("quantized_4bit", 4))
     two, _ = question_logits(decoder, make_press("quantized_2bit", 4))
@@ -184,7 +181,6 @@ def test_quantized_cache_stays_close_to_the_float_cache(decoder):
 def test_quantized_kv_bytes_as_stored(decoder):
     """2 tensors x layers x (packed bits + one float32 scale and zero-point per group of 16), plus the
     question's float residual."""
-    pytest.importorskip("optimum.quanto")
     from model.quantized_cache import quantized_bytes
 
     cfg = decoder.config
@@ -201,7 +197,6 @@ def test_quantized_kv_bytes_as_stored(decoder):
 
 def test_the_residual_length_decides_when_new_positions_are_quantized(decoder):
     """The context is quantized at once; newer positions stay in float until the residual fills."""
-    pytest.importorskip("optimum.quanto")
     from model.quantized_cache import quantized_bytes
 
     layers, kv_heads = decoder.config.num_hidden_layers, decoder.config.num_key_value_heads

@@ -198,7 +198,6 @@ def test_cli_several_questions_as_text(capsys, tmp_path, tiny_checkpoint):
 # ---- kvpress presses: the compressed context is kept ------------------------------------------------
 @pytest.mark.parametrize("press", ["knorm", "snapkv", "streaming_llm"])
 def test_press_follow_ups_start_from_the_kept_compressed_context(tmp_path, tiny_checkpoint, press):
-    pytest.importorskip("kvpress")
     from app.baselines import BASELINES
     from app.catalog import build_catalog
 

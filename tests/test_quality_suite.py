@@ -1,8 +1,6 @@
 """The quality harness's RULER-style suite on a tiny checkpoint: EXPAND runs with the paper's
 prompt profile and records, per case, the rounds it used and the chunks it read."""
 
-import importlib.util
-
 import pytest
 
 from app.service import Studio
@@ -20,9 +18,8 @@ def test_expand_cases_record_rounds_and_chunks_read(tmp_path, tiny_checkpoint):
     model = studio.model()
     haystack = Haystack(CORPUS, lambda t: len(model.encoder_tokenizer(t, add_special_tokens=False)["input_ids"]))
     examples = ruler_examples(haystack, ["niah_single"], [96], 1)
-    methods = [Method("LCLM 1:4 mean", "lclm", 4, "mean"), Method("LCLM 1:4 mean + EXPAND", "expand", 4, "mean")]
-    if importlib.util.find_spec("kvpress"):
-        methods.append(Method("knorm 1:4", "press", 4, press="knorm"))
+    methods = [Method("LCLM 1:4 mean", "lclm", 4, "mean"), Method("LCLM 1:4 mean + EXPAND", "expand", 4, "mean"),
+               Method("knorm 1:4", "press", 4, press="knorm")]
     records = run_ruler(studio, methods, examples, max_new_tokens=3, expand_new_tokens=3)
     lclm, expand = records[:2]
     assert {r["prompt_profile"] for r in records} == {"paper"} and "rounds" not in lclm

@@ -21,8 +21,6 @@ ASK_FIELDS = ("answer", "mode", "ttft_ms", "compress_ms", "prefill_ms", "positio
 
 @pytest.fixture(scope="module")
 def workspace(tiny_checkpoint_factory, tmp_path_factory):
-    pytest.importorskip("kvpress")
-    pytest.importorskip("optimum.quanto")
     settings = Settings(data_dir=tmp_path_factory.mktemp("home"), device="cpu", chunk_tokens=32)
     return Workspace(Studio(settings), build_catalog([str(tiny_checkpoint_factory(ratio=4))]))
 
@@ -54,8 +52,6 @@ def test_each_new_baseline_answers_one_request(workspace):
 
 @pytest.mark.parametrize("press", ["attention_matching", "quantized_4bit", "quantized_2bit", "knorm"])
 def test_cli_ask_mode_press_json_fields(capsys, tmp_path, tiny_checkpoint, press):
-    pytest.importorskip("kvpress")
-    pytest.importorskip("optimum.quanto")
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)
     code = main(["ask", str(doc), "-q", "What is the code?", "--mode", "press", "--press", press,

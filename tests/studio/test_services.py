@@ -154,7 +154,6 @@ def test_ask_streams_states_and_records_the_run(workspace, monkeypatch):
 
 
 def test_kvpress_keeps_the_matched_share_of_the_context(workspace):
-    pytest.importorskip("kvpress")
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     events = list(baselines.BASELINES["kvpress knorm"].ask(workspace.studio, document.text, "What is the code?",
                                                           workspace.catalog.default, 3))
