@@ -104,6 +104,7 @@ def test_a_regular_file_is_read_whatever_its_size_says():
     assert app.ingest.read_file("/proc/version").startswith("Linux version")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names", [("Apache-2.0", "LICENSE-2.0", "notes.v2", "README")])
 def test_names_that_are_not_extensions_are_read_as_text(capsys, tmp_path, tiny_checkpoint, names):
     for name in names:
@@ -122,11 +123,13 @@ def compressed_tokens(capsys, path, checkpoint) -> int:
     return json.loads(out)["tokens"]
 
 
+@pytest.mark.slow
 def test_standard_input(capsys, doc, tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(DOC.encode())))
     assert compressed_tokens(capsys, "-", tiny_checkpoint) == compressed_tokens(capsys, doc, tiny_checkpoint)
 
 
+@pytest.mark.slow
 def test_a_named_pipe(capsys, doc, tmp_path, tiny_checkpoint):
     fifo = tmp_path / "doc.fifo"
     os.mkfifo(fifo)
@@ -165,6 +168,7 @@ def wait_channel(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs Linux's /proc/PID/wchan")
 def test_ctrl_c_on_a_pipe_without_a_writer(tmp_path):
     """Waiting for a writer as `cat` does; Ctrl-C (SIGINT) ends it with one line, exit status 130."""

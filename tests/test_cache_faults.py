@@ -57,6 +57,7 @@ def cache(tmp_path):
     lambda blob: stale_hash(blob),  # a whole, readable entry whose stored hash is wrong
     lambda blob: b"",
 ], ids=["truncated", "bit-flip", "bad-hash", "empty"])
+@pytest.mark.slow
 def test_a_damaged_entry_is_recomputed_and_rebuilt(studio, caplog, damage):  # noqa: F811
     first = studio.compress(DOC)
     key = next(studio.cache._store.iterkeys())
@@ -71,6 +72,7 @@ def test_a_damaged_entry_is_recomputed_and_rebuilt(studio, caplog, damage):  # n
 
 
 # ---- the directory removed while running -------------------------------------------------------------
+@pytest.mark.slow
 def test_the_cache_directory_removed_while_running(studio, caplog):  # noqa: F811
     first = studio.compress(DOC)
     assert studio.compress(DOC).result.cached is True
@@ -107,6 +109,7 @@ def database_full(*args, **kwargs):
     ((BytesOnlyDisk, "store"), disk_full),  # writing the entry's bytes
     ((diskcache.Cache, "set"), database_full),  # SQLite committing the row
 ], ids=["value", "database"])
+@pytest.mark.slow
 def test_a_full_disk_still_answers_and_stores_nothing(studio, caplog, monkeypatch, target, failure):  # noqa: F811
     reference = studio.compress(DOC, use_cache=False)
     monkeypatch.setattr(*target, failure)
@@ -312,6 +315,7 @@ def unwritable(tmp_path):
         path.chmod(0o700)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["home", "cache"])
 def test_an_unwritable_cache_directory_means_work_goes_on_uncached(studio, caplog, unwritable, where):  # noqa: F811
     """"home": the data directory is read-only, so the cache cannot be created; "cache": the cache

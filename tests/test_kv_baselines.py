@@ -32,6 +32,7 @@ def output_error(compacted, keys, values, queries, bias=True) -> float:
 
 
 # ---- the fits ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nothing_removed_reproduces_the_attention_output_exactly():
     keys, values, reference, held_out = random_block(0)
     compacted = compact_block(keys, values, reference, size=keys.shape[2], scaling=SCALE)
@@ -41,6 +42,7 @@ def test_nothing_removed_reproduces_the_attention_output_exactly():
     assert torch.allclose(compacted.weights, torch.ones_like(compacted.weights), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("size", [4, 8, 16, 32])
 def test_fits_beat_the_same_top_attention_keys_on_held_out_queries(seed, size):
@@ -104,6 +106,7 @@ def question_logits(decoder, press=None):
     return logits, cache
 
 
+@pytest.mark.slow
 def test_press_keeping_every_entry_answers_as_the_full_cache(decoder):
     full, _ = question_logits(decoder)
     press = AttentionMatchingPress(compression_ratio=0.01)  # t = ceil(0.99 * 40) = 40: the fits run, nothing goes
@@ -112,6 +115,7 @@ def test_press_keeping_every_entry_answers_as_the_full_cache(decoder):
     assert torch.allclose(same, full, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [2, 4, 8, 16])
 def test_press_keeps_ceil_T_over_N_entries_per_layer_and_head(decoder, ratio):
     press = make_press("attention_matching", ratio)

@@ -120,6 +120,7 @@ def test_token_diff_covers_both_texts(workspace):
     assert token_diff(tokenizer, original, original) == [(original, "kept")]
 
 
+@pytest.mark.slow
 def test_latent_map_of_two_ratios_and_the_source_tokens(workspace, monkeypatch):
     monkeypatch.setattr(inspect, "UMAP_MIN_POINTS", 10**9)  # PCA: spare this process UMAP's JIT
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
@@ -131,6 +132,7 @@ def test_latent_map_of_two_ratios_and_the_source_tokens(workspace, monkeypatch):
 
 
 # ---- answers, baselines, history -------------------------------------------------------------------
+@pytest.mark.slow
 def test_ask_streams_states_and_records_the_run(workspace, monkeypatch):
     monkeypatch.setattr(baselines.importlib.util, "find_spec", lambda name: None)  # as if kvpress were absent
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
