@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not embedded"
+	$(PY) -m pytest -q -m "not embedded and not server and not slow and not cuda"
 
 test-embedded: install
 	$(PY) -m pytest -q -m embedded

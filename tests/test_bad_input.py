@@ -104,6 +104,7 @@ def test_a_regular_file_is_read_whatever_its_size_says():
     assert app.ingest.read_file("/proc/version").startswith("Linux version")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names", [("Apache-2.0", "LICENSE-2.0", "notes.v2", "README")])
 def test_names_that_are_not_extensions_are_read_as_text(capsys, tmp_path, tiny_checkpoint, names):
     for name in names:
@@ -122,11 +123,13 @@ def compressed_tokens(capsys, path, checkpoint) -> int:
     return json.loads(out)["tokens"]
 
 
+@pytest.mark.slow
 def test_standard_input(capsys, doc, tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(DOC.encode())))
     assert compressed_tokens(capsys, "-", tiny_checkpoint) == compressed_tokens(capsys, doc, tiny_checkpoint)
 
 
+@pytest.mark.slow
 def test_a_named_pipe(capsys, doc, tmp_path, tiny_checkpoint):
     fifo = tmp_path / "doc.fifo"
     os.mkfifo(fifo)
@@ -144,6 +147,7 @@ def test_standard_input_over_the_limit_is_read_bounded(capsys, monkeypatch):
     assert endless.tell() == MAX_FILE_BYTES + 1  # one byte past the limit, no more
 
 
+@pytest.mark.slow
 def test_process_substitution_and_redirected_stdin_in_a_shell(doc, tiny_checkpoint):
     """`compress <(cat doc)` and `compress - < doc` in bash, as a user types them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -164,6 +168,7 @@ def wait_channel(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs Linux's /proc/PID/wchan")
 def test_ctrl_c_on_a_pipe_without_a_writer(tmp_path):
     """Waiting for a writer as `cat` does; Ctrl-C (SIGINT) ends it with one line, exit status 130."""
@@ -201,6 +206,7 @@ def test_document_over_the_token_limit_names_both_sizes(capsys, doc, tiny_checkp
     assert str(err.value) == expected
 
 
+@pytest.mark.slow
 def test_no_library_warning_comes_before_the_error_line(tmp_path, tiny_checkpoint, tiny_lclm_factory):
     """A document longer than the tokenizer's model_max_length makes transformers warn "Token indices
     sequence length is longer than ..."; the user sees only our line, and nothing when it succeeds.

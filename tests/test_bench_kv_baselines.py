@@ -1,6 +1,6 @@
 """A tiny rehearsal of both benchmarks with Attention Matching and the quantized KV caches: the
 speed benchmark's records (positions follow the ratio; quantization keeps every position and
-stores fewer bytes) and the quality suite's RULER cases through model.baselines.press_answer."""
+stores fewer bytes) and the quality suite's RULER cases through the studio's press methods (app.methods)."""
 
 import json
 import math
@@ -15,8 +15,7 @@ from bench.speed.__main__ import main
 from model.training.data.synthetic import Haystack
 from tests.tiny_models import CORPUS
 
-pytest.importorskip("kvpress")
-pytest.importorskip("optimum.quanto")
+pytestmark = pytest.mark.slow  # benchmark runs
 
 
 def test_speed_rehearsal(tiny_checkpoint_factory, tmp_path, one_thread):

@@ -61,6 +61,7 @@ def check_record_fields(record: dict, runs: int) -> None:
     assert record["median"]["kv_cache_bytes"] > 0 and record["median"]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_checkpoint_rig_end_to_end(tiny_checkpoint_factory, tmp_path, one_thread):
     """The CPU preset's path (the app's loader) on a tiny checkpoint: every method but KVzip, whose
     kvpress implementation cannot mask keys of tiny random models (see the random-pair test)."""
@@ -102,6 +103,7 @@ def test_checkpoint_rig_end_to_end(tiny_checkpoint_factory, tmp_path, one_thread
             assert snap["kv_positions_held"] < full["median"]["positions"]
 
 
+@pytest.mark.slow
 def test_random_pair_rig_end_to_end(tmp_path, one_thread):
     """The GPU preset's path (random Qwen3 pair, minimal tokenizer) with tiny shapes on the CPU."""
     data = main(["--preset", "gpu", "--pair", "tiny", "--device", "cpu", "--lengths", "96", "--ratios", "8", "16",
@@ -122,6 +124,7 @@ def test_random_pair_rig_end_to_end(tmp_path, one_thread):
             assert records[(press, ratio)]["median"]["positions"] < full_positions
 
 
+@pytest.mark.slow
 def test_random_pair_rig_shows_what_does_not_fit(tmp_path, one_thread):
     """A device "smaller" than the weights leaves no room for a full-context prefill (predicted,
     not attempted), while the LCLM, which is not predicted, just runs."""
@@ -157,6 +160,7 @@ def test_memory_prediction_scales_by_positions_reached_not_kept():
     assert predicted < 3 * peak  # not peak / 90 kept positions x 2,034 (about 22x)
 
 
+@pytest.mark.slow
 def test_dtypes_in_one_run_and_follow_up_questions(tiny_checkpoint_factory, tmp_path, one_thread):
     """--dtypes float32 bfloat16: one rig per dtype, their runs interleaved, one result per dtype and
     a comparison of the two; follow-ups prefill only the question after the kept prefix."""

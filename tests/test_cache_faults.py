@@ -50,6 +50,7 @@ def stale_hash(blob: bytes) -> bytes:
     lambda blob: stale_hash(blob),  # a whole, readable entry whose stored hash is wrong
     lambda blob: b"",
 ], ids=["truncated", "bit-flip", "bad-hash", "empty"])
+@pytest.mark.slow
 def test_a_damaged_entry_is_recomputed_and_rebuilt(studio, caplog, damage):  # noqa: F811
     first = studio.compress(DOC)
     key = next(studio.cache._store.iterkeys())
@@ -64,6 +65,7 @@ def test_a_damaged_entry_is_recomputed_and_rebuilt(studio, caplog, damage):  # n
 
 
 # ---- the directory removed while running -------------------------------------------------------------
+@pytest.mark.slow
 def test_the_cache_directory_removed_while_running(studio, caplog):  # noqa: F811
     first = studio.compress(DOC)
     assert studio.compress(DOC).result.cached is True
@@ -100,6 +102,7 @@ def database_full(*args, **kwargs):
     ((BytesOnlyDisk, "store"), disk_full),  # writing the entry's bytes
     ((diskcache.Cache, "set"), database_full),  # SQLite committing the row
 ], ids=["value", "database"])
+@pytest.mark.slow
 def test_a_full_disk_still_answers_and_stores_nothing(studio, caplog, monkeypatch, target, failure):  # noqa: F811
     reference = studio.compress(DOC, use_cache=False)
     monkeypatch.setattr(*target, failure)
@@ -155,6 +158,7 @@ def assert_written_or_miss(directory: Path) -> dict | None:
     return hit.meta
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_key(tmp_path):
     directory = tmp_path / "shared"
     LatentCache(directory).close()
@@ -177,6 +181,7 @@ def value_files_in(directory: Path) -> list[Path]:
     return sorted(directory.rglob("*.val"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stall", "loop"])
 def test_a_writer_killed_mid_write(tmp_path, mode):
     """"stall": killed with half of a value file written; "loop": killed at some point while it
@@ -238,6 +243,7 @@ def moved_aside(directory: Path) -> list[Path]:
     return sorted(directory.parent.glob(f"{directory.name}.damaged-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGES), ids=list(DAMAGES))
 def test_a_damaged_database_is_moved_aside_and_a_fresh_cache_started(studio, caplog, damage):  # noqa: F811
     reference = studio.compress(DOC, use_cache=False)
@@ -258,6 +264,7 @@ def test_a_damaged_database_is_moved_aside_and_a_fresh_cache_started(studio, cap
     assert later.compress(DOC).result.cached is True and len(later.cache) == 1  # the fresh cache works
 
 
+@pytest.mark.slow
 def test_a_zero_length_database_is_an_empty_cache(studio, caplog):  # noqa: F811
     db = fill(studio)
     db.write_bytes(b"")
@@ -301,6 +308,7 @@ def unwritable(tmp_path):
         path.chmod(0o700)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["home", "cache"])
 def test_an_unwritable_cache_directory_means_work_goes_on_uncached(studio, caplog, unwritable, where):  # noqa: F811
     """"home": the data directory is read-only, so the cache cannot be created; "cache": the cache
@@ -320,6 +328,7 @@ def test_an_unwritable_cache_directory_means_work_goes_on_uncached(studio, caplo
     assert warnings[0].endswith("); working without a cache")
 
 
+@pytest.mark.slow
 def test_a_damaged_database_that_cannot_be_moved_aside(studio, caplog, unwritable):  # noqa: F811
     db = fill(studio)
     overwrite(0)(db)
@@ -342,6 +351,7 @@ def cli_compress(capsys, doc: Path, checkpoint: Path) -> tuple[dict, list[str]]:
     return json.loads(out), [line for line in err.splitlines() if line.startswith("warning: ")]
 
 
+@pytest.mark.slow
 def test_the_cli_with_a_damaged_or_unusable_cache(capsys, tmp_path, tiny_checkpoint, unwritable):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC)

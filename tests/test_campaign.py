@@ -26,6 +26,7 @@ def campaign_command(state: Path, out: Path, minutes: float) -> list[str]:
             str(minutes), "--eval-minutes", "0.2", "--threads", "1", "--quiet", "--state", str(state), "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_campaign_box_resumes_and_its_final_loads_in_the_cli(tmp_path):
     smoke_run(tmp_path)  # the tiny pair and corpus, made once before the boxes start
     state, out = tmp_path / "state", tmp_path / "out"
@@ -53,6 +54,7 @@ def test_campaign_box_resumes_and_its_final_loads_in_the_cli(tmp_path):
     assert json.loads(shown.stdout)["trained"] is True
 
 
+@pytest.mark.slow
 def test_a_state_of_another_recipe_is_refused(tmp_path):
     smoke_run(tmp_path)
     state, out = tmp_path / "state", tmp_path / "out"
@@ -83,6 +85,7 @@ LEARNING = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LEARNING))
 def test_each_objective_lowers_its_loss_on_a_fixed_batch(name, pair):
     recipe = LEARNING[name]
@@ -131,6 +134,7 @@ def test_distillation_targets_are_the_full_context_decoder(pair):
     assert torch.allclose(target[: len(text_positions)], first.float(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_validation_measures_the_prior_and_free_running_accuracy(pair):
     lclm = build_trainable(pair)
     freeze_to(lclm, torch.float32)

@@ -35,6 +35,7 @@ texts = st.one_of(
 )
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(texts, st.integers(4, 64))
 @example("word " * 300, 8)  # no sentence end: cut every C tokens

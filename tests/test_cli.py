@@ -51,7 +51,7 @@ def test_compress_json_fields(capsys, doc, tiny_checkpoint):
     assert json.loads(out)["cached"] is False
 
 
-@pytest.mark.parametrize("mode", ["full", "lclm", "expand"])
+@pytest.mark.parametrize("mode", ["full", "lclm", pytest.param("expand", marks=pytest.mark.slow)])
 def test_ask_json_fields(capsys, doc, tiny_checkpoint, mode):
     code, out, err = run_cli(capsys, "ask", doc, "-q", "What is the vault code?", "--mode", mode,
                              "--checkpoint", tiny_checkpoint, "--max-new-tokens", 6, "--json")
@@ -74,6 +74,7 @@ def test_ask_json_fields(capsys, doc, tiny_checkpoint, mode):
         assert all({"start_char", "end_char", "tokens"} <= set(c) for c in result["chunks"])
 
 
+@pytest.mark.slow
 def test_ask_expand_chunk_tokens_and_prompt_profile_flags(capsys, doc, tiny_checkpoint):
     code, out, err = run_cli(capsys, "ask", doc, "-q", "What is the vault code?", "--mode", "expand",
                              "--checkpoint", tiny_checkpoint, "--max-new-tokens", 3, "--chunk-tokens", 12,
@@ -87,6 +88,7 @@ def test_ask_expand_chunk_tokens_and_prompt_profile_flags(capsys, doc, tiny_chec
     assert_one_line_error(code, err, "--chunk-tokens must be at least 1")
 
 
+@pytest.mark.slow
 def test_reconstruct_reports_per_chunk_accuracy(capsys, doc, tiny_checkpoint):
     code, out, _ = run_cli(capsys, "reconstruct", doc, "--checkpoint", tiny_checkpoint, "--json")
     assert code == 0
@@ -145,6 +147,7 @@ def test_empty_question(capsys, doc, tiny_checkpoint):
     assert_one_line_error(code, err, "the question is empty")
 
 
+@pytest.mark.slow
 def test_entry_point_prints_no_traceback(tmp_path):
     """The real `python -m app.cli` process: exit status 2 and a single stderr line."""
     proc = subprocess.run([sys.executable, "-m", "app.cli", "ask", str(tmp_path / "x.txt"), "-q", "hi"],

@@ -42,6 +42,7 @@ def run(capsys, command, mode, doc, checkpoint, *extra):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, mode", CASES, ids=[f"{c}-{m}" if m else c for c, m in CASES])
 def test_text_and_json_agree(capsys, doc, checkpoint, command, mode):
     result = json.loads(run(capsys, command, mode, doc, checkpoint, "--json"))

@@ -60,6 +60,7 @@ def test_the_embedded_default_answers_on_the_gpu(tmp_path):
     assert 0 <= studio.reconstruct(DOC, max_chunks=1)["token_accuracy"] <= 1
 
 
+@pytest.mark.server
 def test_the_studio_on_cuda_answers_through_gradio_client(tiny_checkpoint, tmp_path_factory, tmp_path):
     pytest.importorskip("gradio", reason="gradio is not installed on this machine")
     from gradio_client import Client

@@ -32,6 +32,7 @@ def parameter_dtypes(model) -> set[torch.dtype]:
     ("auto", 6.0, torch.bfloat16), ("auto", 0.02, torch.float32),
     ("float32", 6.0, torch.float32), ("bfloat16", 0.02, torch.bfloat16),
 ])
+@pytest.mark.slow
 def test_every_part_of_the_model_runs_in_the_chosen_dtype(tmp_path, tiny_checkpoint, matmul_probe, requested,
                                                           speedup, expected):
     matmul_probe(speedup)
@@ -44,6 +45,7 @@ def test_every_part_of_the_model_runs_in_the_chosen_dtype(tmp_path, tiny_checkpo
     assert compressed.result.to_dict()["dtype"] == str(expected).removeprefix("torch.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lclm", "expand"])
 def test_every_answer_reports_its_dtype_and_why(tmp_path, tiny_checkpoint, matmul_probe, mode):
     matmul_probe(6.0)
@@ -73,6 +75,7 @@ def test_dtype_from_the_environment(monkeypatch):
     assert Settings.from_env(dtype="float32").dtype == "float32"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cli_dtype_flag(capsys, tmp_path, tiny_checkpoint, dtype):
     path = tmp_path / "doc.txt"

@@ -53,6 +53,7 @@ def probe_setup(pair):
     return lclm, groups, data, lclm.decoder_tokenizer.pad_token_id or 0
 
 
+@pytest.mark.slow
 def test_the_probe_measures_growing_batches_and_leaves_the_weights_alone(pair):
     lclm, groups, data, pad = probe_setup(pair)
     before = {n: p.detach().clone() for ps in groups.values() for n, p in ps}
@@ -78,6 +79,7 @@ def test_the_probe_stops_at_out_of_memory_and_keeps_what_it_measured(pair, out_o
 
 
 # ---- the training call and the next one ----------------------------------------------------------
+@pytest.mark.slow
 def test_the_runbook_training_call_packs_within_the_return_limits_and_a_fresh_machine_continues(tmp_path):
     """The runbook's train command with the smoke pair (two variants), a one-second probe and a
     box of seconds; then the same command on a "fresh machine" (new folders) that has only what
@@ -137,6 +139,7 @@ def test_packs_are_cut_under_the_file_limit_and_join_again(tmp_path):
 
 
 # ---- the measuring call ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_runbook_speed_sweep_keeps_its_budget_and_resumes(tmp_path, monkeypatch):
     """The runbook's bench.speed command on the tiny random pair on the CPU: a budget too short for
     every point leaves some over budget; the same command again takes over what was measured

@@ -7,12 +7,10 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("kvpress")
-
-from model.attention_matching import (AttentionMatchingPress, attention_matching_forward, block_output,  # noqa: E402
+from model.attention_matching import (AttentionMatchingPress, attention_matching_forward, block_output,
                                       compact_block, compact_size)
-from model.presses import PRESSES, kept_positions, make_press, new_cache, stored_kv_bytes  # noqa: E402
-from tests.tiny_models import build_tiny_lclm  # noqa: E402
+from model.presses import PRESSES, kept_positions, make_press, new_cache, stored_kv_bytes
+from tests.tiny_models import build_tiny_lclm
 
 D = 16
 SCALE = 1 / math.sqrt(D)
@@ -34,6 +32,7 @@ def output_error(compacted, keys, values, queries, bias=True) -> float:
 
 
 # ---- the fits ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nothing_removed_reproduces_the_attention_output_exactly():
     keys, values, reference, held_out = random_block(0)
     compacted = compact_block(keys, values, reference, size=keys.shape[2], scaling=SCALE)
@@ -43,6 +42,7 @@ def test_nothing_removed_reproduces_the_attention_output_exactly():
     assert torch.allclose(compacted.weights, torch.ones_like(compacted.weights), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("size", [4, 8, 16, 32])
 def test_fits_beat_the_same_top_attention_keys_on_held_out_queries(seed, size):
@@ -106,6 +106,7 @@ def question_logits(decoder, press=None):
     return logits, cache
 
 
+@pytest.mark.slow
 def test_press_keeping_every_entry_answers_as_the_full_cache(decoder):
     full, _ = question_logits(decoder)
     press = AttentionMatchingPress(compression_ratio=0.01)  # t = ceil(0.99 * 40) = 40: the fits run, nothing goes
@@ -114,6 +115,7 @@ def test_press_keeping_every_entry_answers_as_the_full_cache(decoder):
     assert torch.allclose(same, full, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [2, 4, 8, 16])
 def test_press_keeps_ceil_T_over_N_entries_per_layer_and_head(decoder, ratio):
     press = make_press("attention_matching", ratio)
@@ -170,7 +172,6 @@ def test_every_baseline_is_registered():
 
 # ---- the quantized cache ------------------------------------------------------------------------
 def test_quantized_cache_stays_close_to_the_float_cache(decoder):
-    pytest.importorskip("optimum.quanto")
     full, _ = question_logits(decoder)
     four, cache4 = question_logits(decoder, make_press("quantized_4bit", 4))
     two, _ = question_logits(decoder, make_press("quantized_2bit", 4))
@@ -184,7 +185,6 @@ def test_quantized_cache_stays_close_to_the_float_cache(decoder):
 def test_quantized_kv_bytes_as_stored(decoder):
     """2 tensors x layers x (packed bits + one float32 scale and zero-point per group of 16), plus the
     question's float residual."""
-    pytest.importorskip("optimum.quanto")
     from model.quantized_cache import quantized_bytes
 
     cfg = decoder.config
@@ -201,7 +201,6 @@ def test_quantized_kv_bytes_as_stored(decoder):
 
 def test_the_residual_length_decides_when_new_positions_are_quantized(decoder):
     """The context is quantized at once; newer positions stay in float until the residual fills."""
-    pytest.importorskip("optimum.quanto")
     from model.quantized_cache import quantized_bytes
 
     layers, kv_heads = decoder.config.num_hidden_layers, decoder.config.num_key_value_heads

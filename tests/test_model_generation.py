@@ -28,6 +28,7 @@ def generate(lclm, max_new_tokens=10, stop_ids=frozenset(), sampling=Sampling())
     return list(decode(lclm.decoder, state, max_new_tokens, set(stop_ids), sampling))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_is_deterministic_and_matches_a_full_forward(tiny_lclm_factory, family):
     lclm = tiny_lclm_factory(family=family)
@@ -54,6 +55,7 @@ def test_prefill_state(tiny_lclm_factory):
     assert state.cache.get_seq_length() == embeds.shape[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_new_tokens", [0, 1, 3, 7])
 def test_max_new_tokens_is_respected(tiny_lclm_factory, max_new_tokens):
     lclm = tiny_lclm_factory()
@@ -61,6 +63,7 @@ def test_max_new_tokens_is_respected(tiny_lclm_factory, max_new_tokens):
     assert generate(lclm, max_new_tokens) == full[:max_new_tokens]
 
 
+@pytest.mark.slow
 def test_stops_at_a_stop_id(tiny_lclm_factory):
     lclm = tiny_lclm_factory()
     full = generate(lclm, 12)
@@ -79,6 +82,7 @@ def test_stop_token_ids_include_eos_and_im_end(tiny_lclm_factory):
     assert tok.eos_token_id in stops and tok.convert_tokens_to_ids("<|im_end|>") in stops
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_per_seed(tiny_lclm_factory):
     lclm = tiny_lclm_factory()
     hot = Sampling(temperature=1.5, seed=3)
@@ -108,6 +112,7 @@ def stream(tokenizer, ids) -> tuple[str, str]:
     return pieces, detok.flush()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("count", [1, 5, 12, 24])
 def test_streaming_detokenizer_of_generated_ids(tiny_lclm_factory, family, count):

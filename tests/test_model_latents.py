@@ -54,6 +54,7 @@ def test_count_latents_other_shapes(window, ratio, num_tokens):
     assert len(latent_spans(num_tokens, window, ratio)) == count_latents(num_tokens, window, ratio)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("num_tokens,expected", COUNT_CASES)
 def test_compress_shapes_match_counts(tiny_lclm_factory, pooling, num_tokens, expected):

@@ -49,6 +49,7 @@ def test_layout_on_disk(tiny_checkpoint):
     assert (tiny_checkpoint / "adapter" / "adapter.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pooling", ["mean", "concat"])
 def test_save_load_round_trip(tiny_checkpoint_factory, tmp_path, family, pooling):
@@ -70,6 +71,7 @@ def test_loading_is_deterministic(tiny_checkpoint):
     assert torch.equal(latents_of(a), latents_of(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_checkpoint_loads_merged_and_differs_from_its_base(tiny_checkpoint_factory, tmp_path, family):
     path = tiny_checkpoint_factory(family=family, lora=True)

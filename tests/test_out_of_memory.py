@@ -35,6 +35,7 @@ def test_out_of_memory_is_a_user_error_with_one_message():
     assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("out of memory"))
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_compressing(studio, out_of_memory):
     reference = studio.compress(DOC, use_cache=False).latents
     calls = out_of_memory(studio.model().encoder.model, "forward")
@@ -46,6 +47,7 @@ def test_out_of_memory_while_compressing(studio, out_of_memory):
     assert again.result.cached is False and torch.equal(again.latents, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lclm", "expand"])
 @pytest.mark.parametrize("call", [1, 4], ids=["prefill", "decode"])
 def test_out_of_memory_while_generating(studio, out_of_memory, mode, call):
@@ -59,6 +61,7 @@ def test_out_of_memory_while_generating(studio, out_of_memory, mode, call):
     assert answer(studio, mode) == reference
 
 
+@pytest.mark.slow
 def test_a_failed_request_leaves_no_tensors_behind(studio, out_of_memory, monkeypatch):
     """The latents and the KV cache of the failed request are freed when the error is raised."""
     model = studio.model()
@@ -82,6 +85,7 @@ def test_a_failed_request_leaves_no_tensors_behind(studio, out_of_memory, monkey
     assert failure.value is not None and [ref() for ref in held] == [None, None]
 
 
+@pytest.mark.slow
 def test_memory_errors_of_the_host_are_caught_too(studio, monkeypatch):
     def no_memory(*args, **kwargs):
         raise MemoryError()
@@ -100,6 +104,7 @@ def test_other_runtime_errors_are_not_taken_for_memory(studio, monkeypatch):
         answer(studio, "full")
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_reconstructing(studio, out_of_memory):
     reference = studio.reconstruct(DOC, max_chunks=2)
     out_of_memory(studio.model().decoder, "forward", call=2)
@@ -114,6 +119,7 @@ def test_out_of_memory_while_reconstructing(studio, out_of_memory):
     (["ask", "-q", QUESTION, "--mode", "lclm"], lambda: (Qwen3ForCausalLM, "forward", 2)),  # 2nd forward: decoding
     (["ask", "-q", QUESTION, "--mode", "full"], lambda: (app.methods, "prefill", 1)),
 ], ids=["compress", "ask-decode", "ask-prefill"])
+@pytest.mark.slow
 def test_cli_prints_one_line_and_the_next_run_works(capsys, tmp_path, tiny_checkpoint, out_of_memory, command,
                                                     target):
     path = tmp_path / "doc.txt"
@@ -128,6 +134,7 @@ def test_cli_prints_one_line_and_the_next_run_works(capsys, tmp_path, tiny_check
     assert main(args) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_loading_a_model(tmp_path, tiny_checkpoint, monkeypatch):
     studio = Studio(Settings(data_dir=tmp_path, device="cpu"), checkpoint=str(tiny_checkpoint))
 
@@ -141,6 +148,7 @@ def test_out_of_memory_while_loading_a_model(tmp_path, tiny_checkpoint, monkeypa
     assert isinstance(studio.model(), LCLM)  # nothing half-loaded was kept: the next start works
 
 
+@pytest.mark.slow
 def test_the_page_shows_out_of_memory_from_outside_the_services_and_raises_bugs():
     import gradio as gr
 

@@ -30,6 +30,7 @@ def ask(studio: Studio, question: str, mode: str, text: str = DOC, **kwargs) -> 
     return list(studio.ask(text, question, mode=mode, max_new_tokens=10, **kwargs))[-1].result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 @pytest.mark.parametrize("mode", ["full", "lclm"])
 def test_follow_up_answers_equal_answers_without_reuse(tmp_path, tiny_checkpoint_factory, family, mode):
@@ -61,6 +62,7 @@ def test_the_reused_prefix_is_the_prompt_up_to_the_question(tmp_path, tiny_check
     assert result["prefix_reused_positions"] > count(DOC)  # the whole document is in the prefix
 
 
+@pytest.mark.slow
 def test_reuse_is_per_document_method_and_model(tmp_path, tiny_checkpoint, tiny_checkpoint_factory):
     studio = make_studio(tmp_path, tiny_checkpoint)
     ask(studio, QUESTIONS[0], "lclm")
@@ -74,6 +76,7 @@ def test_reuse_is_per_document_method_and_model(tmp_path, tiny_checkpoint, tiny_
     assert len(studio.prefix_cache) == 5
 
 
+@pytest.mark.slow
 def test_no_cache_and_a_zero_budget_never_reuse(tmp_path, tiny_checkpoint):
     studio = make_studio(tmp_path, tiny_checkpoint)
     for _ in range(2):
@@ -85,6 +88,7 @@ def test_no_cache_and_a_zero_budget_never_reuse(tmp_path, tiny_checkpoint):
     assert len(off.prefix_cache) == 0
 
 
+@pytest.mark.slow
 def test_expand_answers_report_positions_without_reuse(tmp_path, tiny_checkpoint):
     studio = make_studio(tmp_path, tiny_checkpoint)
     for _ in range(2):
@@ -92,6 +96,7 @@ def test_expand_answers_report_positions_without_reuse(tmp_path, tiny_checkpoint
         assert result["prefix_reused_positions"] == 0 and result["prefill_positions"] >= result["positions"]
 
 
+@pytest.mark.slow
 def test_a_follow_up_leaves_the_kept_prefix_as_it_was(tmp_path, tiny_checkpoint):
     studio = make_studio(tmp_path, tiny_checkpoint)
     ask(studio, QUESTIONS[0], "full")
@@ -116,6 +121,7 @@ def test_fork_cache_grows_apart_from_its_source(tiny_lclm_factory):
     assert torch.allclose(first.logits, whole.logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_running_out_of_memory_drops_the_kept_prefixes_first(tmp_path, tiny_checkpoint, out_of_memory):
     import app.methods
 
@@ -171,6 +177,7 @@ def test_the_default_budget_and_the_environment(monkeypatch):
 
 
 # ---- the CLI: several questions in one process -------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lclm"])
 def test_cli_answers_several_questions_in_order_with_reuse(capsys, tmp_path, tiny_checkpoint, mode):
     path = tmp_path / "doc.txt"
@@ -197,9 +204,9 @@ def test_cli_several_questions_as_text(capsys, tmp_path, tiny_checkpoint):
 
 
 # ---- kvpress presses: the compressed context is kept ------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("press", ["knorm", "snapkv", "streaming_llm"])
 def test_press_follow_ups_start_from_the_kept_compressed_context(tmp_path, tiny_checkpoint, press):
-    pytest.importorskip("kvpress")
     reusing = make_studio(tmp_path / "a", tiny_checkpoint)
     plain = make_studio(tmp_path / "b", tiny_checkpoint, kv_cache_mb=0)
     answers = lambda studio: [list(studio.ask(DOC, q, press, max_new_tokens=8))[-1].result  # noqa: E731

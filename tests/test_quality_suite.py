@@ -1,12 +1,16 @@
 """The quality harness's RULER-style suite on a tiny checkpoint: EXPAND runs with the paper's
 prompt profile and records, per case, the rounds it used and the chunks it read."""
 
+import pytest
+
 from app.service import Studio
 from app.settings import Settings
 from bench.quality.report import expand_table
 from bench.quality.suite import Method, ruler_examples, run_ruler
 from model.training.data.synthetic import Haystack
 from tests.tiny_models import CORPUS
+
+pytestmark = pytest.mark.slow  # a benchmark run
 
 
 def test_expand_cases_record_rounds_and_chunks_read(tmp_path, tiny_checkpoint):

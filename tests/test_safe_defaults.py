@@ -93,6 +93,7 @@ def test_app_refuses_a_malformed_login_in_one_line():
     assert done.returncode == 2 and done.stderr.splitlines() == [f"error: {AUTH_ENV} {BAD_AUTH}"]
 
 
+@pytest.mark.slow
 def test_app_warns_before_anything_else_when_open_without_login(tmp_path):
     missing = tmp_path / "missing"  # stops the start right after the warning, before anything binds
     done = run_app("--host", "0.0.0.0", "--checkpoint", str(missing), env={AUTH_ENV: ""})

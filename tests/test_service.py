@@ -33,6 +33,7 @@ def test_streamed_tokens_make_the_answer(studio):
     assert result["new_tokens"] >= 1
 
 
+@pytest.mark.slow
 def test_lclm_prefills_fewer_positions_than_full_context(studio):
     _, full = done(studio.ask(DOC, QUESTION, mode="full", max_new_tokens=2))
     _, lclm = done(studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=2))
@@ -81,6 +82,7 @@ def test_cache_hit_then_corruption_is_rebuilt(studio):
     assert studio.compress(DOC).result.cached is True
 
 
+@pytest.mark.slow
 def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
     seen = []
     run = app.methods.ExpandAgent.run
@@ -111,6 +113,7 @@ def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
     assert all(1 <= n <= len(chunks) for n in result["expanded"])
 
 
+@pytest.mark.slow
 def test_expand_encodes_a_document_once_then_reads_the_cache(studio, monkeypatch):
     _, first = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=2))
     model = studio.model()
@@ -124,6 +127,7 @@ def test_expand_encodes_a_document_once_then_reads_the_cache(studio, monkeypatch
     assert studio.compress(DOC).result.cached is False and calls == [1]
 
 
+@pytest.mark.slow
 def test_expand_with_the_studio_profile_prefills_the_first_reply(studio):
     _, result = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=2, prompt_profile="studio"))
     assert result["prompt_profile"] == "studio"

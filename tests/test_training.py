@@ -147,6 +147,7 @@ def pair(tiny_checkpoint, tiny_corpus):
     return tiny_run(tiny_checkpoint, tiny_corpus, "lora", stages=(0,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["lora", "full"])
 def test_each_stage_trains_exactly_its_parameter_groups(weights, tiny_checkpoint, tiny_corpus):
     run = tiny_run(tiny_checkpoint, tiny_corpus, weights)
@@ -169,6 +170,7 @@ def test_each_stage_trains_exactly_its_parameter_groups(weights, tiny_checkpoint
                 assert "lora_" in name or "trainable_tokens" in name or name.startswith("adapter."), name
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_loads_with_the_same_outputs_and_memory_rows(tiny_checkpoint, tiny_corpus, tmp_path):
     run = tiny_run(tiny_checkpoint, tiny_corpus, "lora", stages=(0, 2), steps=2)
     assert Trainer(run, tmp_path / "run", quiet=True).train() == "done"
@@ -194,6 +196,7 @@ def test_lora_checkpoint_loads_with_the_same_outputs_and_memory_rows(tiny_checkp
     assert log[-1]["step"] == 2 and log[-1]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_full_weights_checkpoint_loads(tiny_checkpoint, tiny_corpus, tmp_path):
     run = tiny_run(tiny_checkpoint, tiny_corpus, "full", stages=(0,), steps=1)
     assert Trainer(run, tmp_path / "run", quiet=True).train() == "done"
@@ -202,6 +205,7 @@ def test_full_weights_checkpoint_loads(tiny_checkpoint, tiny_corpus, tmp_path):
     assert load_lclm(str(final), device="cpu").config.trained is True
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(tiny_checkpoint, tiny_corpus, tmp_path, monkeypatch):
     run = tiny_run(tiny_checkpoint, tiny_corpus, "lora", stages=(0, 1), steps=3)
     assert Trainer(run, tmp_path / "straight", quiet=True).train() == "done"
@@ -252,6 +256,7 @@ def test_stage_config_validation():
         StageConfig(stage=7, steps=1, lr={}, objectives={"interleaved": 1.0})
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     """The CI test: all four stages on a tiny random model and corpus, on CPU."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

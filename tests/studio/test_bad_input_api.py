@@ -15,6 +15,8 @@ from app.ingest import MAX_FILE_BYTES
 from tests.bad_files import BAD_FILES
 from tests.studio.conftest import DOCUMENT
 
+pytestmark = pytest.mark.server
+
 MODEL = ("--checkpoint", 4, "mean")  # family, ratio, pooling
 RATIO_CHOICES = "Value: 5 (type: <class 'int'>) is not in the list of choices: [4, 8, 16]"
 POOLING_CHOICES = "Value: 'max' (type: <class 'str'>) is not in the list of choices: ['mean', 'concat', 'eos']"

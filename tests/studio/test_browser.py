@@ -14,6 +14,8 @@ from tests.studio.conftest import DOCUMENT, ROOT
 pytest.importorskip("pytest_playwright")
 from playwright.sync_api import Page, expect  # noqa: E402
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 TIMEOUT_MS = 60_000
 SCREENSHOTS = os.environ.get("LCLM_SCREENSHOTS") == "1"
 

@@ -4,7 +4,7 @@ progress and URL, and answers through the API (select with `pytest -m embedded`)
 import pytest
 from gradio_client import Client
 
-pytestmark = pytest.mark.embedded
+pytestmark = [pytest.mark.embedded, pytest.mark.server]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 12
 NEEDLE_DOC = FILLER + "The special magic number is 7294. " + FILLER

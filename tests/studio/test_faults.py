@@ -22,6 +22,8 @@ from app.workspace import Workspace
 from model.errors import OUT_OF_MEMORY
 from tests.studio.conftest import DOCUMENT, ROOT, free_port, wait_until
 
+pytestmark = pytest.mark.server
+
 MODEL = ("--checkpoint", 4, "mean")  # family, ratio, pooling
 QUESTION = "What is the vault code?"
 LONG = 2000  # new tokens: far longer than any test waits for

@@ -29,6 +29,7 @@ def test_the_ask_tab_offers_the_new_baselines():
     assert all(name in offered for name in NEW)
 
 
+@pytest.mark.slow
 def test_each_new_baseline_answers_one_request(workspace):
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     results = {}
@@ -49,6 +50,7 @@ def test_each_new_baseline_answers_one_request(workspace):
     assert all(r["ttft_ms"] > 0 and r["answer"] is not None for r in results.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("press", ["attention_matching", "quantized_4bit", "quantized_2bit", "knorm"])
 def test_cli_ask_mode_press_json_fields(capsys, tmp_path, tiny_checkpoint, press):
     doc = tmp_path / "doc.txt"

@@ -4,7 +4,11 @@ does not grow across the run."""
 
 import json
 
+import pytest
+
 from bench.load import CHECKPOINT_MODEL, main, run
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 RSS_GROWTH_LIMIT_MIB = 200
 

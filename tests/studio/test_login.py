@@ -6,6 +6,8 @@ from gradio_client.exceptions import AuthenticationError
 
 from tests.studio.conftest import DOCUMENT, Server
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def private_url(tiny_checkpoint_factory, tmp_path_factory):

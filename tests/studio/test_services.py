@@ -121,6 +121,7 @@ def test_token_diff_covers_both_texts(workspace):
     assert token_diff(tokenizer, original, original) == [(original, "kept")]
 
 
+@pytest.mark.slow
 def test_latent_map_of_two_ratios_and_the_source_tokens(workspace, monkeypatch):
     monkeypatch.setattr(latent_analysis, "UMAP_MIN_POINTS", 10**9)  # PCA: spare this process UMAP's JIT
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
@@ -132,6 +133,7 @@ def test_latent_map_of_two_ratios_and_the_source_tokens(workspace, monkeypatch):
 
 
 # ---- answers, baselines, history -------------------------------------------------------------------
+@pytest.mark.slow
 def test_ask_streams_states_and_records_the_run(workspace):
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     states = list(workspace.ask("session-a", document.sha256, "What is the vault code?", workspace.catalog.default,
@@ -154,7 +156,6 @@ def test_ask_streams_states_and_records_the_run(workspace):
 
 
 def test_kvpress_keeps_the_matched_share_of_the_context(workspace):
-    pytest.importorskip("kvpress")
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     variant = workspace.catalog.default
     events = list(workspace.studio.ask(document.text, "What is the code?", "knorm", variant.ratio, variant.pooling,

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 from gradio_client import Client
 
 from tests.studio.conftest import DOCUMENT, Server, wait_until
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 MODEL = ("--checkpoint", 4, "mean")  # family, ratio, pooling
 
