@@ -118,19 +118,21 @@ def test_expand_and_reconstruct_run(studio):
 def test_save_and_load_in_published_layout(studio, tmp_path):
     from model.loading import load_lclm, save_lclm
 
-    model = studio.model(ratio=8, pooling="concat")
+    model = studio.model(ratio=8, pooling="mean")  # no 1:8 mean weights ship
     save_lclm(model, tmp_path / "ckpt")
     again = load_lclm(str(tmp_path / "ckpt"), device="cpu")
     ids = model.tokenize_document(NEEDLE_DOC[:400]).ids
-    assert again.config.trained is False and again.config.pooling == "concat"
+    assert again.config.trained is False and again.config.pooling == "mean"
     assert (again.compress(ids) - model.compress(ids)).abs().max() == 0
 
 
 # Halfway between the untrained and the shipped variant on RECONSTRUCTION_TEXT (float32), measured
 # when the weights were shipped. 1:4 concat: teacher-forced 0.429 untrained, 0.580 trained; its
 # free-running accuracy on this text did not rise (0.025 both), so it has no free-running floor.
-# 1:16 mean: teacher-forced 0.438 and 0.545, free-running 0.017 and 0.076.
+# 1:16 mean: teacher-forced 0.438 and 0.545, free-running 0.017 and 0.076. 1:8 concat: teacher-forced
+# 0.446 and 0.554; free-running 0.0085 and 0.0254 (one token and three), too small a rise for a floor.
 RECONSTRUCTION_FLOORS = {(4, "concat"): {"free_running": None, "teacher_forced": 0.50},
+                         (8, "concat"): {"free_running": None, "teacher_forced": 0.50},
                          (16, "mean"): {"free_running": 0.045, "teacher_forced": 0.49}}
 
 
@@ -144,8 +146,8 @@ def shipped_variants() -> list[tuple[int, str]]:
     return found
 
 
-def test_trained_variants_ship_for_1_4_concat_and_say_so(studio):
-    assert {(4, "concat"), (16, "mean")} <= set(shipped_variants())
+def test_trained_variants_ship_and_say_so(studio):
+    assert {(4, "concat"), (8, "concat"), (16, "mean")} <= set(shipped_variants())
     for ratio, pooling in shipped_variants():
         model = studio.model(ratio=ratio, pooling=pooling)
         assert model.config.trained is True and "untrained" not in model.checkpoint_id
