@@ -33,7 +33,7 @@ from model.errors import UserError
 from model.generation import PrefillState, Sampling, StreamingDetokenizer, decode, fork_cache, prefill, stop_token_ids
 from model.lclm import LCLM
 from model.presses import PRESSES, PressSpec, kept_positions, make_press, new_cache, stored_kv_bytes
-from model.prompts import MEMORY, MEMORY_END, MEMORY_START, PromptProfile
+from model.prompts import PromptProfile
 
 if TYPE_CHECKING:
     from app.service import Studio
@@ -114,8 +114,8 @@ def prompt_parts(model: LCLM, profile: PromptProfile, question: str) -> tuple[li
 
 
 def memory_region_ids(model: LCLM, latents: int) -> list[int]:
-    vocab = model.decoder_tokenizer.get_vocab()
-    return [vocab[MEMORY_START], *[vocab[MEMORY]] * latents, vocab[MEMORY_END]]
+    """Decoder ids of one memory region: start tag, one placeholder per latent, end tag."""
+    return [model.memory_start_id, *[model.memory_token_id] * latents, model.memory_end_id]
 
 
 def check_positions(model: LCLM, positions: int, max_new_tokens: int, hint: str = "") -> None:

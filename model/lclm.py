@@ -71,6 +71,7 @@ class LCLM(nn.Module):
         if missing:
             raise ValueError(f"decoder tokenizer lacks the memory tokens {missing}")
         self.memory_token_id = vocab[MEMORY]
+        self.memory_start_id, self.memory_end_id = vocab[MEMORY_START], vocab[MEMORY_END]
 
     # ---- shapes and identity -------------------------------------------------
     @property
