@@ -119,11 +119,11 @@ def test_reconstruct_side_by_side_and_select_chunk(loaded):
 
 
 def test_ask_streams_with_ttft_expand_and_baselines(loaded):
-    outputs = ask(loaded, expand=True, full=True, kvpress="kvpress snapkv")
+    outputs = ask(loaded, expand=True, full=True, kvpress="snapkv")
     assert len(outputs) >= 2  # the first state, then the streamed answer
     lclm, full, kvpress, ttft, readout, strip, transcript, results = outputs[-1][:8]
     rows = {row[0]: dict(zip(readout["headers"], row)) for row in readout["data"]}
-    assert set(rows) == {"LCLM 1:4 mean + EXPAND", "full context", "kvpress snapkv"}
+    assert set(rows) == {"LCLM 1:4 mean + EXPAND", "full context", "SnapKV"}  # the methods' labels
     assert rows["LCLM 1:4 mean + EXPAND"]["TTFT ms"] > 0 and "TTFT" in ttft
     assert results["LCLM 1:4 mean + EXPAND"]["ttft_ms"] > 0
     assert results["full context"]["positions"] > results["LCLM 1:4 mean + EXPAND"]["latents"]
@@ -131,19 +131,20 @@ def test_ask_streams_with_ttft_expand_and_baselines(loaded):
     assert results["LCLM 1:4 mean + EXPAND"]["prompt_profile"] == "paper"
     assert transcript["data"][0][2] in ("expand", "demoted") and lit  # the first round must expand
     assert all(f">{n} (r" in strip for n in lit)  # chunks numbered from 1, the expanded ones lit
-    assert rows["kvpress snapkv"]["status"] == "done"
-    assert results["kvpress snapkv"]["positions"] < results["kvpress snapkv"]["prefilled_positions"] / 2
+    assert rows["SnapKV"]["status"] == "done"
+    assert results["SnapKV"]["positions"] < results["SnapKV"]["prefilled_positions"] / 2
     assert strip.count('class="lclm-cell"') > 3
 
 
-@pytest.mark.parametrize("baseline", ["kvpress attention_matching", "kvpress quantized_4bit", "kvpress quantized_2bit"])
-def test_ask_with_attention_matching_and_quantized_baselines(loaded, baseline):
+@pytest.mark.parametrize("baseline, label", [("attention_matching", "Attention Matching"),
+                                             ("quantized_4bit", "KV 4-bit"), ("quantized_2bit", "KV 2-bit")])
+def test_ask_with_attention_matching_and_quantized_baselines(loaded, baseline, label):
     outputs = ask(loaded, kvpress=baseline, max_new_tokens=3)[-1]
     readout, results = outputs[4], outputs[7]
     rows = {row[0]: dict(zip(readout["headers"], row)) for row in readout["data"]}
-    assert rows[baseline]["status"] == "done" and results[baseline]["ttft_ms"] > 0
-    kept, prefilled = results[baseline]["positions"], results[baseline]["prefilled_positions"]
-    assert kept < prefilled / 2 if baseline.endswith("attention_matching") else kept == prefilled
+    assert rows[label]["status"] == "done" and results[label]["ttft_ms"] > 0 and results[label]["mode"] == baseline
+    kept, prefilled = results[label]["positions"], results[label]["prefilled_positions"]
+    assert kept < prefilled / 2 if baseline == "attention_matching" else kept == prefilled
 
 
 def test_metrics_history_and_export(loaded, tmp_path):
