@@ -37,7 +37,7 @@ class PrefixKey:
 
     document_sha256: str
     checkpoint: str
-    method: str  # "full", "lclm", "kvpress snapkv", ...
+    method: str  # a name in app.methods.METHODS: "full", "lclm", "snapkv", ...
     ratio: int | None  # the LCLM's 1:N, or a press's matched ratio; None for full context
     pooling: str | None
     dtype: str

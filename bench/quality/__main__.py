@@ -18,6 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from model.presses import PRESSES
+
+# every registered press but two that the paper does not compare against (they run when named)
+DEFAULT_PRESSES = [name for name in PRESSES if name not in ("knorm", "streaming_llm")]
 UNTRAINED = ("UNTRAINED: these numbers come from the embedded default with freshly initialised adapters "
              "(no LCLM training), so they show that the harness runs end to end, not what a trained LCLM scores.")
 TRAINED = "Trained checkpoints."
@@ -32,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="RULER context lengths (tokens)")
     parser.add_argument("--samples", type=int, default=1, help="examples per task and length")
     parser.add_argument("--tasks", nargs="+", help="task names (default: all)")
-    parser.add_argument("--presses", nargs="*", default=["snapkv", "kvzip", "expected_attention", "attention_matching",
-                                                        "quantized_4bit", "quantized_2bit"])
+    parser.add_argument("--presses", nargs="*", choices=list(PRESSES), default=DEFAULT_PRESSES,
+                        help="presses of model/presses.py (default: all but knorm and streaming_llm)")
     parser.add_argument("--spans", type=int, default=4, help="reconstruction spans per variant")
     parser.add_argument("--span-tokens", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="small models restate the question first")
