@@ -178,21 +178,12 @@ class Studio:
         """Each chunk's text compressed on its own, exactly as `compress` would compress it
         (the cache key is that of a document holding only the chunk's text):
         ([M_i, dec_hidden] per chunk, compress ms (0 when every chunk was cached), all cached)."""
-        config = model.config
-        model_id = f"{model.checkpoint_id}@{model.dtype}"
         clock = Clock(model.device)
         latents, encoded = [], 0
         for done, chunk in enumerate(chunks):
             ids = model.encoder_tokenizer(chunk.text, add_special_tokens=False)["input_ids"]
-            key = latent_key(document_sha256(chunk.text), model_id, config.compression_ratio, config.pooling)
-            hit = self.cache.get(key) if use_cache else None
-            if hit is not None and hit.latents.shape[0] == model.count_latents(len(ids)):
-                region = hit.latents.to(model.device, model.dtype)  # [M_i, D]
-            else:
-                region = guard_memory(model.compress, ids)  # [M_i, D]
-                encoded += 1
-                if use_cache:
-                    self.cache.put(key, region, {"tokens": len(ids), "checkpoint": model.checkpoint_id})
+            region, _, cached = self.latents(model, text_document(model, chunk.text, ids), use_cache)  # [M_i, D]
+            encoded += not cached
             latents.append(region)
             if progress:
                 progress("encoding chunks", done + 1, len(chunks))

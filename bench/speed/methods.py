@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -42,7 +43,7 @@ class Case:
     doc: list[int]  # [T] token ids
     prepared: bool = False  # the untimed first request of a cached / follow-up scenario has run
 
-    @property
+    @cached_property
     def document(self) -> DocumentIds:
         return DocumentIds.from_ids(self.doc)
 
