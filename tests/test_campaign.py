@@ -174,3 +174,58 @@ def test_publish_ships_only_what_beats_its_start_and_the_shipped_variant(tmp_pat
     assert not publish(out, state(0.44, 0.20), run, target)  # not better than the shipped 0.45
     assert json.loads((target / "model_card.json").read_text())["validation"]["trained"]["teacher_forced"] == 0.45
     assert publish(out, state(0.5, 0.2), run, target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["superposed", "first"])
+def test_warm_start_pulls_latents_towards_their_token_embeddings(kind, pair):
+    from model.training.campaign import embedding_targets, warm_start
+    from model.training.data.shards import load_corpus
+
+    lclm = build_trainable(pair)
+    recipe = replace(LEARNING["reconstruction"], warm_start_steps=8, warm_target=kind)
+    groups = trainable_groups(lclm, recipe)
+    data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), recipe, seed=0)
+    documents = [s.documents[0] for s in data.step(0, 0).samples]
+    targets = embedding_targets(lclm, documents, kind)
+    n = lclm.config.compression_ratio
+    assert [t.shape[0] for t in targets] == [-(-len(d) // n) for d in documents]
+    table = lclm.decoder.get_input_embeddings().weight
+    first = documents[0]
+    expected = table[first[:n]].sum(0) / n ** 0.5 if kind == "superposed" else table[first[0]]
+    assert torch.allclose(targets[0][0], expected.float(), atol=1e-6)
+    decoder_before = {n: p.detach().clone() for n, p in lclm.decoder.named_parameters()}
+    result = warm_start(lclm, data, groups, recipe.warm_start_steps, autocast=False, say=lambda m: None, kind=kind)
+    assert result["relative_error"] < result["first_error"] and result["tokens"] > 0
+    assert all(torch.equal(p, decoder_before[n]) for n, p in lclm.decoder.named_parameters())  # decoder untouched
+
+
+@pytest.mark.slow
+def test_validation_with_other_spans_latents_differs_only_through_the_latents(pair):
+    from model.training.data.shards import load_corpus
+
+    lclm = build_trainable(pair)
+    data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), RECIPES["frozen-recon"], seed=0)
+    spans = data.validation_spans(length=16, count=8)
+    pad = lclm.decoder_tokenizer.pad_token_id or 0
+    with torch.no_grad():
+        lclm.adapter.fc2.weight.zero_()  # every latent is the adapter's bias: the spans' latents are alike
+    result = validate(lclm, data.builder, spans, pad, 0, autocast=False)
+    assert result["teacher_forced_other"] == result["teacher_forced"]
+
+
+@pytest.mark.slow
+def test_validate_only_measures_a_final_without_training(tmp_path):
+    smoke_run(tmp_path)
+    state, out = tmp_path / "state", tmp_path / "out"
+    done = subprocess.run(campaign_command(state, out, 0.5), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    step = json.loads((state / "state.json").read_text())["step"]
+    shown = subprocess.run([sys.executable, "-m", "model.training.campaign", "--smoke", "--validate-only", "--threads",
+                            "1", "--state", str(state), "--init-from", str(out / "final")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    result = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert result["checkpoint"] == str(out / "final")
+    assert all(0 <= result[k] <= 1 for k in ("teacher_forced", "teacher_forced_other", "free_running"))
+    assert json.loads((state / "state.json").read_text())["step"] == step  # nothing trained

@@ -27,11 +27,16 @@ their final/ (bf16) with a fresh optimizer; `--publish-only` unpacks and publish
 
 A recipe (RECIPES) says what is trained (encoder LoRA, adapter, memory-tag rows, optionally
 decoder LoRA), on which objectives (reconstruction of spans, interleaved next-token, or
-interleaved distillation from the full-context decoder) and the span-length curriculum.
+interleaved distillation from the full-context decoder), the span-length curriculum, and an
+optional warm start of the encoder and adapter before the first step (`warm_start`).
 Validation, every `--eval-minutes`: teacher-forced top-1 token accuracy on fixed held-back
-64-token spans (at step 0 this is the decoder's prior: untrained latents tell it nothing), and
-free-running reconstruction token accuracy (greedy, the studio's Reconstruction path) on a few
-of them.
+64-token spans (at step 0 this is the decoder's prior: untrained latents tell it nothing); the
+same with each span given another span's latents (a decoder LoRA also learns the corpus, which
+lifts both: the gap is what the latents carry); and free-running reconstruction token accuracy
+(greedy, the studio's Reconstruction path) on a few of them.
+    python -m model.training.campaign --variant cs4-concat --validate-only --init-from DIR
+prints that validation of any published-layout checkpoint (without --init-from: the untrained
+variant) as JSON.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ class Recipe:
     interleaved_tokens: int = 512  # raw tokens of one interleaved / distillation sequence
     interleaved_spans: tuple[int, int] = (16, 128)  # compressed span lengths inside it
     reconstruction_range: tuple[int, int] | None = None  # uniform span lengths instead of phases
+    warm_start_steps: int = 0  # steps of `warm_start` before the first training step of a fresh state
+    warm_target: str = "superposed"  # what warm_start pulls latents towards (embedding_targets)
     precision: str = "auto"  # auto (the device's fast type) | fp32
 
     def phase(self, span_tokens_done: int) -> Phase:
@@ -109,6 +116,9 @@ class Recipe:
 # The recipes compared in the study (bench/results/training/), the chosen one (the most validation accuracy
 # per CPU-minute there) first.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("warm-lora-recon", "lora-recon after a warm start: the encoder and adapter first regressed (300 steps, "
+           "no decoder pass) onto the superposed token embeddings of each latent's group",
+           phases=(Phase(64),), objectives={"reconstruction": 1.0}, train_decoder=True, warm_start_steps=300),
     Recipe("lora-recon", "decoder LoRA (so the decoder learns to read latents) + encoder LoRA + adapter, "
            "reconstruction of 64-token spans",
            phases=(Phase(64),), objectives={"reconstruction": 1.0}, train_decoder=True),
@@ -235,13 +245,14 @@ class CampaignData:
                 return window
         raise ValueError(f"the corpus has no document of {length} tokens")
 
-    def step(self, step: int, span_tokens_done: int) -> StepData:
-        """The samples of training step `step`."""
+    def step(self, step: int, span_tokens_done: int, objective: str | None = None) -> StepData:
+        """The samples of training step `step` (of `objective`, else one the recipe draws)."""
         r = self.recipe
-        rng = np.random.default_rng(stable_hash(f"campaign:{self.seed}:train:{step}"))
+        rng = np.random.default_rng(stable_hash(f"campaign:{self.seed}:{objective or 'train'}:{step}"))
         names = sorted(r.objectives)
         weights = np.array([r.objectives[n] for n in names])
-        objective = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        drawn = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        objective = objective or drawn
         train = self.split("train")
         if objective == "reconstruction":
             if r.reconstruction_range is not None:
@@ -296,21 +307,88 @@ def step_loss(lclm, data: StepData, pad_id: int) -> tuple[torch.Tensor, int, int
     return loss, correct, int(targets.numel())
 
 
+def embedding_targets(lclm, documents: list[list[int]], kind: str = "superposed") -> list[torch.Tensor]:
+    """What `warm_start` pulls each document's latents towards, for every group of N tokens
+    ([ceil(L/N), D] per document), in the space the decoder reads:
+    - superposed: the sum of the group's decoder input embeddings over sqrt(N) (about one
+      token embedding's norm): every token of the group, in superposition;
+    - first: the embedding of the group's first token: one real token per latent, which a
+      decoder reads (and copies) as it is."""
+    n = lclm.config.compression_ratio
+    table = lclm.decoder.get_input_embeddings()
+    targets = []
+    with torch.no_grad():
+        for ids in documents:
+            groups = math.ceil(len(ids) / n)
+            embeds = table(torch.tensor(ids, device=lclm.device)).float()  # [L, D]
+            if kind == "first":
+                targets.append(embeds[::n])  # [groups, D]
+                continue
+            padded = embeds.new_zeros(groups * n, embeds.shape[-1])  # [groups*N, D], zero tail
+            padded[: len(ids)] = embeds
+            targets.append(padded.view(groups, n, -1).sum(1) / math.sqrt(n))  # [groups, D]
+    return targets
+
+
+def warm_start(lclm, data: "CampaignData", groups, steps: int, autocast: bool, say, kind: str = "superposed") -> dict:
+    """Regress the encoder and adapter (no decoder pass) so that the latents start as the
+    superposed embeddings of their tokens (`embedding_targets`): information the decoder's
+    copying heads can read from the first training step, instead of random vectors it learns
+    to ignore. A frozen decoder is not enough to read them (it continues them as text); the
+    recipe's decoder LoRA learns that. Its own AdamW; returns the steps, tokens and the first
+    and last step's relative squared error."""
+    params = [p for g in ("encoder", "adapter") for _, p in groups.get(g, [])]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    tokens, errors = 0, []
+    for step in range(steps):
+        batch = data.step(step, 0, objective="reconstruction")
+        documents = [s.documents[0] for s in batch.samples]
+        with torch.autocast(lclm.device.type, dtype=torch.bfloat16, enabled=autocast):
+            latents = torch.cat(lclm.encode_many(documents)).float()  # [M, D]
+        target = torch.cat(embedding_targets(lclm, documents, kind))  # [M, D]
+        loss = (latents - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()  # relative squared error
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sum(len(d) for d in documents)
+        errors.append(float(loss.detach()))
+        if step % 50 == 0 or step == steps - 1:
+            say(f"warm start {step + 1}/{steps}: relative error {errors[-1]:.3f}")
+    return {"steps": steps, "target": kind, "tokens": tokens, "first_error": round(errors[0], 4),
+            "relative_error": round(errors[-1], 4)}
+
+
 # ---- validation ---------------------------------------------------------------------------------
+def other_span(samples: list[Sample]) -> list[int]:
+    """For each reconstruction sample the next one (cyclically) whose document has as many
+    latents (encoder tokenizations of equal spans may differ in length), else itself: whose
+    latents it reads in the validation with other spans' latents."""
+    counts = [s.regions[0][2] - s.regions[0][1] for s in samples]
+    chosen = []
+    for i, count in enumerate(counts):
+        ring = [(i + k) % len(samples) for k in range(1, len(samples))]
+        chosen.append(next((j for j in ring if counts[j] == count), i))
+    return chosen
+
+
 @torch.no_grad()
 def validate(lclm, builder: ExampleBuilder, spans: list[list[int]], pad_id: int, free_running: int,
              autocast: bool) -> dict:
-    """Teacher-forced accuracy on the span tokens (end of turn excluded) and free-running
+    """Teacher-forced accuracy on the span tokens (end of turn excluded), the same with every
+    span given another span's latents (the gap between the two is what the latents carry; a
+    trained decoder also learns the corpus, which lifts both), and free-running
     reconstruction token accuracy of the first `free_running` spans."""
     was_training = lclm.training
     lclm.eval()
-    correct = total = 0
+    samples = [builder.reconstruction(s) for s in spans]
+    others = [replace(s, documents=samples[j].documents) for s, j in zip(samples, other_span(samples))]
+    correct, total = {"own": 0, "other": 0}, 0
     with torch.autocast(lclm.device.type, dtype=torch.bfloat16, enabled=autocast):
         for first in range(0, len(spans), 8):
-            batch = collate([builder.reconstruction(s) for s in spans[first:first + 8]], pad_id)
-            logits, targets = label_logits(lclm, batch)
-            hits = (logits.argmax(-1) == targets).view(-1, len(spans[0]) + 1)[:, :-1]  # [b, span], end of turn off
-            correct += int(hits.sum())
+            for which, group in (("own", samples), ("other", others)):
+                logits, targets = label_logits(lclm, collate(group[first:first + 8], pad_id))
+                hits = (logits.argmax(-1) == targets).view(-1, len(spans[0]) + 1)[:, :-1]  # [b, span], no end of turn
+                correct[which] += int(hits.sum())
             total += hits.numel()
         stops = stop_token_ids(lclm.decoder_tokenizer, lclm.decoder)
         scores = []
@@ -320,7 +398,8 @@ def validate(lclm, builder: ExampleBuilder, spans: list[list[int]], pad_id: int,
             state = prefill(lclm.decoder, lclm.prepare(prompt, [latents]).inputs_embeds)
             scores.append(token_accuracy(ids, list(decode(lclm.decoder, state, len(ids) + 8, stops))))
     lclm.train(was_training)
-    return {"teacher_forced": round(correct / max(total, 1), 4),
+    return {"teacher_forced": round(correct["own"] / max(total, 1), 4),
+            "teacher_forced_other": round(correct["other"] / max(total, 1), 4),
             "free_running": round(float(np.mean(scores)), 4) if scores else None}
 
 
@@ -365,6 +444,9 @@ def plot_curve(evals: list[dict], path: Path, title: str) -> None:
     for ax, key, label in ((axes[0], "tokens", "tokens trained"), (axes[1], "wall_s", "wall minutes")):
         xs = [e[key] / (60 if key == "wall_s" else 1) for e in evals]
         ax.plot(xs, [e["teacher_forced"] for e in evals], marker="o", label="teacher-forced")
+        other = [(x, e["teacher_forced_other"]) for x, e in zip(xs, evals) if "teacher_forced_other" in e]
+        if other:
+            ax.plot(*zip(*other), marker=".", ls=":", label="teacher-forced,\nother spans' latents")
         free = [(x, e["free_running"]) for x, e in zip(xs, evals) if e.get("free_running") is not None]
         if free:
             ax.plot(*zip(*free), marker="s", label="free-running")
@@ -491,6 +573,8 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
         state.update({k: saved[k] for k in ("step", "tokens", "span_tokens", "cpu_s", "wall_s", "evals", "calls",
                                             "init_from")})
         state["lr_scales"] = saved.get("lr_scales", [1.0] * saved["calls"])
+        if "warm_start" in saved:
+            state["warm_start"] = saved["warm_start"]
     state["calls"] += 1
     state.setdefault("lr_scales", []).append(lr_scale)  # one per call: a campaign anneals by lowering it
     validation = data.validation_spans(validation_span)
@@ -514,11 +598,17 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
                  "wall_s": round(wall, 1), **result}
         state["evals"].append(entry)
         say(f"validation at step {entry['step']} ({entry['tokens']:,} tokens, {wall / 60:.1f} min): "
-            f"teacher-forced {result['teacher_forced']:.3f}, free-running {result['free_running']}")
+            f"teacher-forced {result['teacher_forced']:.3f} (other spans' latents "
+            f"{result['teacher_forced_other']:.3f}), free-running {result['free_running']}")
 
     lclm.train()
     if not state["evals"]:
         evaluate(free_running)  # step 0: the prior
+        if recipe.warm_start_steps and init_from is None:
+            state["warm_start"] = warm_start(lclm, data, groups, recipe.warm_start_steps, use_bf16, say,
+                                            recipe.warm_target)
+            state["tokens"]["warm_start"] = state["warm_start"]["tokens"]
+            evaluate(free_running)
     last_eval = time.perf_counter()
     bar = tqdm(total=int(box_s), unit="s", desc=f"{variant} {recipe.name}", disable=quiet,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}] {postfix}")
@@ -567,6 +657,22 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
     return state
 
 
+def validate_checkpoint(run: RunConfig, checkpoint: Path | None, recipe: Recipe) -> dict:
+    """The campaign's validation of a published-layout checkpoint (None: the run's untrained LCLM)."""
+    lclm = build_trainable(run, init_from=checkpoint)
+    for model in (lclm.decoder, lclm.encoder.model):
+        model.set_attn_implementation("eager")
+    use_bf16 = fast_dtype(lclm.device) == torch.bfloat16
+    if use_bf16:
+        freeze_to(lclm, torch.bfloat16)
+    builder = ExampleBuilder(lclm)
+    data = CampaignData(builder, load_corpus(run.corpus), recipe, 0)
+    result = validate(lclm, builder, data.validation_spans(), lclm.decoder_tokenizer.pad_token_id or 0,
+                      FREE_RUNNING_SPANS, use_bf16)
+    return {"run": run.name, "checkpoint": str(checkpoint) if checkpoint else None,
+            "precision": "bf16" if use_bf16 else "fp32", "cpu": cpu_name(), **result}
+
+
 def write_outputs(lclm, out: Path, state: dict, run: RunConfig) -> None:
     """final/ (bfloat16, published layout), metrics.json and curve.png."""
     out.mkdir(parents=True, exist_ok=True)
@@ -577,7 +683,7 @@ def write_outputs(lclm, out: Path, state: dict, run: RunConfig) -> None:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     metrics = {k: state.get(k) for k in ("variant", "recipe", "step", "tokens", "span_tokens", "cpu_s", "wall_s",
-                                         "precision", "calls", "lr_scales", "init_from", "probe", "optimizer_restarts",
+                                         "precision", "calls", "lr_scales", "init_from", "probe", "optimizer_restarts", "warm_start",
                                          "evals")}
     metrics["device"] = device_name(lclm.device)
     metrics["cpu"] = cpu_name()
@@ -727,8 +833,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="first unpack <variant>.tar.N parts from here into STATE/ and OUT/ (a later call "
                              "continues from what an earlier one brought back)")
     parser.add_argument("--publish-only", action="store_true", help="train nothing: unpack --returned and --publish")
-    parser.add_argument("--state", required=True, type=Path, help="resumable state directory")
-    parser.add_argument("--out", required=True, type=Path, help="final/, metrics.json and curve.png")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="train nothing: print the validation of --init-from (or of the untrained variant) as JSON")
+    parser.add_argument("--state", type=Path, help="resumable state directory (required unless --validate-only)")
+    parser.add_argument("--out", type=Path, help="final/, metrics.json and curve.png (required unless --validate-only)")
     parser.add_argument("--corpus", help="shard directory or packed corpus (default: the variant's config)")
     parser.add_argument("--init-from", type=Path, help="start a new state from this published-layout checkpoint")
     parser.add_argument("--eval-minutes", type=float, default=5.0, help="validation every so many minutes")
@@ -741,14 +849,18 @@ def main(argv: list[str] | None = None) -> int:
                              "and the variant shipped there")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.validate_only and (args.state is None or args.out is None):
+        parser.error("--state and --out are required")
+    if args.smoke and args.state is None:
+        parser.error("--smoke needs --state (its tiny pair and corpus are made beside it)")
     if args.publish_only:
         args.publish = True
-    elif args.minutes is None or args.minutes <= 0:
+    elif not args.validate_only and (args.minutes is None or args.minutes <= 0):
         parser.error("--minutes must be given and positive")
     if args.lr_scale <= 0:
         parser.error("--lr-scale must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     variants = [args.variant] if args.variants is None else [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS and not args.smoke]
     if unknown or not variants:
@@ -760,6 +872,10 @@ def main(argv: list[str] | None = None) -> int:
         smoke = smoke_run(args.state.resolve().parent)
     if args.variants is None and args.smoke:
         variants = ["smoke"]
+    if args.validate_only:
+        run = smoke or run_config(args.variant, RECIPES[args.recipe], args.corpus)
+        print(json.dumps(validate_checkpoint(run, args.init_from, RECIPES[args.recipe])))
+        return 0
     recipe = RECIPES[args.recipe]
     deadline = time.perf_counter() + 60 * (args.minutes or 0)
     for index, variant in enumerate(variants):
