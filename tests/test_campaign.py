@@ -229,3 +229,20 @@ def test_validate_only_measures_a_final_without_training(tmp_path):
     assert result["checkpoint"] == str(out / "final")
     assert all(0 <= result[k] <= 1 for k in ("teacher_forced", "teacher_forced_other", "free_running"))
     assert json.loads((state / "state.json").read_text())["step"] == step  # nothing trained
+
+
+@pytest.mark.slow
+def test_the_chosen_recipe_warm_starts_within_the_box_then_trains(tmp_path):
+    smoke_run(tmp_path)
+    state, out = tmp_path / "state", tmp_path / "out"
+    command = campaign_command(state, out, 0.4)
+    command[command.index("curriculum")] = next(iter(RECIPES))
+    assert RECIPES[next(iter(RECIPES))].warm_start_steps > 0
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    warm = metrics["warm_start"]
+    assert 0 < warm["steps"] and warm["relative_error"] < warm["first_error"]
+    assert metrics["tokens"]["warm_start"] == warm["tokens"] > 0 and metrics["tokens"]["reconstruction"] > 0
+    assert metrics["wall_s"] <= 0.4 * 60 + 30
+    assert [e["step"] for e in metrics["evals"][:2]] == [0, 0]  # the prior, then after the warm start

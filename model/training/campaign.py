@@ -64,7 +64,7 @@ from model.fidelity import token_accuracy
 from model.generation import decode, prefill, stop_token_ids
 from model.precision import fast_dtype
 from model.prompts import memory_region, reconstruction_prompt
-from model.training.config import LoraSettings, RunConfig
+from model.training.config import RunConfig
 from model.training.data.corpus import stable_hash
 from model.training.data.shards import Split, load_corpus
 from model.training.examples import IGNORE, ExampleBuilder, Sample, collate, plan_spans
@@ -330,17 +330,21 @@ def embedding_targets(lclm, documents: list[list[int]], kind: str = "superposed"
     return targets
 
 
-def warm_start(lclm, data: "CampaignData", groups, steps: int, autocast: bool, say, kind: str = "superposed") -> dict:
+def warm_start(lclm, data: "CampaignData", groups, steps: int, autocast: bool, say, kind: str = "superposed",
+               until: float = math.inf) -> dict:
     """Regress the encoder and adapter (no decoder pass) so that the latents start as the
     superposed embeddings of their tokens (`embedding_targets`): information the decoder's
     copying heads can read from the first training step, instead of random vectors it learns
     to ignore. A frozen decoder is not enough to read them (it continues them as text); the
-    recipe's decoder LoRA learns that. Its own AdamW; returns the steps, tokens and the first
-    and last step's relative squared error."""
+    recipe's decoder LoRA learns that. Its own AdamW; stops early at `until` (time.perf_counter);
+    returns the steps done, tokens and the first and last step's relative squared error."""
     params = [p for g in ("encoder", "adapter") for _, p in groups.get(g, [])]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     tokens, errors = 0, []
     for step in range(steps):
+        if time.perf_counter() > until:
+            say(f"warm start stopped after {step} of {steps} steps: half the box is spent")
+            break
         batch = data.step(step, 0, objective="reconstruction")
         documents = [s.documents[0] for s in batch.samples]
         with torch.autocast(lclm.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -354,8 +358,8 @@ def warm_start(lclm, data: "CampaignData", groups, steps: int, autocast: bool, s
         errors.append(float(loss.detach()))
         if step % 50 == 0 or step == steps - 1:
             say(f"warm start {step + 1}/{steps}: relative error {errors[-1]:.3f}")
-    return {"steps": steps, "target": kind, "tokens": tokens, "first_error": round(errors[0], 4),
-            "relative_error": round(errors[-1], 4)}
+    return {"steps": len(errors), "target": kind, "tokens": tokens, "first_error": round(errors[0], 4) if errors else None,
+            "relative_error": round(errors[-1], 4) if errors else None}
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -606,7 +610,7 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
         evaluate(free_running)  # step 0: the prior
         if recipe.warm_start_steps and init_from is None:
             state["warm_start"] = warm_start(lclm, data, groups, recipe.warm_start_steps, use_bf16, say,
-                                            recipe.warm_target)
+                                             recipe.warm_target, until=started_wall + box_s / 2)
             state["tokens"]["warm_start"] = state["warm_start"]["tokens"]
             evaluate(free_running)
     last_eval = time.perf_counter()
