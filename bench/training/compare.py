@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
              "the corpus alone); *gap*: what the latents carry.", "",
              "| run | step | tokens | CPU min | teacher-forced, own | other | gap | free-running |",
              "|---|---|---|---|---|---|---|---|"]
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for label, entries in table.items():
         for r in entries:
-            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
             lines.append(f"| {label} | {r['step']} | {r['tokens']:,} | {r['cpu_minutes']} | {fmt(r['teacher_forced'])} "
                          f"| {fmt(r['teacher_forced_other'])} | {fmt(r['latent_gap'])} | {fmt(r['free_running'])} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")

@@ -251,8 +251,7 @@ class CampaignData:
         rng = np.random.default_rng(stable_hash(f"campaign:{self.seed}:{objective or 'train'}:{step}"))
         names = sorted(r.objectives)
         weights = np.array([r.objectives[n] for n in names])
-        drawn = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-        objective = objective or drawn
+        objective = objective or names[int(rng.choice(len(names), p=weights / weights.sum()))]
         train = self.split("train")
         if objective == "reconstruction":
             if r.reconstruction_range is not None:
@@ -529,6 +528,24 @@ def probe(lclm, data: CampaignData, groups, pad_id: int, autocast: bool, seconds
 
 
 # ---- the campaign -------------------------------------------------------------------------------
+def load_for_training(run: RunConfig, recipe: Recipe, checkpoint: Path | None):
+    """(LCLM on the fastest device, the recipe's trainable groups, whether bf16 autocast is on):
+    the run's LCLM from `checkpoint` (None: fresh), set up as training and validation use it."""
+    lclm = build_trainable(run, init_from=checkpoint)
+    for model in (lclm.decoder, lclm.encoder.model):
+        # short training sequences: matmul attention beats the fused CPU kernel in bf16 several times
+        model.set_attn_implementation("eager")
+    if not recipe.train_decoder and checkpoint is None:
+        set_decoder_lora(lclm.decoder, False)  # freshly initialised LoRA is the identity: skip its compute
+    groups = trainable_groups(lclm, recipe)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lclm.to(device)
+    use_bf16 = recipe.precision == "auto" and fast_dtype(device) == torch.bfloat16
+    if use_bf16:
+        freeze_to(lclm, torch.bfloat16)
+    return lclm, groups, use_bf16
+
+
 def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out: Path, corpus: str | None = None,
              init_from: Path | None = None, eval_minutes: float = 5.0, seed: int = 0, quiet: bool = False,
              run: RunConfig | None = None, free_running: int = FREE_RUNNING_SPANS,
@@ -545,18 +562,8 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
     if resuming:  # the checkpoint the state started from holds what this recipe does not train
         started_from = json.loads((state_dir / "state.json").read_text()).get("init_from")
         init_from = Path(started_from) if started_from else None
-    lclm = build_trainable(run, init_from=out / "final" if returned else init_from)
-    for model in (lclm.decoder, lclm.encoder.model):
-        # short training sequences: matmul attention beats the fused CPU kernel in bf16 several times
-        model.set_attn_implementation("eager")
-    if not recipe.train_decoder and init_from is None and not returned:
-        set_decoder_lora(lclm.decoder, False)  # freshly initialised LoRA is the identity: skip its compute
-    groups = trainable_groups(lclm, recipe)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lclm.to(device)
-    use_bf16 = recipe.precision == "auto" and fast_dtype(device) == torch.bfloat16
-    if use_bf16:
-        freeze_to(lclm, torch.bfloat16)
+    lclm, groups, use_bf16 = load_for_training(run, recipe, out / "final" if returned else init_from)
+    device = lclm.device
     optimizer = torch.optim.AdamW([{"params": [p for _, p in ps], "lr": recipe.lr[g], "name": g}
                                    for g, ps in groups.items()], weight_decay=0.0)
     builder = ExampleBuilder(lclm)
@@ -663,12 +670,7 @@ def campaign(variant: str, recipe: Recipe, minutes: float, state_dir: Path, out:
 
 def validate_checkpoint(run: RunConfig, checkpoint: Path | None, recipe: Recipe) -> dict:
     """The campaign's validation of a published-layout checkpoint (None: the run's untrained LCLM)."""
-    lclm = build_trainable(run, init_from=checkpoint)
-    for model in (lclm.decoder, lclm.encoder.model):
-        model.set_attn_implementation("eager")
-    use_bf16 = fast_dtype(lclm.device) == torch.bfloat16
-    if use_bf16:
-        freeze_to(lclm, torch.bfloat16)
+    lclm, _, use_bf16 = load_for_training(run, recipe, checkpoint)
     builder = ExampleBuilder(lclm)
     data = CampaignData(builder, load_corpus(run.corpus), recipe, 0)
     result = validate(lclm, builder, data.validation_spans(), lclm.decoder_tokenizer.pad_token_id or 0,
