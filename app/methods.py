@@ -131,12 +131,12 @@ def prefix_key(request: Request, method: str, ratio: int | None, pooling: str | 
 
 
 def prefill_reusing(studio: "Studio", request: Request, key: PrefixKey, ids: list[int], embeds: torch.Tensor,
-                    prefix: int, meter: Meter) -> PrefillState:
-    """The decoder's prefill of a prompt (ids [P], embeds [1, P, D]) whose first `prefix` positions
+                    prefix: int, meter: Meter, decoder: torch.nn.Module) -> PrefillState:
+    """`decoder`'s prefill of a prompt (ids [P], embeds [1, P, D]) whose first `prefix` positions
     (everything up to the question) depend on the document only. With prefix reuse on, their KV
     comes from the prefix cache when an entry holds exactly these ids, and is otherwise computed
     first and kept there; only the rest is prefilled after it."""
-    decoder, m = request.model.decoder, meter.measurement
+    m = meter.measurement
     if not (request.prefix_cache and studio.prefix_cache.enabled and 0 < prefix < len(ids)):
         m.prefill_positions += len(ids)
         return prefill(decoder, embeds)
@@ -152,15 +152,15 @@ def prefill_reusing(studio: "Studio", request: Request, key: PrefixKey, ids: lis
     return prefill(decoder, embeds[:, prefix:], fork_cache(entry.cache))  # the rest: [1, P - L, D]
 
 
-def reply(request: Request, state: PrefillState, meter: Meter, prefill_done_ms: float,
+def reply(request: Request, state: PrefillState, meter: Meter, prefill_done_ms: float, decoder: torch.nn.Module,
           max_new_tokens: int | None = None) -> Generator[AskEvent, None, str]:
-    """Stream one reply from a prefilled prompt; returns its text. The first reply of a request
-    sets TTFT and its first-token part; every reply counts its tokens."""
+    """Stream one reply of `decoder` from its prefilled prompt; returns its text. The first reply
+    of a request sets TTFT and its first-token part; every reply counts its tokens."""
     model, m = request.model, meter.measurement
     first_reply = m.ttft_ms == 0.0
-    stops = stop_token_ids(model.decoder_tokenizer, model.decoder) if request.stop_at_end else set()
+    stops = stop_token_ids(model.decoder_tokenizer, decoder) if request.stop_at_end else set()
     detok = StreamingDetokenizer(model.decoder_tokenizer)
-    for token in decode(model.decoder, state, max_new_tokens or request.max_new_tokens, stops, request.sampling):
+    for token in decode(decoder, state, max_new_tokens or request.max_new_tokens, stops, request.sampling):
         piece = detok.push(token)
         if first_reply and m.ttft_ms == 0.0:
             m.ttft_ms = meter.clock.ms()
@@ -210,21 +210,26 @@ class Method:
 
 
 class FullContext(Method):
+    """The uncompressed baseline: the document's ids where the document goes, read by the text
+    decoder (a decoder LoRA's base model: app/models.py)."""
+
     name, label, prepares, uses_ratio = "full", "full context", "nothing: the decoder reads the document's ids", False
 
     def run(self, studio, request, meter):
         model, document, m = request.model, request.document, meter.measurement
+        decoder = request.variant.text_decoder
         before, after = prompt_parts(model, request.variant.profile, request.question)
         ids = before + document.decoder_ids + after  # [P]
         check_positions(model, len(ids), request.max_new_tokens)
         start = meter.clock.ms()
-        embeds = model.decoder.get_input_embeddings()(torch.tensor([ids], device=model.device))  # [1, P, D]
+        embeds = decoder.get_input_embeddings()(torch.tensor([ids], device=model.device))  # [1, P, D]
         key = prefix_key(request, self.name, None, None)
-        state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(document.decoder_ids), meter)
+        state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(document.decoder_ids), meter,
+                                decoder)
         done = meter.clock.ms()
         m.prefill_ms, m.positions = done - start, len(ids)
-        answer = yield from reply(request, state, meter, done)
-        return {"answer": answer}
+        answer = yield from reply(request, state, meter, done, decoder)
+        return {"answer": answer, "base_decoder": request.variant.reads_text_with_base}
 
 
 class LatentContext(Method):
@@ -244,10 +249,10 @@ class LatentContext(Method):
         start = meter.clock.ms()
         embeds = model.prepare_ids(ids, [latents]).inputs_embeds  # [1, P, D]
         key = prefix_key(request, self.name, model.config.compression_ratio, model.config.pooling)
-        state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(region), meter)
+        state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(region), meter, model.decoder)
         done = meter.clock.ms()
         m.prefill_ms, m.positions = done - start, len(ids)
-        answer = yield from reply(request, state, meter, done)
+        answer = yield from reply(request, state, meter, done, model.decoder)
         return {"answer": answer, "latents": int(latents.shape[0]), "cached": cached, "trained": model.config.trained}
 
 
@@ -278,7 +283,7 @@ class Expand(Method):
             m.positions = max(m.positions, prepared.positions)
             if first_reply:
                 m.prefill_ms = done - start
-            answer = yield from reply(request, state, meter, done)
+            answer = yield from reply(request, state, meter, done, model.decoder)
             return answer, prepared.positions
 
         runner = ExpandAgent(studio.settings.max_expand_rounds, request.variant.profile).run(
@@ -304,7 +309,8 @@ class Expand(Method):
 @dataclass(frozen=True)
 class Pressed(Method):
     """A press (model/presses.py) over the decoder's KV cache of the document, at the matched
-    ratio 1 - 1/N, as kvpress's own pipeline applies it: the context (everything before the
+    ratio 1 - 1/N, as kvpress's own pipeline applies it, read by the text decoder as full context
+    is (app/models.py): the context (everything before the
     question) is prefilled under the press (compress_ms), then the question over the pressed
     cache at its uncompressed positions (prefill_ms). Positions = KV pairs kept + the question.
     The pressed context does not depend on the question, so it is kept in the prefix cache and
@@ -331,7 +337,7 @@ class Pressed(Method):
 
     def run(self, studio, request, meter):
         model, m = request.model, meter.measurement
-        decoder, device = model.decoder, model.device
+        decoder, device = request.variant.text_decoder, model.device
         before, after = prompt_parts(model, request.variant.profile, request.question)
         context_ids = before + request.document.decoder_ids  # [C]: pressed
         context_len, question_len = len(context_ids), len(after)
@@ -366,9 +372,10 @@ class Pressed(Method):
         stored = stored_kv_bytes(press, cache)  # quantized: the context and question as stored
         if stored is not None:
             m.kv_cache_bytes = stored
-        answer = yield from reply(request, state, meter, done)
+        answer = yield from reply(request, state, meter, done, decoder)
         return {"answer": answer, "prefilled_positions": context_len + question_len,
-                "press_ratio": round(press.compression_ratio, 4), "kv_positions_held": held}
+                "press_ratio": round(press.compression_ratio, 4), "kv_positions_held": held,
+                "base_decoder": request.variant.reads_text_with_base}
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (FullContext(), LatentContext(), Expand(),

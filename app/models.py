@@ -3,20 +3,31 @@ encoder/decoder pair (the embedded ratios and poolings) sharing its weights; and
 object every request runs on.
 
 A `LoadedVariant` is what the services, the methods (app/methods.py) and the benchmarks pass
-around instead of loose (checkpoint, ratio, pooling, dtype, prompt profile) arguments."""
+around instead of loose (checkpoint, ratio, pooling, dtype, prompt profile) arguments.
+
+A variant whose decoder is a LoRA (trained to read latents; the embedded trained variants)
+reads latents with that decoder, but full context and the KV-cache presses read the document's
+text with the LoRA's base model, loaded on first use and once per process: they are the
+uncompressed baselines the LCLM is measured against, and a decoder tuned to read latents need
+not read text as well as its base does."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
 
 from app.memory import guard_memory
 from app.settings import POOLINGS, RATIOS, Settings
-from model.checkpoint import CheckpointParts
+from model.checkpoint import CheckpointParts, quiet_transformers
 from model.errors import UserError
 from model.lclm import LCLM
-from model.loading import assemble_lclm, build_lclm, default_device, resolve
+from model.loading import (assemble_lclm, base_of_lora, build_lclm, default_device, load_inference_component,
+                           resolve)
 from model.precision import DtypeChoice, choose_dtype
 from model.prompts import PROMPT_PROFILES, PromptProfile, default_prompt_profile
 
@@ -31,6 +42,17 @@ class LoadedVariant:
     model: LCLM
     profile: PromptProfile
     precision: DtypeChoice
+    base_decoder: Callable[[], nn.Module] | None = None  # the decoder LoRA's base model, loaded once
+
+    @property
+    def text_decoder(self) -> nn.Module:
+        """The decoder that reads the document as text (full context, the presses): the base
+        model of a decoder LoRA, else the LCLM's own decoder."""
+        return self.base_decoder() if self.base_decoder else self.model.decoder
+
+    @property
+    def reads_text_with_base(self) -> bool:
+        return self.base_decoder is not None
 
     @property
     def ratio(self) -> int:
@@ -58,6 +80,8 @@ class ModelPool:
         self.default_checkpoint = default_checkpoint
         self._models: dict[tuple, LCLM] = {}
         self._parts: dict[tuple, CheckpointParts] = {}
+        self._lora_bases: dict[tuple, Path | None] = {}  # per loaded model: its decoder LoRA's base
+        self._base_decoders: dict[tuple, nn.Module] = {}
         self._added: dict[tuple[str, int, str], LCLM] = {}
         self._dtype: DtypeChoice | None = None
         self._lock = threading.RLock()
@@ -116,7 +140,42 @@ class ModelPool:
     def variant(self, checkpoint: str | None = None, ratio: int | None = None, pooling: str | None = None,
                 prompt_profile: str | None = None, progress: ProgressFn | None = None) -> LoadedVariant:
         model = self.model(checkpoint, ratio, pooling, progress)
-        return LoadedVariant(model, self.prompt_profile(model, prompt_profile), self.dtype_choice())
+        base = self.decoder_lora_base(model)
+        base_decoder = (lambda: self.base_decoder(base, model.device)) if base else None
+        return LoadedVariant(model, self.prompt_profile(model, prompt_profile), self.dtype_choice(), base_decoder)
+
+    def decoder_lora_base(self, model: LCLM) -> Path | None:
+        """The base model's directory when `model` was loaded with a decoder LoRA, else None."""
+        with self._lock:
+            for key, loaded in self._models.items():
+                if loaded is model:
+                    if key not in self._lora_bases:
+                        decoder_dir = self._parts[key].decoder_dir
+                        self._lora_bases[key] = (base_of_lora(decoder_dir, "decoder", self.settings.data_dir).resolve()
+                                                 if (decoder_dir / "adapter_config.json").is_file() else None)
+                    return self._lora_bases[key]
+            return None
+
+    def base_decoder(self, base_dir: Path, device: torch.device) -> nn.Module:
+        """The decoder in `base_dir` (memory tokens added, as every LCLM decoder has them), once
+        per process: a loaded variant's decoder when one reads that directory as it is."""
+        dtype = self.dtype_choice().dtype
+        with self._lock:
+            key = (base_dir, str(device), dtype)
+            if key not in self._base_decoders:
+                same = [model.decoder for k, model in self._models.items()
+                        if self._parts[k].decoder_dir.resolve() == base_dir and model.device == device]
+                self._base_decoders[key] = same[0] if same else guard_memory(
+                    self._load_base_decoder, base_dir, device, message=(
+                        f"out of memory while loading the base decoder {base_dir} for full context; free memory "
+                        "on the device, or use --device cpu"))
+            return self._base_decoders[key]
+
+    def _load_base_decoder(self, base_dir: Path, device: torch.device) -> nn.Module:
+        dtype = self.dtype_choice().dtype
+        with quiet_transformers():
+            decoder, _ = load_inference_component(base_dir, "decoder", dtype, self.settings.data_dir)
+        return decoder.to(device=device, dtype=dtype)
 
 
 def share_weights(loaded: LCLM, parts: CheckpointParts) -> LCLM:

@@ -107,3 +107,37 @@ def test_decode_continues_from_the_prompt_position_not_the_cache_length(studio):
             logits, cache = out.logits[0, -1].float(), out.past_key_values
         decoded = list(decode(decoder, state, 6, stop_ids=set()))
     assert decoded == reference
+
+
+def test_full_context_and_the_presses_read_text_with_a_decoder_loras_base(tmp_path_factory, tiny_checkpoint_factory):
+    """A checkpoint whose decoder is a LoRA (trained to read latents) reads latents with it, while
+    full context and the presses read the document with the LoRA's base model: they answer as the
+    checkpoint with the plain base decoder does, which the merged decoder does not."""
+    home = tmp_path_factory.mktemp("lora-home")
+    lora = Studio(Settings(data_dir=home / "a", device="cpu", chunk_tokens=32),
+                  checkpoint=str(tiny_checkpoint_factory(family="qwen3", ratio=4, window=16, lora=True)))
+    plain = Studio(Settings(data_dir=home / "b", device="cpu", chunk_tokens=32),
+                   checkpoint=str(tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)))
+    variant = lora.variant()
+    assert variant.reads_text_with_base and not plain.variant().reads_text_with_base
+    assert variant.text_decoder is not variant.model.decoder
+    assert variant.text_decoder is lora.variant().text_decoder  # loaded once
+
+    def answer(studio, mode, use_cache=False):
+        return list(studio.ask(DOC, QUESTION, mode, max_new_tokens=8, use_cache=use_cache))[-1].result
+
+    for mode in ("full", "snapkv"):
+        by_lora, by_plain = answer(lora, mode), answer(plain, mode)
+        assert by_lora["base_decoder"] and not by_plain["base_decoder"]
+        assert by_lora["answer"] and by_lora["new_tokens"] == 8
+        assert (by_lora["answer"], by_lora["positions"]) == (by_plain["answer"], by_plain["positions"])
+    assert answer(lora, "full", use_cache=True)["answer"] == answer(plain, "full")["answer"]  # prefix reuse too
+    # the merged decoder reads the same prompt differently (so the checks above can fail)
+    before, after = prompt_parts(variant.model, variant.profile, QUESTION)
+    ids = torch.tensor([before + lora.request(DOC, QUESTION, variant, 2).document.decoder_ids + after])
+    with torch.inference_mode():
+        merged = [list(decode(d, prefill(d, d.get_input_embeddings()(ids)), 8, stop_ids=set()))
+                  for d in (variant.model.decoder, variant.text_decoder)]
+    assert merged[0] != merged[1]
+    # the LCLM reads its latents with the LoRA decoder: its answer differs from the plain checkpoint's
+    assert answer(lora, "lclm")["answer"] != answer(plain, "lclm")["answer"]

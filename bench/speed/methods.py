@@ -109,16 +109,16 @@ def question_only(rig: Rig, case: Case, new_tokens: int) -> Measurement:
     """The question's tokens prefilled alone (no document), then the same decode."""
     variant = rig.variant(None)
     request = Request(case.document, QUESTION, variant, new_tokens, stop_at_end=False)
-    model = variant.model
+    model, decoder = variant.model, variant.text_decoder
     _, after = prompt_parts(model, variant.profile, QUESTION)
-    with Meter(model.device, model.decoder.config, model.dtype) as meter:
+    with Meter(model.device, decoder.config, model.dtype) as meter:
         start = meter.clock.ms()
         ids = torch.tensor([after], device=model.device)  # [1, Q]
-        state = prefill(model.decoder, model.decoder.get_input_embeddings()(ids))
+        state = prefill(decoder, decoder.get_input_embeddings()(ids))
         done = meter.clock.ms()
         meter.measurement.prefill_ms, meter.measurement.positions = done - start, state.positions
         meter.measurement.prefill_positions = state.positions
-        for _ in reply(request, state, meter, done):
+        for _ in reply(request, state, meter, done, decoder):
             pass
     return meter.measurement
 
