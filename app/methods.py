@@ -185,11 +185,14 @@ class Method:
     label = ""  # how the page and the reports name it
     prepares = ""  # what it builds before the decoder reads the question
     reads_latents = False  # an LCLM method: the result names its ratio and pooling
+    reads_text = False  # reads the document's text with the variant's text decoder
     uses_ratio = True  # the compression ratio changes what it does
 
     @torch.inference_mode()
     def answer(self, studio: "Studio", request: Request) -> Iterator[AskEvent]:
         model, variant = request.model, request.variant
+        if self.reads_text:
+            variant.text_decoder  # a first use loads it: before the clocks and the memory readout start
         with Meter(model.device, model.decoder.config, model.dtype) as meter:
             fields = yield from self.run(studio, request, meter)
         m = meter.measurement
@@ -214,6 +217,7 @@ class FullContext(Method):
     decoder (a decoder LoRA's base model: app/models.py)."""
 
     name, label, prepares, uses_ratio = "full", "full context", "nothing: the decoder reads the document's ids", False
+    reads_text = True
 
     def run(self, studio, request, meter):
         model, document, m = request.model, request.document, meter.measurement
@@ -317,6 +321,7 @@ class Pressed(Method):
     a follow-up question starts from it (compress_ms 0)."""
 
     press: PressSpec
+    reads_text = True
 
     @property
     def name(self) -> str:

@@ -120,6 +120,22 @@ def test_full_context_and_the_presses_read_text_with_a_decoder_loras_base(tmp_pa
                    checkpoint=str(tiny_checkpoint_factory(family="qwen3", ratio=4, window=16)))
     variant = lora.variant()
     assert variant.reads_text_with_base and not plain.variant().reads_text_with_base
+    assert not lora.models._base_decoders  # loaded on first use
+    import app.methods
+
+    loaded_at_meter = []
+
+    class Recording(app.methods.Meter):
+        def __enter__(self):
+            loaded_at_meter.append(len(lora.models._base_decoders))
+            return super().__enter__()
+
+    try:
+        app.methods.Meter = Recording
+        list(lora.ask(DOC, QUESTION, "full", max_new_tokens=1))
+    finally:
+        app.methods.Meter = Recording.__bases__[0]
+    assert loaded_at_meter == [1]  # before the clocks and the memory readout start
     assert variant.text_decoder is not variant.model.decoder
     assert variant.text_decoder is lora.variant().text_decoder  # loaded once
 
