@@ -147,14 +147,15 @@ class ModelPool:
     def decoder_lora_base(self, model: LCLM) -> Path | None:
         """The base model's directory when `model` was loaded with a decoder LoRA, else None."""
         with self._lock:
-            for key, loaded in self._models.items():
-                if loaded is model:
-                    if key not in self._lora_bases:
-                        decoder_dir = self._parts[key].decoder_dir
-                        self._lora_bases[key] = (base_of_lora(decoder_dir, "decoder", self.settings.data_dir).resolve()
-                                                 if (decoder_dir / "adapter_config.json").is_file() else None)
-                    return self._lora_bases[key]
-            return None
+            key = next((k for k, loaded in self._models.items() if loaded is model), None)
+            if key is None:  # a model added with `add`: no parts on disk
+                return None
+            if key not in self._lora_bases:
+                decoder_dir = self._parts[key].decoder_dir
+                is_lora = (decoder_dir / "adapter_config.json").is_file()
+                self._lora_bases[key] = (base_of_lora(decoder_dir, "decoder", self.settings.data_dir).resolve()
+                                         if is_lora else None)
+            return self._lora_bases[key]
 
     def base_decoder(self, base_dir: Path, device: torch.device) -> nn.Module:
         """The decoder in `base_dir` (memory tokens added, as every LCLM decoder has them), once
