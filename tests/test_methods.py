@@ -109,7 +109,8 @@ def test_decode_continues_from_the_prompt_position_not_the_cache_length(studio):
     assert decoded == reference
 
 
-def test_full_context_and_the_presses_read_text_with_a_decoder_loras_base(tmp_path_factory, tiny_checkpoint_factory):
+def test_full_context_and_the_presses_read_text_with_a_decoder_loras_base(tmp_path_factory, tiny_checkpoint_factory,
+                                                                          monkeypatch):
     """A checkpoint whose decoder is a LoRA (trained to read latents) reads latents with it, while
     full context and the presses read the document with the LoRA's base model: they answer as the
     checkpoint with the plain base decoder does, which the merged decoder does not."""
@@ -130,11 +131,9 @@ def test_full_context_and_the_presses_read_text_with_a_decoder_loras_base(tmp_pa
             loaded_at_meter.append(len(lora.models._base_decoders))
             return super().__enter__()
 
-    try:
-        app.methods.Meter = Recording
-        list(lora.ask(DOC, QUESTION, "full", max_new_tokens=1))
-    finally:
-        app.methods.Meter = Recording.__bases__[0]
+    monkeypatch.setattr(app.methods, "Meter", Recording)
+    list(lora.ask(DOC, QUESTION, "full", max_new_tokens=1))
+    monkeypatch.undo()
     assert loaded_at_meter == [1]  # before the clocks and the memory readout start
     assert variant.text_decoder is not variant.model.decoder
     assert variant.text_decoder is lora.variant().text_decoder  # loaded once
