@@ -5,7 +5,7 @@ import pytest
 
 from app.service import Studio
 from app.settings import Settings
-from bench.quality.report import expand_table
+from bench.quality.report import expand_table, task_table
 from bench.quality.suite import Method, ruler_examples, run_ruler
 from model.training.data.synthetic import Haystack
 from tests.tiny_models import CORPUS
@@ -28,3 +28,26 @@ def test_expand_cases_record_rounds_and_chunks_read(tmp_path, tiny_checkpoint):
     header, rows = expand_table(records)
     assert len(rows) == 1 and rows[0][5] == str(expand["rounds"])
     assert rows[0][6] == ", ".join(map(str, expand["expanded"]))
+    chunk = next(c for c in studio.chunks(model, examples[0][1].context)
+                 if c.start_char <= examples[0][1].answer_offsets[0] < c.end_char)
+    assert expand["holding"] == [chunk.number] and expand["first_expanded"] == expand["expanded"][:len(
+        expand["first_expanded"])]
+
+
+def test_the_task_table_gives_each_method_as_a_share_of_full_context():
+    def record(method, task, score, **extra):
+        return {"method": method, "task": task, "score": score, **extra}
+
+    records = [record("full context", "niah_single", 1.0), record("full context", "niah_single", 1.0),
+               record("full context", "kv_retrieval", 0.0), record("full context", "kv_retrieval", 1.0),
+               record("LCLM 1:4 concat", "niah_single", 1.0), record("LCLM 1:4 concat", "niah_single", 0.0),
+               record("LCLM 1:4 concat", "kv_retrieval", 0.0), record("LCLM 1:4 concat", "kv_retrieval", 0.0),
+               record("EXPAND", "niah_single", 1.0, holding=[2], first_expanded=[2, 3]),
+               record("EXPAND", "niah_single", 1.0, holding=[4], first_expanded=[1])]
+    header, rows = task_table(records)
+    assert header[:3] == ["method", "kv_retrieval", "niah_single"]
+    table = {row[0]: dict(zip(header, row)) for row in rows}
+    assert table["full context"]["mean"] == "75.0" and table["full context"]["of full context"] == "100%"
+    assert table["LCLM 1:4 concat"]["of full context"] == "33%"  # 25% of 75%
+    assert table["LCLM 1:4 concat"]["niah_single of full"] == "50%"
+    assert table["EXPAND"]["EXPAND first hit"] == "1/2" and table["LCLM 1:4 concat"]["EXPAND first hit"] == "-"

@@ -27,11 +27,48 @@ def ruler_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+SINGLE_NEEDLE = "niah_single"
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def task_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Question answering per method: accuracy per task, the mean, and each as a share of full
+    context's on the same cases (the targets' measure); for EXPAND, how often its first expansion
+    names a chunk that holds the answer."""
+    tasks = sorted({r["task"] for r in records})
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by[r["method"]][r["task"]].append(r["score"])
+    full = next((m for m in by if m.startswith("full context")), None)
+
+    def share(value: float, reference: float) -> str:
+        return f"{100 * value / reference:.0f}%" if full and reference > 0 else "-"
+
+    header = ["method"] + tasks + ["mean", "of full context", f"{SINGLE_NEEDLE} of full", "EXPAND first hit"]
+    rows = []
+    for method, scores in by.items():
+        overall = mean([v for t in tasks for v in scores[t]])
+        single = mean(scores[SINGLE_NEEDLE])
+        hits = [bool(set(r["first_expanded"]) & set(r["holding"])) for r in records
+                if r["method"] == method and r.get("holding") and "first_expanded" in r]
+        rows.append([method] + [f"{100 * mean(scores[t]):.0f}" for t in tasks] + [
+            f"{100 * overall:.1f}", share(overall, mean([v for t in tasks for v in by[full][t]]) if full else 0),
+            share(single, mean(by[full][SINGLE_NEEDLE]) if full else 0),
+            f"{sum(hits)}/{len(hits)}" if hits else "-"])
+    return header, rows
+
+
 def expand_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     """One row per EXPAND case: the rounds it used and the chunks (numbered from 1) it read."""
-    header = ["method", "task", "length", "example", "score", "rounds", "chunks read", "of"]
+    header = ["method", "task", "length", "example", "score", "rounds", "chunks read", "first read", "holding",
+              "of"]
     rows = [[r["method"], r["task"], str(r["length"]), str(r["example"]), f"{100 * r['score']:.0f}",
-             str(r["rounds"]), ", ".join(map(str, r["expanded"])) or "none", str(r["chunks"])]
+             str(r["rounds"]), ", ".join(map(str, r["expanded"])) or "none",
+             ", ".join(map(str, r.get("first_expanded", []))) or "-", ", ".join(map(str, r.get("holding", []))) or "-",
+             str(r["chunks"])]
             for r in records if r["kind"] == "expand" and "rounds" in r]
     return header, rows
 
@@ -88,7 +125,9 @@ def write(out: Path, result: dict) -> dict[str, Path]:
         parts += ["## Reconstruction fidelity (validation text)", "", markdown(*fidelity_table(result["fidelity"])), ""]
     if result.get("ruler"):
         parts += ["## RULER-style synthetic suite (accuracy %, evaluation seeds)", "",
-                  markdown(*ruler_table(result["ruler"])), ""]
+                  markdown(*ruler_table(result["ruler"])), "",
+                  "## Question answering per task (accuracy %; share of full context's on the same cases)", "",
+                  markdown(*task_table(result["ruler"])), ""]
         expand = expand_table(result["ruler"])
         if expand[1]:
             parts += ["## EXPAND per case (rounds used, chunks read)", "", markdown(*expand), ""]

@@ -90,7 +90,11 @@ def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens:
     done = events[-1].result
     out = {"reply": done["answer"], "positions": done["positions"], "prompt_profile": done["prompt_profile"]}
     if method.kind == "expand":
-        out.update(rounds=len(done["rounds"]), expanded=done["expanded"], chunks=len(done["chunks"]))
+        holding = sorted({c["index"] for c in done["chunks"] for at in example.answer_offsets
+                          if c["start_char"] <= at < c["end_char"]})
+        first = next((r["expanded"] for r in done["rounds"] if r["expanded"]), [])
+        out.update(rounds=len(done["rounds"]), expanded=done["expanded"], chunks=len(done["chunks"]),
+                   holding=holding, first_expanded=first)
     return out
 
 

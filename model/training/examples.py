@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from model.agent import DEFAULT_ROUNDS
 from model.chunking import chunk_text
 from model.encoder import count_latents
-from model.prompts import MEMORY, MEMORY_END, MEMORY_START, expand_prompt, memory_region, question_prompt, \
+from model.prompts import MEMORY, MEMORY_END, MEMORY_START, PROMPT_PROFILES, memory_region, \
     reconstruction_prompt
 from model.training.data.shards import vocab_hash
 from model.training.data.synthetic import Haystack, expand_transcript, make_task
@@ -37,10 +38,15 @@ class Sample:
     labels: list[int]  # IGNORE where no loss is taken; HF convention (the model shifts)
     documents: list[list[int]] = field(default_factory=list)  # encoder ids of each compressed document
     regions: list[tuple[int, int, int]] = field(default_factory=list)  # (document, latent start, latent end)
+    # a teacher's distribution at each label position ([T][k] token ids, [T][k] log-probabilities), for
+    # distillation; None: cross-entropy on the labels
+    soft: tuple[list[list[int]], list[list[float]]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
             raise ValueError("input_ids and labels differ in length")
+        if self.soft is not None and len(self.soft[0]) != sum(1 for t in self.labels if t != IGNORE):
+            raise ValueError("soft targets and label positions differ in number")
 
     @property
     def tokens(self) -> int:
@@ -57,6 +63,7 @@ class Batch:
     documents: list[list[int]]
     regions: list[tuple[int, int, int]]  # in row-major order of the placeholders
     tokens: int
+    soft: list[tuple[list[list[int]], list[list[float]]] | None] = field(default_factory=list)  # per sample
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
@@ -72,7 +79,7 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
         regions += [(len(documents) + d, a, b) for d, a, b in s.regions]
         documents += s.documents
     return Batch(samples[0].objective, input_ids, attention_mask, labels, documents, regions,
-                 sum(s.tokens for s in samples))
+                 sum(s.tokens for s in samples), [s.soft for s in samples])
 
 
 class ExampleBuilder:
@@ -129,15 +136,28 @@ class ExampleBuilder:
 
     # ---- chat-format examples ---------------------------------------------------------
     def chat(self, objective: str, prompt: str, reply_ids: list[int], documents: list[list[int]],
-             regions: list[tuple[int, int, int]]) -> Sample:
+             regions: list[tuple[int, int, int]], end: bool = True, soft=None) -> Sample:
         """`prompt` (user turn, with one memory_region per region) in the chat format, then the
-        reply and the end-of-turn token; loss on the reply and end-of-turn only."""
-        prompt_ids = self.dec(self.lclm.chat(prompt), add_special_tokens=False)["input_ids"]
+        reply and (with `end`) the end-of-turn token; loss on the reply and end-of-turn only."""
+        prompt_ids = self.prompt_ids(prompt)
         placeholders = sum(1 for t in prompt_ids if t == self.memory)
         if placeholders != sum(b - a for _, a, b in regions):
             raise ValueError("prompt placeholders do not match the regions' latents")
-        target = list(reply_ids) + [self.end_of_turn]
-        return Sample(objective, prompt_ids + target, [IGNORE] * len(prompt_ids) + target, documents, regions)
+        target = list(reply_ids) + ([self.end_of_turn] if end else [])
+        return Sample(objective, prompt_ids + target, [IGNORE] * len(prompt_ids) + target, documents, regions, soft)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Decoder ids of one user turn in the chat format, ready for the reply."""
+        return self.dec(self.lclm.chat(prompt), add_special_tokens=False)["input_ids"]
+
+    def question(self, context: str, question: str, reply_ids: list[int], profile: str = "studio",
+                 objective: str = "qa", soft=None) -> Sample:
+        """A question over `context` compressed into one memory region (as the studio's LCLM
+        answer reads it), in a prompt profile's words."""
+        enc = self.encode_text(context)
+        k = self.latents(len(enc))
+        prompt = PROMPT_PROFILES[profile].question(memory_region(k), question)
+        return self.chat(objective, prompt, reply_ids, [enc], [(0, 0, k)], soft=soft)
 
     def reconstruction(self, raw: list[int]) -> Sample:
         """Compress `raw` (decoder ids); the reply is the same ids verbatim."""
@@ -146,16 +166,16 @@ class ExampleBuilder:
         return self.chat("reconstruction", reconstruction_prompt(memory_region(k)), raw, [enc], [(0, 0, k)])
 
     def task(self, context: str, question: str, reply: str) -> Sample:
-        enc = self.encode_text(context)
-        k = self.latents(len(enc))
-        reply_ids = self.dec(reply, add_special_tokens=False)["input_ids"]
-        return self.chat("task", question_prompt(memory_region(k), question), reply_ids, [enc], [(0, 0, k)])
+        return self.question(context, question, self.dec(reply, add_special_tokens=False)["input_ids"],
+                             objective="task")
 
     def expand_rounds(self, context: str, question: str, answers_at: list[int], reply: str,
-                      chunk_tokens: int) -> list[Sample]:
-        """The EXPAND agent's rounds on one document, as in inference: the chunks of
-        model/chunking.py, each chunk's text encoded on its own as one region, numbered from 1;
-        expanded chunks appear as text."""
+                      chunk_tokens: int, profile: str = "studio", objective: str = "task",
+                      rounds: int = DEFAULT_ROUNDS) -> list[Sample]:
+        """The EXPAND agent's rounds on one document, as in inference (model/agent.py, `rounds`
+        decision rounds at most): the chunks of model/chunking.py, each chunk's text encoded on its
+        own as one region, numbered from 1; expanded chunks appear as text; the prompts are the
+        profile's. The first round expands the chunks holding the answers, the second answers."""
         from model.training.data.synthetic import TaskExample
 
         chunks = chunk_text(context, self.dec, chunk_tokens)
@@ -164,15 +184,16 @@ class ExampleBuilder:
         regions = [(i, 0, self.latents(len(ids))) for i, ids in enumerate(documents)]
         contexts = [memory_region(k) for _, _, k in regions]
         example = TaskExample("expand", context, question, [reply], 0.0, answers_at)
-        rounds = expand_transcript(example, spans)  # chunk indices from 0
+        transcript = expand_transcript(example, spans)  # chunk indices from 0
         samples = []
-        for rnd, after in zip(rounds, rounds[1:] + [None]):
+        ask = PROMPT_PROFILES[profile].expand_round
+        for number, (rnd, after) in enumerate(zip(transcript, transcript[1:] + [None]), start=1):
             text = rnd.reply
             if after is not None:  # an EXPAND reply names chunks by number from 1, as the prompt does
                 text = "EXPAND: " + ", ".join(str(i + 1) for i in after.expanded if i not in rnd.expanded)
-            prompt = expand_prompt(contexts, {i + 1: chunks[i].text for i in rnd.expanded}, question)
+            prompt = ask(contexts, {i + 1: chunks[i].text for i in rnd.expanded}, question, rounds - number)
             reply_ids = self.dec(text, add_special_tokens=False)["input_ids"]
-            samples.append(self.chat("task", prompt, reply_ids, documents, regions))
+            samples.append(self.chat(objective, prompt, reply_ids, documents, regions))
         return samples
 
 
