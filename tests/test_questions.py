@@ -268,7 +268,7 @@ def test_the_question_recipes_leave_the_latents_as_they_are(pair):
     from model.training.campaign import RECIPES
 
     lclm = build_trainable(pair)
-    for name in ("answer", "answer-expand"):
+    for name in ("answer-frozen", "answer-expand-frozen"):
         groups = trainable_groups(lclm, RECIPES[name])
         assert set(groups) == {"decoder", "tags"}
         assert not any(p.requires_grad for n, p in lclm.named_parameters() if n.startswith(("encoder.", "adapter.")))

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", help="task names (default: all)")
     parser.add_argument("--presses", nargs="*", choices=list(PRESSES), default=DEFAULT_PRESSES,
                         help="presses of model/presses.py (default: all but knorm and streaming_llm)")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="RULER methods whose names contain one of these (e.g. 'full context' '1:4 concat' "
+                             "EXPAND); default: all that --ratios, --poolings and --presses give")
     parser.add_argument("--spans", type=int, default=4, help="reconstruction spans per variant")
     parser.add_argument("--span-tokens", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="small models restate the question first")
@@ -106,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         text = model.decoder_tokenizer.decode(validation.tokens[: 400_000].tolist())
         haystack = Haystack(text, lambda t: len(model.encoder_tokenizer(t, add_special_tokens=False)["input_ids"]))
         examples = ruler_examples(haystack, args.tasks or sorted(TASKS), args.lengths, args.samples)
-        all_methods = methods(args.ratios, args.poolings, args.presses)
+        all_methods = [m for m in methods(args.ratios, args.poolings, args.presses)
+                       if not args.only or any(part in m.name for part in args.only)]
+        if not all_methods:
+            parser.error(f"--only {args.only} names none of the methods")
         result["ruler"] = run_ruler(studio, all_methods, examples, args.max_new_tokens,
                                     prompt_profile=args.prompt_profile, expand_new_tokens=args.expand_new_tokens)
         print(report.markdown(*report.ruler_table(result["ruler"])), flush=True)
