@@ -693,6 +693,11 @@ def plot_curve(evals: list[dict], path: Path, title: str) -> None:
         free = [(x, e["free_running"]) for x, e in zip(xs, evals) if e.get("free_running") is not None]
         if free:
             ax.plot(*zip(*free), marker="s", label="free-running")
+        for key_name, name in (("questions", "questions answered"), ("digits", "digits in place"),
+                               ("expand_first", "EXPAND first chunk"), ("anchor_same", "text anchor")):
+            asked = [(x, e[key_name]) for x, e in zip(xs, evals) if key_name in e]
+            if asked:
+                ax.plot(*zip(*asked), marker="^", ls="--", lw=0.9, label=name)
         ax.axhline(evals[0]["teacher_forced"], color="grey", lw=0.8, ls="--", label="prior (step 0)")
         ax.set_xlabel(label)
         ax.set_ylim(0, 1)
