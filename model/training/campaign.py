@@ -63,20 +63,19 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import precision
+from model.chunking import DEFAULT_CHUNK_TOKENS, chunk_text
 from model.fidelity import token_accuracy
 from model.generation import decode, prefill, stop_token_ids
 from model.precision import fast_dtype
-from model.prompts import memory_region, reconstruction_prompt
+from model.prompts import PROMPT_PROFILES, memory_region, reconstruction_prompt
 from model.training.config import RunConfig
 from model.training.data.corpus import stable_hash
-from model.training.data.shards import Split, load_corpus
-from model.chunking import DEFAULT_CHUNK_TOKENS, chunk_text
-from model.prompts import PROMPT_PROFILES
 from model.training.data.questions import Question, draw, make_question, right
-from model.training.data.synthetic import Haystack
+from model.training.data.shards import Split, load_corpus
+from model.training.data.synthetic import Haystack, gather_haystack
 from model.training.examples import IGNORE, ExampleBuilder, Sample, collate, plan_spans
-from model.training.teacher import TeacherCache, TeacherReply, soft_loss
 from model.training.modeling import build_trainable, is_peft, load_optimizer, save_checkpoint, save_optimizer
+from model.training.teacher import TeacherCache, TeacherReply, soft_loss
 from model.training.trainer import StopRequested
 
 VALIDATION_SPAN = 64  # tokens per validation span (16 latents at 1:4)
@@ -268,6 +267,13 @@ class StepData:
     sources: list[tuple[list[int], list[tuple[str, int]]]] = field(default_factory=list)
 
 
+def weighted_choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    """A key of `weights` drawn with probability proportional to its value (keys in sorted order)."""
+    names = sorted(weights)
+    shares = np.array([weights[n] for n in names])
+    return names[int(rng.choice(len(names), p=shares / shares.sum()))]
+
+
 class CampaignData:
     """Samples of each objective; every micro-batch a pure function of (seed, split, step) (the
     teacher's replies, which some objectives read, are cached in `teacher`)."""
@@ -296,9 +302,7 @@ class CampaignData:
         """The samples of training step `step` (of `objective`, else one the recipe draws)."""
         r = self.recipe
         rng = np.random.default_rng(stable_hash(f"campaign:{self.seed}:{objective or 'train'}:{step}"))
-        names = sorted(r.objectives)
-        weights = np.array([r.objectives[n] for n in names])
-        objective = objective or names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        objective = objective or weighted_choice(rng, r.objectives)
         train = self.split("train")
         if objective in QUESTION_OBJECTIVES:
             return QUESTION_OBJECTIVES[objective](self, rng, step)
@@ -323,17 +327,12 @@ class CampaignData:
 
     # ---- question objectives --------------------------------------------------------------
     def haystack(self, rng: np.random.Generator, tokens: int, split: str = "train") -> Haystack:
-        """Filler sentences of about 3x `tokens` corpus tokens of `split` (more windows where code gives few)."""
-        texts = []
-        for _ in range(20):
-            texts.append(self.builder.dec.decode(self.split(split).window(rng, 3 * tokens)))
-            try:
-                haystack = Haystack("\n".join(texts), self.count)
-            except ValueError:
-                continue
-            if sum(haystack.tokens) >= 2 * tokens:
-                return haystack
-        raise RuntimeError("the corpus gave no usable haystack text in 20 windows")
+        """Filler sentences of 2x `tokens` tokens from windows of 3x `tokens` corpus tokens of `split`."""
+        haystack = gather_haystack(lambda: self.builder.dec.decode(self.split(split).window(rng, 3 * tokens)),
+                                   self.count, tokens)
+        if haystack is None or sum(haystack.tokens) < 2 * tokens:
+            raise RuntimeError("the corpus gave no usable haystack text in 20 windows")
+        return haystack
 
     def count(self, text: str) -> int:
         """Encoder tokens of a text (what a context's length is measured in)."""
@@ -351,9 +350,7 @@ class CampaignData:
         raise RuntimeError(f"no question case could be made for index {index} in 8 draws")
 
     def profile(self, rng: np.random.Generator) -> str:
-        names = sorted(self.recipe.profiles)
-        weights = np.array([self.recipe.profiles[n] for n in names])
-        return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        return weighted_choice(rng, self.recipe.profiles)
 
     def teacher_reply(self, prompt_ids: list[int]) -> TeacherReply:
         return self.teacher.reply(self.builder.lclm.decoder, prompt_ids, self.recipe.teacher_tokens, self.stops,
@@ -446,7 +443,7 @@ def step_loss(lclm, data: StepData, pad_id: int) -> tuple[torch.Tensor, int, int
     """(loss, correct top-1 predictions, predicted tokens) of one step."""
     batch = collate(data.samples, pad_id)
     logits, targets = label_logits(lclm, batch)
-    if any(soft is not None for soft in batch.soft):
+    if any(sample.soft is not None for sample in data.samples):
         loss = mixed_loss(logits, targets, data.samples)
     elif data.objective == "distill":
         target = teacher_logits(lclm, data.sources)
@@ -462,7 +459,7 @@ def step_loss(lclm, data: StepData, pad_id: int) -> tuple[torch.Tensor, int, int
 def mixed_loss(logits: torch.Tensor, targets: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
     """Mean per-position loss: distillation (`soft_loss`) on the positions of samples that carry a
     teacher's distribution, cross-entropy on the others. logits: [n, vocab] in sample order."""
-    counts = [sum(1 for t in sample.labels if t != IGNORE) for sample in samples]
+    counts = [sample.label_count for sample in samples]
     if sum(counts) != len(targets):
         raise ValueError(f"samples hold {sum(counts)} label positions, the batch {len(targets)}")
     hard = F.cross_entropy(logits, targets, reduction="none")  # [n]
@@ -627,7 +624,7 @@ def validate_questions(lclm, data: CampaignData, cases: dict[str, list[Question]
         chosen = []
         for case in cases["expand"]:
             chunks = chunk_text(case.context, builder.dec, DEFAULT_CHUNK_TOKENS)
-            holding = next(i + 1 for i, c in enumerate(chunks) if c.start_char <= case.answer_offsets[0] < c.end_char)
+            holding = next(c.number for c in chunks if c.start_char <= case.answer_offsets[0] < c.end_char)
             latents = [lclm.encode(builder.encode_text(c.text)) for c in chunks]  # [M_i, D] each
             prompt = profile.expand_round([memory_region(int(x.shape[0])) for x in latents], {}, case.question, 4)
             reply = parse_reply(profile.first_reply_prefix + generate(prompt, latents, profile.first_reply_prefix, 8),

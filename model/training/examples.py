@@ -26,7 +26,7 @@ from model.encoder import count_latents
 from model.prompts import MEMORY, MEMORY_END, MEMORY_START, PROMPT_PROFILES, memory_region, \
     reconstruction_prompt
 from model.training.data.shards import vocab_hash
-from model.training.data.synthetic import Haystack, expand_transcript, make_task
+from model.training.data.synthetic import expand_transcript, gather_haystack, make_task
 
 IGNORE = -100
 
@@ -45,8 +45,13 @@ class Sample:
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
             raise ValueError("input_ids and labels differ in length")
-        if self.soft is not None and len(self.soft[0]) != sum(1 for t in self.labels if t != IGNORE):
+        if self.soft is not None and len(self.soft[0]) != self.label_count:
             raise ValueError("soft targets and label positions differ in number")
+
+    @property
+    def label_count(self) -> int:
+        """Positions that carry a loss."""
+        return sum(1 for t in self.labels if t != IGNORE)
 
     @property
     def tokens(self) -> int:
@@ -63,7 +68,6 @@ class Batch:
     documents: list[list[int]]
     regions: list[tuple[int, int, int]]  # in row-major order of the placeholders
     tokens: int
-    soft: list[tuple[list[list[int]], list[list[float]]] | None] = field(default_factory=list)  # per sample
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
@@ -79,7 +83,7 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
         regions += [(len(documents) + d, a, b) for d, a, b in s.regions]
         documents += s.documents
     return Batch(samples[0].objective, input_ids, attention_mask, labels, documents, regions,
-                 sum(s.tokens for s in samples), [s.soft for s in samples])
+                 sum(s.tokens for s in samples))
 
 
 class ExampleBuilder:
@@ -265,15 +269,8 @@ class Task(Objective):
         name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         context_tokens = int(rng.integers(s.context_tokens[0], s.context_tokens[1] + 1))
         seed = int(rng.integers(0, 2**62))
-        texts, haystack = [], None
-        for _ in range(20):  # corpus windows until they hold enough filler sentences (code has few)
-            texts.append(builder.dec.decode(draw(3 * context_tokens)))
-            try:
-                haystack = Haystack("\n".join(texts), lambda t: len(builder.encode_text(t)))
-            except ValueError:
-                continue
-            if sum(haystack.tokens) >= 2 * context_tokens:
-                break
+        haystack = gather_haystack(lambda: builder.dec.decode(draw(3 * context_tokens)),
+                                   lambda t: len(builder.encode_text(t)), context_tokens)
         if haystack is None:
             raise RuntimeError("the corpus gave no usable haystack text in 20 windows")
         example = make_task(name, seed, haystack, context_tokens)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from model.training.data.synthetic import CountFn, Haystack, insert_at, train_seed
 
@@ -59,9 +59,6 @@ class Question:
     def reply(self) -> str:
         """The reference reply (the training target where the teacher's own answer is wrong)."""
         return ", ".join(self.answers)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def right(question: Question, reply: str) -> bool:

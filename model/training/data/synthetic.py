@@ -81,6 +81,21 @@ class Haystack:
         return out
 
 
+def gather_haystack(window: Callable[[], str], count: CountFn, tokens: int, tries: int = 20) -> Haystack | None:
+    """A haystack from corpus windows joined one by one (code gives few sentences a window) until
+    it holds 2x `tokens` tokens; after `tries` windows the last usable one (None: none was)."""
+    texts, haystack = [], None
+    for _ in range(tries):
+        texts.append(window())
+        try:
+            haystack = Haystack("\n".join(texts), count)
+        except ValueError:
+            continue
+        if sum(haystack.tokens) >= 2 * tokens:
+            break
+    return haystack
+
+
 def insert_at(sentences: list[str], needles: Sequence[tuple[float, str]]) -> tuple[str, list[int]]:
     """Join sentences with each needle inserted at the sentence boundary nearest its depth.
     Returns the text and each needle's character offset (in the order given)."""
