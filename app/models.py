@@ -144,6 +144,12 @@ class ModelPool:
         base_decoder = (lambda: self.base_decoder(base, model.device)) if base else None
         return LoadedVariant(model, self.prompt_profile(model, prompt_profile), self.dtype_choice(), base_decoder)
 
+    def trained_span(self, model: LCLM) -> int | None:
+        """The span length its reconstruction was trained on (its model card), if known."""
+        with self._lock:
+            key = next((k for k, loaded in self._models.items() if loaded is model), None)
+            return self._parts[key].trained_span if key is not None else None
+
     def decoder_lora_base(self, model: LCLM) -> Path | None:
         """The base model's directory when `model` was loaded with a decoder LoRA, else None."""
         with self._lock:

@@ -159,14 +159,16 @@ class Studio:
             self.cache.put(key, latents, {"tokens": len(document), "checkpoint": model.checkpoint_id})
         return latents, compress_ms, False
 
-    def chunks(self, model: LCLM, text: str) -> list[Chunk]:
-        """The EXPAND chunks of `text`: at most `settings.chunk_tokens` decoder tokens each."""
-        key = (document_sha256(text), model.checkpoint_id, self.settings.chunk_tokens)
+    def chunks(self, model: LCLM, text: str, chunk_tokens: int | None = None) -> list[Chunk]:
+        """The chunks of `text`: at most `chunk_tokens` (default `settings.chunk_tokens`, EXPAND's)
+        decoder tokens each."""
+        chunk_tokens = chunk_tokens or self.settings.chunk_tokens
+        key = (document_sha256(text), model.checkpoint_id, chunk_tokens)
         with self._lock:
             if key in self._chunks:
                 self._chunks.move_to_end(key)
                 return self._chunks[key]
-        chunks = chunk_text(text, model.decoder_tokenizer, self.settings.chunk_tokens)
+        chunks = chunk_text(text, model.decoder_tokenizer, chunk_tokens)
         with self._lock:
             self._chunks[key] = chunks
             while len(self._chunks) > 8:
@@ -224,15 +226,27 @@ class Studio:
     # ---- reconstruct -----------------------------------------------------------------
     def reconstruct(self, text: str, ratio: int | None = None, pooling: str | None = None,
                     checkpoint: str | None = None, use_cache: bool = True, max_chunks: int | None = None,
-                    progress: ProgressFn | None = None) -> dict:
-        """The decoder reproduces each chunk from its latents; token accuracy per chunk."""
-        return guard_memory(self._reconstruct, text, ratio, pooling, checkpoint, use_cache, max_chunks, progress)
+                    progress: ProgressFn | None = None, chunk_tokens: int | None = None) -> dict:
+        """The decoder reproduces each chunk from its latents; token accuracy per chunk. Chunks of
+        `chunk_tokens` decoder tokens, by default the span length the variant was trained to
+        reconstruct (`reconstruction_chunk_tokens`)."""
+        return guard_memory(self._reconstruct, text, ratio, pooling, checkpoint, use_cache, max_chunks, progress,
+                            chunk_tokens)
+
+    def reconstruction_chunk_tokens(self, model: LCLM) -> int:
+        """The chunk length reconstruction uses by default: the span length in the variant's model
+        card (what it was trained on), else EXPAND's chunk length (`settings.chunk_tokens`)."""
+        return self.models.trained_span(model) or self.settings.chunk_tokens
 
     def _reconstruct(self, text: str, ratio: int | None, pooling: str | None, checkpoint: str | None,
-                     use_cache: bool, max_chunks: int | None, progress: ProgressFn | None) -> dict:
+                     use_cache: bool, max_chunks: int | None, progress: ProgressFn | None,
+                     chunk_tokens: int | None) -> dict:
         model = self.model(checkpoint, ratio, pooling, progress)
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise UserError(f"the chunk length must be at least 1 token, got {chunk_tokens}")
+        chunk_tokens = chunk_tokens or self.reconstruction_chunk_tokens(model)
         document = self.tokenize(model, text)
-        all_chunks = self.chunks(model, text)
+        all_chunks = self.chunks(model, text, chunk_tokens)
         chunks = all_chunks[: max_chunks or None]
         latents, compress_ms, cached = self.chunk_latents(model, chunks, use_cache, progress)
         stops = stop_token_ids(model.decoder_tokenizer, model.decoder)
@@ -256,7 +270,8 @@ class Studio:
         out = {"tokens": len(document), "latents": sum(int(r.shape[0]) for r in latents),
                "window": config.encoder_window_size, "ratio": config.compression_ratio, "pooling": config.pooling,
                "compress_ms": round(compress_ms, 3), "checkpoint": model.checkpoint_id, "cached": cached,
-               "trained": config.trained, "chunk_tokens": self.settings.chunk_tokens, "total_chunks": len(all_chunks),
+               "trained": config.trained, "chunk_tokens": chunk_tokens,
+               "trained_span": self.models.trained_span(model), "total_chunks": len(all_chunks),
                "token_accuracy": round(matched / total, 4) if total else 0.0, "chunks": [asdict(r) for r in results]}
         if not config.trained:
             out["note"] = UNTRAINED_NOTE

@@ -186,20 +186,24 @@ class Workspace:
 
     # ---- reconstruction ------------------------------------------------------------------
     def reconstruct(self, doc_id: str | None, variant: Variant, max_chunks: int | None = None,
-                    progress: ProgressFn | None = None) -> dict:
-        """The decoder's reconstruction of each chunk (see Studio.reconstruct), kept in memory."""
+                    progress: ProgressFn | None = None, chunk_tokens: int | None = None) -> dict:
+        """The decoder's reconstruction of each chunk (see Studio.reconstruct), kept in memory;
+        chunks of `chunk_tokens` (None: the span length the variant was trained on)."""
         document = self.documents.get(doc_id)
         model = self.model(variant)
-        key = (document.sha256, model.checkpoint_id)
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise UserError(f"the chunk length must be at least 1 token, got {chunk_tokens}")
+        chunk_tokens = chunk_tokens or self.studio.reconstruction_chunk_tokens(model)
+        key = (document.sha256, model.checkpoint_id, chunk_tokens)
         with self._lock:
             cached = self._reconstructions.get(key)
         self.studio.tokenize(model, document.text)  # the document's limits first
-        total = len(self.studio.chunks(model, document.text))
+        total = len(self.studio.chunks(model, document.text, chunk_tokens))
         wanted = min(total, max_chunks or total)
         if cached is not None and len(cached["chunks"]) >= wanted:
             return {**cached, "chunks": cached["chunks"][:wanted], "total_chunks": total}
         result = self.studio.reconstruct(document.text, variant.ratio, variant.pooling, variant.spec, max_chunks=wanted,
-                                         progress=progress)
+                                         progress=progress, chunk_tokens=chunk_tokens)
         result["variant"], result["total_chunks"] = variant.label, total
         with self._lock:
             self._reconstructions[key] = result

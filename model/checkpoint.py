@@ -39,6 +39,7 @@ class CheckpointParts:
     decoder_dir: Path
     adapter_file: Path | None  # None: a freshly initialised adapter (untrained)
     checkpoint_id: str
+    trained_span: int | None = None  # span tokens its reconstruction was trained on (model_card.json), if known
 
 
 # ---- the published layout ---------------------------------------------------------
@@ -91,7 +92,18 @@ def parts_from_directory(directory: Path, checkpoint_id: str | None = None) -> C
         decoder_dir=root / "decoder",
         adapter_file=adapter,
         checkpoint_id=checkpoint_id or f"{root.resolve()}@{fingerprint(root)}",
+        trained_span=trained_span_tokens(root),
     )
+
+
+def trained_span_tokens(root: Path) -> int | None:
+    """The span length (decoder tokens) of the reconstruction its model card's recipe trained
+    last (None: no card, or it does not say)."""
+    try:
+        phases = json.loads((root / "model_card.json").read_text())["recipe"]["phases"]
+        return int(phases[-1]["span_tokens"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 # ---- safetensors only ---------------------------------------------------------------

@@ -177,6 +177,34 @@ def trained_dir(config: LCLMConfig) -> Path:
     return TRAINED_WEIGHTS / f"smollm2-135m-{config.name}"
 
 
+EMBEDDED_RATIOS = (4, 8, 16)
+
+
+def shipped_quality(ratio: int, pooling: str) -> float | None:
+    """The shipped variant's free-running reconstruction token accuracy on the held-back spans,
+    from its model card (None: no trained weights ship for it, or its card does not say)."""
+    try:
+        card = json.loads((trained_dir(embedded_config(ratio, pooling)) / "model_card.json").read_text())
+        return float(card["validation"]["trained"]["free_running"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def best_variant(ratio: int | None = None, pooling: str | None = None) -> tuple[int, str]:
+    """(ratio, pooling) of the embedded variant to use when they are not given: the shipped one
+    whose card reports the best free-running reconstruction, among those at `ratio` (and with
+    `pooling`) when given; where nothing there is trained, 1:16 (or `ratio`) mean (or `pooling`)."""
+    from model.pooling import POOLINGS
+
+    candidates = [(r, p) for r in EMBEDDED_RATIOS for p in POOLINGS
+                  if (ratio is None or r == ratio) and (pooling is None or p == pooling)]
+    scored = [(quality, r, p) for r, p in candidates if (quality := shipped_quality(r, p)) is not None]
+    if not scored:
+        return ratio or 16, pooling or "mean"
+    _, best_ratio, best_pooling = max(scored)
+    return best_ratio, best_pooling
+
+
 def embedded_parts(data_dir: Path | None = None, ratio: int = 16, pooling: str = "mean",
                    progress: Callable[[str], None] | None = None) -> CheckpointParts:
     """Parts of the embedded variant at 1:ratio with this pooling: trained weights where shipped."""

@@ -60,7 +60,9 @@ def resolve(spec: str | None, ratio: int | None = None, pooling: str | None = No
             progress: Callable[[str], None] | None = None) -> CheckpointParts:
     """Turn a checkpoint spec into local parts. None or "embedded" is the embedded default."""
     if spec in (None, "", "embedded"):
-        return embedded.embedded_parts(data_dir, ratio=ratio or 16, pooling=pooling or "mean", progress=progress)
+        if ratio is None or pooling is None:  # the best shipped variant (at the ratio given)
+            ratio, pooling = embedded.best_variant(ratio, pooling)
+        return embedded.embedded_parts(data_dir, ratio=ratio, pooling=pooling, progress=progress)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -261,7 +261,7 @@ def test_ratio_and_pooling_outside_the_allowed_set_in_the_cli(capsys, doc):
             main(["compress", str(doc), flag, value])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
-        assert err.splitlines()[-1] == f"python -m app.cli compress: error: argument {flag}: {message}", err
+        assert err.splitlines()[-1] == f"lclm compress: error: argument {flag}: {message}", err
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

@@ -154,3 +154,26 @@ def test_entry_point_prints_no_traceback(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.txt'}: no such file"]
+
+
+@pytest.mark.slow
+def test_reconstruct_uses_the_span_length_the_card_says_it_was_trained_on(capsys, doc, tiny_checkpoint, tmp_path):
+    """By default reconstruction cuts chunks of the span length in the model card's recipe (what
+    the variant was trained to reconstruct); --chunk-tokens overrides it; without a card, EXPAND's."""
+    import shutil
+
+    carded = tmp_path / "carded"
+    shutil.copytree(tiny_checkpoint, carded)
+    (carded / "model_card.json").write_text(json.dumps({"recipe": {"phases": [{"span_tokens": 12}]}}))
+    runs = {}
+    for name, path, extra in (("card", carded, []), ("flag", carded, ["--chunk-tokens", "20"]),
+                              ("none", tiny_checkpoint, [])):
+        code, out, _ = run_cli(capsys, "reconstruct", doc, "--checkpoint", path, "--max-chunks", "2", "--json", *extra)
+        assert code == 0
+        runs[name] = json.loads(out)
+    assert (runs["card"]["chunk_tokens"], runs["card"]["trained_span"]) == (12, 12)
+    assert all(c["reference_tokens"] <= 12 for c in runs["card"]["chunks"])
+    assert (runs["flag"]["chunk_tokens"], runs["flag"]["trained_span"]) == (20, 12)
+    assert (runs["none"]["chunk_tokens"], runs["none"]["trained_span"]) == (256, None)
+    code, out, _ = run_cli(capsys, "reconstruct", doc, "--checkpoint", carded, "--max-chunks", "1")
+    assert code == 0 and "chunks of 12 tokens (the span length it was trained on)" in out

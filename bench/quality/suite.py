@@ -130,7 +130,8 @@ def run_fidelity(studio: Studio, texts: list[str], ratios: list[int], poolings: 
         for ratio in ratios:
             references, hypotheses, accuracies, weights = [], [], [], []
             for text in texts:
-                result = studio.reconstruct(text, ratio=ratio, pooling=pooling, use_cache=False, max_chunks=1)
+                result = studio.reconstruct(text, ratio=ratio, pooling=pooling, use_cache=False, max_chunks=1,
+                                            chunk_tokens=studio.settings.chunk_tokens)  # EXPAND's chunk, 256
                 chunk = result["chunks"][0]
                 references.append(chunk["original"])
                 hypotheses.append(chunk["reconstructed"])

@@ -107,14 +107,15 @@ def test_latent_map_returns_a_umap_figure_with_overlays(loaded):
 
 
 def test_reconstruct_side_by_side_and_select_chunk(loaded):
-    outputs = loaded.predict(*MODEL, "8", 3, 1, api_name="/reconstruct")
+    outputs = loaded.predict(*MODEL, "8", 3, 0, 1, api_name="/reconstruct")  # 0: the trained chunk length
     left_title, left_strip, left_diff, right_title, right_strip, right_diff, _slider, details = outputs
     assert "1:4 mean: token accuracy" in left_title and "1:8 mean: token accuracy" in right_title
     assert left_strip.count('class="lclm-cell"') == 3 and "border:2px" in left_strip  # chunk 1 selected
     labels = {span["class_or_confidence"] for span in left_diff + right_diff}
     assert labels and labels <= {"kept", "changed", "lost", "added"}
     assert [d["variant"] for d in details] == ["1:4 mean", "1:8 mean"]
-    again = loaded.predict(*MODEL, "none", 3, 2, api_name="/select_chunk")
+    assert all(d["chunk_tokens"] == 32 and d["trained_span"] is None for d in details)  # no card: EXPAND's
+    again = loaded.predict(*MODEL, "none", 3, 0, 2, api_name="/select_chunk")
     assert again[3] == "" and again[2] != left_diff
 
 

@@ -2,7 +2,7 @@
 compress it, see the latent map render, reconstruct, ask a question and see an answer and
 a TTFT number, sweep. A screenshot of each tab is taken into the test's temporary folder;
 with LCLM_SCREENSHOTS=1 the test runs on the embedded default instead of tiny checkpoints and
-writes them to docs/screenshots/ (the committed ones, shown in the README)."""
+writes them to docs/screenshots/ (the committed ones, shown in the README and docs/studio.md)."""
 
 import os
 import re

@@ -4,6 +4,8 @@ progress and URL, and answers through the API (select with `pytest -m embedded`)
 import pytest
 from gradio_client import Client
 
+from model.embedded import best_variant
+
 pytestmark = [pytest.mark.embedded, pytest.mark.server]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 12
@@ -12,7 +14,8 @@ MODEL = ("embedded SmolLM2-135M", 16, "mean")
 
 
 def test_the_embedded_default_starts_compresses_and_answers(embedded_server, tmp_path):
-    assert any(line.startswith("loading embedded SmolLM2-135M 1:16 mean") for line in embedded_server.lines)
+    ratio, pooling = best_variant()  # the default: the shipped variant with the best card
+    assert any(line.startswith(f"loading embedded SmolLM2-135M 1:{ratio} {pooling}") for line in embedded_server.lines)
     assert embedded_server.url.startswith("http://127.0.0.1:")
     client = Client(embedded_server.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
     client.predict(NEEDLE_DOC, None, *MODEL, api_name="/load_document")

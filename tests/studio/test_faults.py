@@ -50,7 +50,7 @@ def new_client(url: str, tmp_path) -> Client:
 @pytest.fixture(scope="module")
 def inprocess(tiny_checkpoint_factory, tmp_path_factory):
     """(workspace, url): the studio's UI served from this process, so tests can patch its models."""
-    from views import build_app
+    from views.studio import build_app
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("home"), device="cpu", chunk_tokens=32)
     workspace = Workspace(Studio(settings), build_catalog([str(tiny_checkpoint_factory(ratio=4))]))

@@ -59,6 +59,35 @@ def test_sibling_prefers_the_same_pooling():
     assert Catalog(variants).sibling(variants[0], 8).spec == "z"
 
 
+def test_comparisons_and_the_default_pick_the_best_trained_variant():
+    """Like for like: another ratio's control picks that ratio's trained variant with the best
+    reported reconstruction, not the untrained one with the same pooling; the default is the
+    family's best trained variant, wherever it stands in display order."""
+    variants = [Variant("f", "a", 16, "mean", True, 0.2), Variant("f", "b", 16, "concat", False),
+                Variant("f", "c", 4, "mean", True, 0.1), Variant("f", "d", 4, "concat", True, 0.9)]
+    catalog = Catalog(variants)
+    assert catalog.default.spec == "d"
+    assert catalog.sibling(catalog.default, 16).spec == "a"  # trained mean, not untrained concat
+    assert catalog.sibling(variants[0], 4).spec == "d"  # the better card, not the same pooling
+    assert catalog.best("f", 8) is None
+
+
+def test_the_embedded_default_is_the_shipped_variant_with_the_best_card():
+    from model.embedded import best_variant, shipped_quality
+
+    catalog = build_catalog()
+    shipped = {(v.ratio, v.pooling): v.quality for v in catalog.variants if v.trained}
+    if not shipped:
+        pytest.skip("no trained embedded weights ship")
+    best = max(shipped, key=lambda key: shipped[key] if shipped[key] is not None else -1.0)
+    assert (catalog.default.ratio, catalog.default.pooling) == best == best_variant()
+    for ratio in (4, 8, 16):  # a ratio alone: that ratio's best trained pooling
+        at_ratio = {p: q for (r, p), q in shipped.items() if r == ratio and q is not None}
+        if at_ratio:
+            assert best_variant(ratio) == (ratio, max(at_ratio, key=at_ratio.get))
+            assert shipped_quality(*best_variant(ratio)) == max(at_ratio.values())
+
+
 # ---- documents ----------------------------------------------------------------------------------
 def test_document_store_keeps_ids_and_evicts_the_oldest(tmp_path):
     store = DocumentStore(max_documents=2)
