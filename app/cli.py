@@ -206,11 +206,15 @@ def round_text(rnd: dict) -> str:
 def ask_text(r: dict, answer_printed: bool = False) -> str:
     lines = [] if answer_printed else [r["answer"], ""]
     lines += [round_text(rnd) for rnd in r.get("rounds", [])]
+    lines += [f"WARNING: {w}" for w in r.get("warnings", [])]
+    if "answer_ttft_ms" in r:
+        lines.append(f"answer's first token after {r['answer_ttft_ms']:.1f} ms (TTFT below: the first directive's)")
     lines.append(
         f"[{r['mode']}] TTFT {r['ttft_ms']:.1f} ms (compress {r['compress_ms']:.1f}, prefill {r['prefill_ms']:.1f}, "
         f"first token {r['first_token_ms']:.1f}); {r['positions']:,} positions"
         f"{reused_text(r)}; KV cache {_mib(r['kv_cache_bytes'])}; "
-        f"peak memory {_mib(r['peak_mem_bytes'])}; {r['tokens_per_s']:.1f} tokens/s; {r['dtype']}"
+        f"peak memory above the start {_mib(r['peak_mem_above_weights_bytes'])}; {r['tokens_per_s']:.1f} tokens/s; "
+        f"{r['dtype']}"
     )
     if r.get("note"):
         lines.append(f"NOTE: {r['note']}")

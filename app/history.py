@@ -19,6 +19,11 @@ COLUMNS = (
 )
 
 
+def rounded(value: float | None, digits: int = 1) -> float | None:
+    """A number as people read it (tenths of a millisecond); the results JSON keeps every digit."""
+    return None if value is None else round(value, digits)
+
+
 def run_row(result: dict, method: str) -> dict:
     """A history row from one answer's result (see Studio.ask)."""
     mib = 2**20
@@ -27,9 +32,9 @@ def run_row(result: dict, method: str) -> dict:
         "tokens": result.get("tokens"), "positions": result.get("positions"),
         "prefix_reused_positions": result.get("prefix_reused_positions"),
         "prefill_positions": result.get("prefill_positions"),
-        "ttft_ms": result.get("ttft_ms"), "compress_ms": result.get("compress_ms"),
-        "prefill_ms": result.get("prefill_ms"), "first_token_ms": result.get("first_token_ms"),
-        "tokens_per_s": result.get("tokens_per_s"), "new_tokens": result.get("new_tokens"),
+        "ttft_ms": rounded(result.get("ttft_ms")), "compress_ms": rounded(result.get("compress_ms")),
+        "prefill_ms": rounded(result.get("prefill_ms")), "first_token_ms": rounded(result.get("first_token_ms")),
+        "tokens_per_s": rounded(result.get("tokens_per_s")), "new_tokens": result.get("new_tokens"),
         "peak_mem_mib": round(result.get("peak_mem_bytes", 0) / mib, 1),
         "peak_mem_above_weights_mib": round(result.get("peak_mem_above_weights_bytes", 0) / mib, 1),
         "kv_cache_mib": round(result.get("kv_cache_bytes", 0) / mib, 3),
@@ -55,7 +60,8 @@ def follow_up_summary(rows: list[dict]) -> list[dict]:
         first = statistics.median(times[False]) if times[False] else None
         follow = statistics.median(times[True]) if times[True] else None
         out.append({"method": method, "dtype": dtype, "first questions": len(times[False]),
-                    "first TTFT ms": first, "follow-ups": len(times[True]), "follow-up TTFT ms": follow,
+                    "first TTFT ms": round(first, 1) if first is not None else None, "follow-ups": len(times[True]),
+                    "follow-up TTFT ms": round(follow, 1) if follow is not None else None,
                     "first / follow-up": round(first / follow, 1) if first and follow else None})
     return out
 

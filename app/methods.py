@@ -30,7 +30,8 @@ from app.models import LoadedVariant, ProgressFn
 from cache import document_sha256
 from model.agent import ExpandAgent, Round
 from model.errors import UserError
-from model.generation import PrefillState, Sampling, StreamingDetokenizer, decode, fork_cache, prefill, stop_token_ids
+from model.generation import (PrefillState, RepetitionGuard, Sampling, StreamingDetokenizer, decode, fork_cache,
+                              prefill, stop_token_ids)
 from model.lclm import LCLM
 from model.presses import PRESSES, PressSpec, kept_positions, make_press, new_cache, stored_kv_bytes
 from model.prompts import PromptProfile
@@ -92,6 +93,7 @@ class Request:
     latent_cache: bool = True  # latents from / into the latent cache
     prefix_cache: bool = True  # the prompt prefix's KV from / into the prefix cache
     stop_at_end: bool = True  # False: decode exactly max_new_tokens (the benchmarks)
+    stop_at_repeat: bool = False  # stop a reply at a sentence it already wrote (the studio's setting)
     progress: ProgressFn | None = None
     ratio: int | None = None  # N of a press's matched ratio 1 - 1/N; None: the variant's
 
@@ -124,9 +126,12 @@ def check_positions(model: LCLM, positions: int, max_new_tokens: int, hint: str 
                         f"decoder reads at most {model.max_positions:,}" + (f" ({hint})" if hint else ""))
 
 
-def prefix_key(request: Request, method: str, ratio: int | None, pooling: str | None) -> PrefixKey:
+def prefix_key(request: Request, method: str, ratio: int | None, pooling: str | None,
+               reader: str | None = None) -> PrefixKey:
+    """The prefix cache's key: the document, which weights read it (`reader`, default the LCLM's
+    checkpoint), the method and what changes its prefix, the dtype, device and prompt profile."""
     model = request.model
-    return PrefixKey(request.document.key, model.checkpoint_id, method, ratio, pooling,
+    return PrefixKey(request.document.key, reader or model.checkpoint_id, method, ratio, pooling,
                      str(model.dtype).removeprefix("torch."), str(model.device), request.variant.profile.name)
 
 
@@ -152,28 +157,73 @@ def prefill_reusing(studio: "Studio", request: Request, key: PrefixKey, ids: lis
     return prefill(decoder, embeds[:, prefix:], fork_cache(entry.cache))  # the rest: [1, P - L, D]
 
 
+STOPS = ("end", "limit", "repeat")  # how a reply ended: end-of-turn, the token limit, a repeated sentence
+
+
+@dataclass
+class Replied:
+    text: str
+    tokens: int
+    stopped: str  # one of STOPS
+    first_token_at_ms: float  # the meter's clock at its first token (at its end when it has none)
+
+
 def reply(request: Request, state: PrefillState, meter: Meter, prefill_done_ms: float, decoder: torch.nn.Module,
-          max_new_tokens: int | None = None) -> Generator[AskEvent, None, str]:
-    """Stream one reply of `decoder` from its prefilled prompt; returns its text. The first reply
-    of a request sets TTFT and its first-token part; every reply counts its tokens."""
+          max_new_tokens: int | None = None) -> Generator[AskEvent, None, Replied]:
+    """Stream one reply of `decoder` from its prefilled prompt; returns its text and how it ended.
+    The first reply of a request sets TTFT and its first-token part; every reply counts its tokens."""
     model, m = request.model, meter.measurement
     first_reply = m.ttft_ms == 0.0
+    limit = max_new_tokens or request.max_new_tokens
     stops = stop_token_ids(model.decoder_tokenizer, decoder) if request.stop_at_end else set()
     detok = StreamingDetokenizer(model.decoder_tokenizer)
-    for token in decode(decoder, state, max_new_tokens or request.max_new_tokens, stops, request.sampling):
+    guard = RepetitionGuard() if request.stop_at_repeat else None
+    tokens, stopped, first_at = 0, "end", None
+    for token in decode(decoder, state, limit, stops, request.sampling):
         piece = detok.push(token)
+        if first_at is None:
+            first_at = meter.clock.ms()
         if first_reply and m.ttft_ms == 0.0:
             m.ttft_ms = meter.clock.ms()
             m.first_token_ms = m.ttft_ms - prefill_done_ms
         m.new_tokens += 1
+        tokens += 1
         if piece:
             yield AskEvent("token", text=piece)
+        if guard is not None and piece and guard.repeated(detok.text):
+            stopped = "repeat"
+            break
+    else:
+        stopped = "limit" if tokens == limit else "end"
     tail = detok.flush()  # an incomplete last character, if the reply ended inside one
     if tail:
         yield AskEvent("token", text=tail)
     if first_reply and m.ttft_ms == 0.0:  # stopped at once: TTFT is the end of the prefill
         m.ttft_ms = meter.clock.ms()
-    return detok.text
+    return Replied(detok.text, tokens, stopped, first_at if first_at is not None else meter.clock.ms())
+
+
+def reply_warnings(replied: Replied) -> list[str]:
+    """What a reader must be told about one reply: an empty one, one cut at a repeat."""
+    warnings = []
+    if not replied.text.strip():
+        warnings.append(f"the answer is empty: the decoder ended its reply after {replied.tokens} token(s)")
+    if replied.stopped == "repeat":
+        warnings.append("stopped at a repeated sentence: greedy decoding had begun to loop")
+    return warnings
+
+
+def expand_warnings(rounds: list[dict]) -> list[str]:
+    """EXPAND rounds a reader must be told about: a directive that read no chunk, and an answer
+    that only the forced final round gave."""
+    warnings = []
+    for r in rounds:
+        if r["action"] == "expand" and not r["expanded"]:
+            why = "; ".join(r["ignored"]) or "no chunk number in its reply"
+            warnings.append(f"round {r['number']} asked to expand but named no chunk that could be read ({why})")
+    if rounds and rounds[-1]["action"] == "forced":
+        warnings.append(f"no round answered: the answer is the reply to the forced final round {rounds[-1]['number']}")
+    return warnings
 
 
 # ---- the methods ------------------------------------------------------------------------------
@@ -208,6 +258,13 @@ class Method:
             result["note"] = UNTRAINED_NOTE
         yield AskEvent("done", result=result, measurement=m)
 
+    @staticmethod
+    def finished(replied: Replied, round_warnings: list[str] = (), **fields) -> dict:
+        """The method-specific fields of a result whose answer is `replied`; `warnings` says what
+        a reader must know about it (EXPAND's rounds first)."""
+        return {"answer": replied.text, "stopped": replied.stopped,
+                "warnings": [*round_warnings, *reply_warnings(replied)], **fields}
+
     def run(self, studio: "Studio", request: Request, meter: Meter) -> Generator[AskEvent, None, dict]:
         raise NotImplementedError
 
@@ -227,13 +284,13 @@ class FullContext(Method):
         check_positions(model, len(ids), request.max_new_tokens)
         start = meter.clock.ms()
         embeds = decoder.get_input_embeddings()(torch.tensor([ids], device=model.device))  # [1, P, D]
-        key = prefix_key(request, self.name, None, None)
+        key = prefix_key(request, self.name, None, None, request.variant.text_reader_id)
         state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(document.decoder_ids), meter,
                                 decoder)
         done = meter.clock.ms()
         m.prefill_ms, m.positions = done - start, len(ids)
-        answer = yield from reply(request, state, meter, done, decoder)
-        return {"answer": answer, "base_decoder": request.variant.reads_text_with_base}
+        replied = yield from reply(request, state, meter, done, decoder)
+        return self.finished(replied, base_decoder=request.variant.reads_text_with_base)
 
 
 class LatentContext(Method):
@@ -256,8 +313,8 @@ class LatentContext(Method):
         state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(region), meter, model.decoder)
         done = meter.clock.ms()
         m.prefill_ms, m.positions = done - start, len(ids)
-        answer = yield from reply(request, state, meter, done, model.decoder)
-        return {"answer": answer, "latents": int(latents.shape[0]), "cached": cached, "trained": model.config.trained}
+        replied = yield from reply(request, state, meter, done, model.decoder)
+        return self.finished(replied, latents=int(latents.shape[0]), cached=cached, trained=model.config.trained)
 
 
 class Expand(Method):
@@ -287,9 +344,11 @@ class Expand(Method):
             m.positions = max(m.positions, prepared.positions)
             if first_reply:
                 m.prefill_ms = done - start
-            answer = yield from reply(request, state, meter, done, model.decoder)
-            return answer, prepared.positions
+            replied = yield from reply(request, state, meter, done, model.decoder)
+            replies.append(replied)
+            return replied.text, prepared.positions
 
+        replies: list[Replied] = []  # one per round
         runner = ExpandAgent(studio.settings.max_expand_rounds, request.variant.profile).run(
             request.question, latents, [c.text for c in chunks], generate)
         rounds: list[dict] = []
@@ -304,10 +363,14 @@ class Expand(Method):
                 yield AskEvent("round", round=item.to_dict())
             else:
                 yield item
-        return {"answer": answer, "latents": sum(int(r.shape[0]) for r in latents), "cached": cached,
-                "trained": model.config.trained, "chunk_tokens": studio.settings.chunk_tokens,
-                "chunks": [c.to_dict() for c in chunks],
-                "expanded": sorted({n for r in rounds for n in r["expanded"]}), "rounds": rounds}
+        last = replies[-1]  # the round whose reply holds the answer
+        return self.finished(Replied(answer, last.tokens, last.stopped, last.first_token_at_ms),
+                             answer_ttft_ms=round(last.first_token_at_ms, 3),
+                             latents=sum(int(r.shape[0]) for r in latents), cached=cached,
+                             trained=model.config.trained, chunk_tokens=studio.settings.chunk_tokens,
+                             chunks=[c.to_dict() for c in chunks],
+                             expanded=sorted({n for r in rounds for n in r["expanded"]}), rounds=rounds,
+                             round_warnings=expand_warnings(rounds))
 
 
 @dataclass(frozen=True)
@@ -349,7 +412,7 @@ class Pressed(Method):
         check_positions(model, context_len + question_len, request.max_new_tokens)
         press = make_press(self.name, request.compression_ratio, residual_length=studio.settings.kv_residual_length)
         start = meter.clock.ms()
-        key = prefix_key(request, self.name, request.compression_ratio, None)
+        key = prefix_key(request, self.name, request.compression_ratio, None, request.variant.text_reader_id)
         # a press with a cache of its own (quantization) changes it in place: not kept for follow-ups
         reusable = request.prefix_cache and studio.prefix_cache.enabled and not hasattr(press, "new_cache")
         entry = studio.prefix_cache.get(key) if reusable else None
@@ -377,10 +440,10 @@ class Pressed(Method):
         stored = stored_kv_bytes(press, cache)  # quantized: the context and question as stored
         if stored is not None:
             m.kv_cache_bytes = stored
-        answer = yield from reply(request, state, meter, done, decoder)
-        return {"answer": answer, "prefilled_positions": context_len + question_len,
-                "press_ratio": round(press.compression_ratio, 4), "kv_positions_held": held,
-                "base_decoder": request.variant.reads_text_with_base}
+        replied = yield from reply(request, state, meter, done, decoder)
+        return self.finished(replied, prefilled_positions=context_len + question_len,
+                             press_ratio=round(press.compression_ratio, 4), kv_positions_held=held,
+                             base_decoder=request.variant.reads_text_with_base)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (FullContext(), LatentContext(), Expand(),

@@ -43,6 +43,7 @@ class LoadedVariant:
     profile: PromptProfile
     precision: DtypeChoice
     base_decoder: Callable[[], nn.Module] | None = None  # the decoder LoRA's base model, loaded once
+    base_dir: Path | None = None  # where that base model is
 
     @property
     def text_decoder(self) -> nn.Module:
@@ -53,6 +54,13 @@ class LoadedVariant:
     @property
     def reads_text_with_base(self) -> bool:
         return self.base_decoder is not None
+
+    @property
+    def text_reader_id(self) -> str:
+        """Which weights read the document as text: variants that share a decoder LoRA's base
+        (the embedded ratios and poolings) share it, so full context's cached prefix survives a
+        change of ratio."""
+        return f"base:{self.base_dir}" if self.reads_text_with_base else self.model.checkpoint_id
 
     @property
     def ratio(self) -> int:
@@ -142,7 +150,7 @@ class ModelPool:
         model = self.model(checkpoint, ratio, pooling, progress)
         base = self.decoder_lora_base(model)
         base_decoder = (lambda: self.base_decoder(base, model.device)) if base else None
-        return LoadedVariant(model, self.prompt_profile(model, prompt_profile), self.dtype_choice(), base_decoder)
+        return LoadedVariant(model, self.prompt_profile(model, prompt_profile), self.dtype_choice(), base_decoder, base)
 
     def trained_span(self, model: LCLM) -> int | None:
         """The span length its reconstruction was trained on (its model card), if known."""

@@ -217,7 +217,8 @@ class Studio:
         """A request about `text` (within the document limits); `use_cache` for both caches."""
         document = self.tokenize(variant.model, text)
         return Request(text_document(variant.model, text, document.ids), question, variant, max_new_tokens,
-                       sampling, latent_cache=use_cache, prefix_cache=use_cache, progress=progress, ratio=ratio)
+                       sampling, latent_cache=use_cache, prefix_cache=use_cache, progress=progress, ratio=ratio,
+                       stop_at_repeat=self.settings.stop_at_repeat)
 
     def run(self, name: str, request: Request) -> Iterator[AskEvent]:
         """One request answered by the method `name`, as `ask` streams it."""

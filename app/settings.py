@@ -34,7 +34,7 @@ class Settings:
     """Everything configurable. Environment variables (read by `from_env`):
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
     LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE, LCLM_STUDIO_DTYPE,
-    LCLM_STUDIO_KV_CACHE_MB, LCLM_STUDIO_KV_RESIDUAL."""
+    LCLM_STUDIO_KV_CACHE_MB, LCLM_STUDIO_KV_RESIDUAL, LCLM_STUDIO_STOP_AT_REPEAT (0: plain greedy)."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
@@ -48,6 +48,7 @@ class Settings:
     kv_cache_mb: int = field(default_factory=default_size_mb)  # prefix KV caches kept in memory; 0: none
     dtype: str = "auto"  # auto: bfloat16 where the device computes it fast (model.precision), else float32
     kv_residual_length: int = 64  # newest positions a quantized KV cache keeps in float (model.quantized_cache)
+    stop_at_repeat: bool = True  # end an answer at a sentence it already wrote (the benchmarks: False, plain greedy)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -82,6 +83,7 @@ class Settings:
             dtype=os.environ.get("LCLM_STUDIO_DTYPE") or cls.dtype,
             kv_cache_mb=_env_int("LCLM_STUDIO_KV_CACHE_MB", default_size_mb()),
             kv_residual_length=_env_int("LCLM_STUDIO_KV_RESIDUAL", cls.kv_residual_length),
+            stop_at_repeat=bool(_env_int("LCLM_STUDIO_STOP_AT_REPEAT", int(cls.stop_at_repeat))),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

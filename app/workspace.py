@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 
 from app import figures
@@ -46,27 +45,29 @@ class MethodRun:
     started: float = 0.0
     live_ttft_ms: float | None = None
     tokens: int = 0
-    memory_peak: int = 0
     result: dict | None = None
 
     def readout(self) -> dict:
-        """The row shown live: exact numbers once done, wall-clock estimates while streaming."""
+        """The row shown live: the measured numbers once done (rounded for people; the results
+        JSON keeps full precision), wall-clock estimates while streaming. Memory is the peak above
+        what the process held when the request started (docs/architecture.md, measurements)."""
         mib = 2**20
         if self.result is not None:
             r = self.result
-            return {"method": self.name, "status": self.status, "TTFT ms": r["ttft_ms"],
-                    "compress ms": r["compress_ms"], "prefill ms": r["prefill_ms"], "tokens/s": r["tokens_per_s"],
-                    "tokens": r["new_tokens"], "peak MiB": round(r["peak_mem_bytes"] / mib, 1),
-                    "KV cache MiB": round(r["kv_cache_bytes"] / mib, 3), "positions": r["positions"]}
+            return {"method": self.name, "status": self.status, "TTFT ms": round(r["ttft_ms"], 1),
+                    "answer after ms": round(r.get("answer_ttft_ms", r["ttft_ms"]), 1),
+                    "compress ms": round(r["compress_ms"], 1), "prefill ms": round(r["prefill_ms"], 1),
+                    "tokens/s": round(r["tokens_per_s"], 1), "tokens": r["new_tokens"],
+                    "peak above start MiB": round(r["peak_mem_above_weights_bytes"] / mib, 1),
+                    "KV cache MiB": round(r["kv_cache_bytes"] / mib, 2), "positions": r["positions"]}
         elapsed = (time.perf_counter() - self.started) if self.started else 0.0
         rate = None
         if self.live_ttft_ms is not None and self.tokens > 1 and elapsed * 1000 > self.live_ttft_ms:
             rate = round((self.tokens - 1) / (elapsed - self.live_ttft_ms / 1000), 1)
         return {"method": self.name, "status": self.status,
                 "TTFT ms": round(self.live_ttft_ms, 1) if self.live_ttft_ms is not None else None,
-                "compress ms": None, "prefill ms": None, "tokens/s": rate, "tokens": self.tokens,
-                "peak MiB": round(self.memory_peak / mib, 1) if self.memory_peak else None,
-                "KV cache MiB": None, "positions": None}
+                "answer after ms": None, "compress ms": None, "prefill ms": None, "tokens/s": rate,
+                "tokens": self.tokens, "peak above start MiB": None, "KV cache MiB": None, "positions": None}
 
 
 @dataclass
@@ -89,13 +90,6 @@ class LatentMap:
     figure: object  # plotly Figure
     stats_figure: object
     summary: dict
-
-
-def memory_now(device: torch.device) -> int:
-    """Bytes held now: allocated CUDA memory, or the process RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return psutil.Process().memory_info().rss
 
 
 class Workspace:
@@ -239,12 +233,10 @@ class Workspace:
         mode = "expand" if expand else "lclm"
         main = MethodRun(f"LCLM {variant.label}" + (" + EXPAND" if expand else ""), mode)
         state = AskState([main] + [MethodRun(METHODS[name].label, name) for name in baselines])
-        device = self.model(variant).device
 
         def stream(run: MethodRun, events) -> Iterator[AskState]:
             run.status, run.started = "running", time.perf_counter()
             for event in events:
-                run.memory_peak = max(run.memory_peak, memory_now(device))
                 if event.kind == "token":
                     if run.live_ttft_ms is None:
                         run.live_ttft_ms = (time.perf_counter() - run.started) * 1000
@@ -256,7 +248,10 @@ class Workspace:
                         state.expanded.setdefault(index, event.round["number"])
                     run.text = ""  # the next round's reply streams afresh
                 else:
-                    run.result, run.status, run.text = event.result, "done", event.result["answer"]
+                    run.result, run.text = event.result, event.result["answer"]
+                    if not run.text.strip():  # an empty answer says so, rather than an empty box
+                        run.text = "(" + (event.result.get("warnings") or ["the answer is empty"])[-1] + ")"
+                    run.status = "; ".join(["done", *event.result.get("warnings", [])])
                     self.history.add(session, run_row(event.result, run.name))
                 yield state
 

@@ -4,6 +4,7 @@ so that callers can time each part (see app/measure.py)."""
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -127,6 +128,32 @@ def stop_token_ids(tokenizer, decoder: nn.Module) -> set[int]:
     if im_end is not None:
         ids.add(im_end)
     return ids
+
+
+SENTENCE_END = re.compile(r"[.!?\n]")
+
+
+class RepetitionGuard:
+    """Whether a reply has begun to loop: a sentence it completes (at least `min_chars` letters,
+    compared without case and spacing) equal to one it completed before. Greedy decoding of a
+    small decoder can repeat a sentence until its token limit; the studio stops there."""
+
+    def __init__(self, min_chars: int = 12):
+        self.min_chars = min_chars
+        self.seen: set[str] = set()
+        self.start = 0  # where the next sentence of the text starts
+
+    def repeated(self, text: str) -> bool:
+        """Feed the whole reply so far; True once its latest complete sentence is a repeat."""
+        while (end := SENTENCE_END.search(text, self.start)) is not None:
+            sentence = " ".join(text[self.start:end.end()].split()).lower()
+            self.start = end.end()
+            if len(sentence) < self.min_chars:
+                continue
+            if sentence in self.seen:
+                return True
+            self.seen.add(sentence)
+        return False
 
 
 class StreamingDetokenizer:

@@ -64,13 +64,15 @@ def test_text_and_json_agree(capsys, doc, checkpoint, command, mode):
             for index in rnd["expanded"]:
                 assert str(index) in line
         assert lines[-1].startswith(f"[{mode}] TTFT ") and f"{result['positions']:,} positions" in lines[-1]
+        assert [line for line in lines if line.startswith("WARNING: ")] == [f"WARNING: {w}" for w in result["warnings"]]
+        assert any(line.startswith("answer's first token after") for line in lines) == (mode == "expand")
     else:
         headers = [line for line in lines if line.startswith("--- chunk ")]
         assert len(headers) == len(result["chunks"]) == 2
         for header, chunk in zip(headers, result["chunks"]):
             assert header.startswith(f"--- chunk {chunk['index']}: token accuracy {chunk['token_accuracy']:.3f}")
         assert lines[-1] == (f"overall token accuracy {result['token_accuracy']:.3f} at 1:{result['ratio']} "
-                             f"({result['pooling']})")
+                             f"({result['pooling']}), chunks of {result['chunk_tokens']} tokens")
 
 
 def test_expand_rounds_print_only_the_fields_they_have():

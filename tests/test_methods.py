@@ -156,3 +156,103 @@ def test_full_context_and_the_presses_read_text_with_a_decoder_loras_base(tmp_pa
     assert merged[0] != merged[1]
     # the LCLM reads its latents with the LoRA decoder: its answer differs from the plain checkpoint's
     assert answer(lora, "lclm")["answer"] != answer(plain, "lclm")["answer"]
+
+
+# ---- how an answer ended, said to the reader --------------------------------------------------
+def test_the_repetition_guard_stops_at_a_repeated_sentence_only():
+    from model.generation import RepetitionGuard
+
+    guard = RepetitionGuard()
+    assert not guard.repeated("The user sync is a daemon. It runs hourly.")
+    assert not guard.repeated("The user sync is a daemon. It runs hourly. Ok. Ok. Ok.")  # short ones do not count
+    assert guard.repeated("The user sync is a daemon. It runs hourly. Ok. Ok. Ok. the user  sync is a DAEMON.")
+    unfinished = RepetitionGuard()
+    assert not unfinished.repeated("The user sync is a daemon. The user sync is a daemon")  # not complete yet
+
+
+def scripted_reply(studio, monkeypatch, text: str, stop_at_repeat: bool, max_new_tokens: int = 64):
+    """`reply` over a decode that yields the ids of `text` (then stops), as a method runs it."""
+    import app.methods as methods
+    from app.measure import Meter
+
+    variant = studio.variant()
+    model = variant.model
+    ids = model.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(methods, "decode", lambda decoder, state, limit, stops, sampling: iter(ids[:limit]))
+    request = Request(DocumentIds.from_ids([1, 2, 3]), QUESTION, variant, max_new_tokens,
+                      stop_at_repeat=stop_at_repeat)
+    with Meter(model.device, model.decoder.config, model.dtype) as meter:
+        generator = methods.reply(request, None, meter, 0.0, model.decoder)
+        while True:
+            try:
+                next(generator)
+            except StopIteration as stop:
+                return stop.value, len(ids)
+
+
+def test_a_looping_reply_stops_at_its_repeat_and_says_so(studio, monkeypatch):
+    from app.methods import reply_warnings
+
+    loop = "The user sync is a daemon. " * 4
+    replied, _ = scripted_reply(studio, monkeypatch, loop, stop_at_repeat=True, max_new_tokens=1000)
+    assert replied.stopped == "repeat" and replied.text.count("daemon") == 2
+    assert any("repeated sentence" in w for w in reply_warnings(replied))
+    plain, count = scripted_reply(studio, monkeypatch, loop, stop_at_repeat=False, max_new_tokens=1000)  # plain greedy
+    assert plain.stopped == "end" and plain.text.count("daemon") == 4 and plain.tokens == count
+    cut, _ = scripted_reply(studio, monkeypatch, loop, stop_at_repeat=False, max_new_tokens=3)
+    assert cut.stopped == "limit" and cut.tokens == 3
+
+
+def test_an_empty_answer_says_so(studio, monkeypatch):
+    from app.methods import reply_warnings
+
+    replied, _ = scripted_reply(studio, monkeypatch, "", stop_at_repeat=True)
+    assert replied.text == "" and replied.stopped == "end"
+    assert reply_warnings(replied) == ["the answer is empty: the decoder ended its reply after 0 token(s)"]
+
+
+def test_expand_rounds_that_read_nothing_and_a_forced_answer_are_named():
+    from app.methods import expand_warnings
+
+    rounds = [{"number": 1, "action": "expand", "expanded": [], "ignored": ["9: no such chunk (1-3)"]},
+              {"number": 2, "action": "forced", "expanded": [], "ignored": []}]
+    assert expand_warnings(rounds) == [
+        "round 1 asked to expand but named no chunk that could be read (9: no such chunk (1-3))",
+        "no round answered: the answer is the reply to the forced final round 2"]
+    assert expand_warnings([{"number": 1, "action": "expand", "expanded": [2], "ignored": []},
+                            {"number": 2, "action": "answer", "expanded": [], "ignored": []}]) == []
+
+
+def test_every_result_says_how_it_ended(studio):
+    for name in ("full", "lclm", "expand"):
+        result = list(studio.ask(DOC, QUESTION, name, max_new_tokens=3))[-1].result
+        assert result["stopped"] in ("end", "limit", "repeat") and isinstance(result["warnings"], list)
+        if name == "expand":
+            assert result["answer_ttft_ms"] >= result["ttft_ms"] > 0
+            forced = result["rounds"][-1]["action"] == "forced"
+            assert forced == any("forced final round" in w for w in result["warnings"])
+
+
+def test_full_contexts_cached_prefix_survives_a_change_of_ratio():
+    """Variants that read text with one decoder LoRA base (the embedded ratios and poolings) key
+    full context's and the presses' prefix by that base, the LCLM's own prefix by its checkpoint."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from app.methods import prefix_key
+    from app.models import LoadedVariant
+
+    def variant(checkpoint, base):
+        model = SimpleNamespace(checkpoint_id=checkpoint, dtype=torch.float32, device="cpu")
+        return LoadedVariant(model, SimpleNamespace(name="studio"), None, (lambda: None) if base else None,
+                             Path(base) if base else None)
+
+    document = DocumentIds.from_ids([1, 2, 3])
+    cs4, cs16, other = variant("cs4", "/base"), variant("cs16", "/base"), variant("own", None)
+
+    def key(v, method, reader=True):
+        return prefix_key(Request(document, QUESTION, v, 4), method, None, None,
+                          v.text_reader_id if reader else None)
+    assert key(cs4, "full") == key(cs16, "full") != key(other, "full")
+    assert key(cs4, "lclm", reader=False) != key(cs16, "lclm", reader=False)
+    assert other.text_reader_id == "own"

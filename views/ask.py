@@ -20,8 +20,8 @@ NO_KVPRESS = "none"
 CHECKPOINT_PROFILE = "checkpoint default"  # paper for published checkpoints, studio for the embedded model
 FULL = "full"  # the full-context method (app.methods)
 TRANSCRIPT_COLUMNS = ["round", "prefilled", "action", "expanded", "ignored", "prompt tokens", "reply"]
-READOUT_COLUMNS = ["method", "status", "TTFT ms", "compress ms", "prefill ms", "tokens/s", "tokens", "peak MiB",
-                   "KV cache MiB", "positions"]
+READOUT_COLUMNS = ["method", "status", "TTFT ms", "answer after ms", "compress ms", "prefill ms", "tokens/s",
+                   "tokens", "peak above start MiB", "KV cache MiB", "positions"]
 STREAM_INTERVAL_S = 0.1  # at most this often a streamed update goes to the page
 
 
@@ -49,8 +49,9 @@ def build(max_new_tokens: int) -> SimpleNamespace:
                               elem_id="prompt-profile")
     run = gr.Button("Ask", variant="primary", elem_id="ask")
     with gr.Row():
-        answers = [gr.Textbox(label=label, lines=6, interactive=False, elem_id=f"answer-{key}")
-                   for key, label in (("lclm", "LCLM"), ("full", "Full context"), ("kvpress", "kvpress"))]
+        answers = [gr.Textbox(label=label, lines=6, interactive=False, elem_id=f"answer-{key}", visible=key == "lclm")
+                   for key, label in (("lclm", "LCLM (the variant chosen on the Compress tab)"),
+                                      ("full", "Full context"), ("kvpress", "kvpress"))]
     ttft = gr.Markdown(elem_id="ttft")
     readout = gr.Dataframe(readout_table([]), label="Live readouts", interactive=False, elem_id="ask-readout")
     strip = gr.HTML(elem_id="ask-strip")
@@ -65,7 +66,8 @@ def build(max_new_tokens: int) -> SimpleNamespace:
 
 
 def ttft_markdown(readouts: list[dict]) -> str:
-    """One line per method: TTFT first, with its compress / prefill split once known."""
+    """One line per method: TTFT first, with its compress / prefill split once known. EXPAND's
+    first token is its first directive's; the time to its answer's first token comes beside it."""
     lines = []
     for r in readouts:
         if r["TTFT ms"] is None:
@@ -73,10 +75,15 @@ def ttft_markdown(readouts: list[dict]) -> str:
         elif r["prefill ms"] is None:
             lines.append(f"**{r['method']}**: TTFT **{r['TTFT ms']:,.1f} ms** (streaming)")
         else:
-            lines.append(f"**{r['method']}**: TTFT **{r['TTFT ms']:,.1f} ms** = compress {r['compress ms']:,.1f} + "
+            answer_after = r["answer after ms"]
+            first = (f"first directive **{r['TTFT ms']:,.1f} ms**, answer's first token **{answer_after:,.1f} ms**"
+                     if answer_after is not None and answer_after > r["TTFT ms"] else f"TTFT **{r['TTFT ms']:,.1f} ms**")
+            lines.append(f"**{r['method']}**: {first} = compress {r['compress ms']:,.1f} + "
                          f"prefill {r['prefill ms']:,.1f} + first token and the rest; {r['tokens/s'] or 0:,.1f} "
-                         f"tokens/s; peak {r['peak MiB']:,.1f} MiB; KV cache {r['KV cache MiB']:,.3f} MiB; "
-                         f"{r['positions']:,} positions")
+                         f"tokens/s; peak {r['peak above start MiB']:,.1f} MiB above the start; KV cache "
+                         f"{r['KV cache MiB']:,.2f} MiB; {r['positions']:,} positions")
+            if r["status"] != "done":
+                lines.append(f"&nbsp;&nbsp;⚠ {r['status'].removeprefix('done; ')}")
     return "  \n".join(lines)
 
 
@@ -110,11 +117,15 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
         profile = None if not profile or profile == CHECKPOINT_PROFILE else profile
         states = workspace.ask(request.session_hash, document, question, variant, bool(expand), baselines,
                                int(max_new_tokens or 0) or None, prompt_profile=profile)
+        press = kvpress if kvpress and kvpress != NO_KVPRESS else None
         for state in throttled(states):
             by_method = {m.method: m.text for m in state.methods[1:]}
             rows = state.readouts()
             readout = readout_table(rows)
-            yield (state.methods[0].text, by_method.get(FULL, ""), by_method.get(kvpress, ""),
+            yield (gr.Textbox(value=state.methods[0].text, label=state.methods[0].name),  # names who answers
+                   gr.Textbox(value=by_method.get(FULL, ""), visible=bool(full)),  # only the boxes asked for
+                   gr.Textbox(value=by_method.get(kvpress, ""), visible=press is not None,
+                              label=METHODS[press].label if press else "kvpress"),
                    ttft_markdown(rows), readout, figures.document_strip(cells, state.expanded),
                    transcript_table(state.rounds), state.results(), *[readout] * len(live_readouts))
 

@@ -28,7 +28,8 @@ def build() -> SimpleNamespace:
     gr.Markdown("**Sweep**: TTFT and peak memory of the LCLM (cold, no latent cache) and of the full context "
                 "on the first L tokens of the current document, for several L.")
     sweep = gr.Button("Sweep", variant="primary", elem_id="sweep")
-    chart = gr.Plot(label="TTFT and peak memory against context length", elem_id="sweep-chart")
+    chart = gr.Plot(label="TTFT and peak memory against context length", elem_id="sweep-chart",
+                    visible=False)  # shown once this session has a sweep
     return SimpleNamespace(live=live, refresh=refresh, csv=csv, json=json, history=history, follow_ups=follow_ups,
                            sweep=sweep, chart=chart)
 
@@ -37,6 +38,7 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, tab: gr.Tab, ask_event)
     def metrics(request: gr.Request):
         session = request.session_hash
         rows, chart = workspace.metrics(session)
+        chart = gr.Plot(value=chart, visible=bool(workspace.history.sweep(session)))
         return (pd.DataFrame(rows, columns=COLUMNS, dtype=object), chart, str(workspace.export(session, "csv")),
                 str(workspace.export(session, "json")),
                 pd.DataFrame(follow_up_summary(rows), columns=FOLLOW_UP_COLUMNS, dtype=object))

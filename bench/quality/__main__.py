@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    studio = Studio(Settings.from_env(device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens))
+    studio = Studio(Settings.from_env(device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
+                                      stop_at_repeat=False))  # plain greedy, as RULER scores it
     model = studio.model(ratio=16, pooling="mean")
     if args.haystack:
         validation = TextSource(Path(args.haystack).read_text(errors="replace"), model.decoder_tokenizer)

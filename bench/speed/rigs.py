@@ -127,7 +127,7 @@ def rig_studio(lclms: dict[int, LCLM]) -> Studio:
     base = next(iter(lclms.values()))
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="lclm-speed-")), device=str(base.device),
                         dtype=str(base.dtype).removeprefix("torch."), max_document_tokens=2**31 - 1,
-                        kv_cache_mb=2**40 // 2**20, cache_size_mb=2**20)
+                        kv_cache_mb=2**40 // 2**20, cache_size_mb=2**20, stop_at_repeat=False)
     studio = Studio(settings, checkpoint=RIG_CHECKPOINT)
     for lclm in lclms.values():
         studio.models.add(RIG_CHECKPOINT, lclm)

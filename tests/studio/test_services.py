@@ -169,8 +169,11 @@ def test_ask_streams_states_and_records_the_run(workspace):
                                 expand=True, baselines=["full", "snapkv"], max_new_tokens=4))
     final = states[-1]
     main, full, kvpress = final.methods
-    assert main.status == full.status == "done" and main.result["mode"] == "expand"
-    assert kvpress.status == "done" and kvpress.name == "SnapKV" and kvpress.result["mode"] == "snapkv"
+    for run in final.methods:  # done, then whatever the reader must be told (a forced round, an empty answer)
+        assert run.status == "; ".join(["done", *run.result["warnings"]])
+        assert run.text == run.result["answer"] or (not run.result["answer"].strip() and run.text.startswith("("))
+    assert main.result["mode"] == "expand" and full.result["mode"] == "full"
+    assert kvpress.name == "SnapKV" and kvpress.result["mode"] == "snapkv"
     assert main.result["prompt_profile"] == "paper" and final.rounds[0]["action"] in ("expand", "demoted")
     assert final.expanded == {n: r["number"] for r in reversed(final.rounds) for n in r["expanded"]}
     assert all(1 <= n <= len(main.result["chunks"]) for n in final.expanded)
