@@ -87,23 +87,49 @@ def fidelity_strip(chunks: Sequence[dict], selected: int | None = None, caption:
 
 
 # ---- latent map and statistics -------------------------------------------------------------------
-def latent_map_figure(projection: Projection, title: str = "") -> go.Figure:
-    """Scatter of the projected sets, coloured by position in the document; hover shows the source text."""
+COLOUR_BY = ("position", "chunk", "content")  # what the latent map's colours show
+CONTENT_COLOURS = {"numbers": "#d62728", "code": "#9467bd", "names": "#ff7f0e", "prose": "#1f77b4",
+                   "punctuation and space": "#7f7f7f"}
+
+
+def latent_map_figure(projection: Projection, title: str = "", colour_by: str = "position") -> go.Figure:
+    """Scatter of the projected sets; hover shows the source text. Colours: the position of each
+    point's text in the document (a continuous scale), the EXPAND chunk it is from, or its content
+    class (app.latent_analysis.content_class: numbers, code, names, prose, punctuation)."""
+    if colour_by not in COLOUR_BY:
+        raise ValueError(f"colour_by must be one of {', '.join(COLOUR_BY)}, got {colour_by!r}")
     figure = go.Figure()
     numbered = list(enumerate(zip(projection.sets, projection.coords)))
     for number, (points, coords) in reversed(numbered):  # the first set (the latents asked for) on top
+        chunks = points.chunks or [0] * len(points.texts)
+        customdata = np.stack([np.round(points.positions * 100, 1), np.asarray(points.texts, dtype=object),
+                               np.asarray(points.classes, dtype=object), np.asarray(chunks)], axis=-1)
+        hover = ("%{customdata[0]}% into the document" + (", chunk %{customdata[3]}" if points.chunks else "")
+                 + " (%{customdata[2]})<br>%{customdata[1]}<extra>" + points.name + "</extra>")
+        style = dict(symbol=SYMBOLS[number % len(SYMBOLS)], size=9 if number == 0 else 6,
+                     opacity=0.9 if number == 0 else 0.5, line=dict(width=0.5, color="#333"))
+        if colour_by == "content":
+            classes = np.asarray(points.classes)
+            for name, colour in CONTENT_COLOURS.items():
+                mask = classes == name
+                if mask.any():
+                    figure.add_trace(go.Scattergl(
+                        x=coords[mask, 0], y=coords[mask, 1], mode="markers", name=f"{name} ({points.name})",
+                        marker=dict(color=colour, **style), customdata=customdata[mask], hovertemplate=hover))
+            continue
+        colour = points.positions if colour_by == "position" or not points.chunks else [int(c) for c in points.chunks]
         figure.add_trace(go.Scattergl(
             x=coords[:, 0], y=coords[:, 1], mode="markers", name=points.name,
-            marker=dict(symbol=SYMBOLS[number % len(SYMBOLS)], size=9 if number == 0 else 6,
-                        color=points.positions, coloraxis="coloraxis", opacity=0.9 if number == 0 else 0.5,
-                        line=dict(width=0.5, color="#333")),
-            customdata=np.stack([np.round(points.positions * 100, 1), np.asarray(points.texts, dtype=object)], axis=-1),
-            hovertemplate="%{customdata[0]}% into the document<br>%{customdata[1]}<extra>" + points.name + "</extra>",
+            marker=dict(color=colour, coloraxis="coloraxis", **style), customdata=customdata, hovertemplate=hover,
         ))
+    if colour_by == "chunk":
+        top = max([max(p.chunks) for p in projection.sets if p.chunks] or [1])
+        coloraxis = dict(colorscale="Turbo", cmin=1, cmax=max(2, top), colorbar=dict(title="chunk", dtick=1))
+    else:
+        coloraxis = dict(colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="position", tickformat=".0%"))
     figure.update_layout(
         title=title or f"{projection.method} of the latents", height=520, margin=dict(l=10, r=10, t=50, b=10),
-        coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="position", tickformat=".0%")),
-        legend=dict(orientation="h", y=-0.05, traceorder="reversed"),
+        coloraxis=coloraxis, legend=dict(orientation="h", y=-0.05, traceorder="reversed"),
         xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False),
     )
     return figure

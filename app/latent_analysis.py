@@ -4,7 +4,9 @@ and a token-level diff between a chunk and its reconstruction."""
 
 from __future__ import annotations
 
+import bisect
 import difflib
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -19,6 +21,28 @@ MAX_SOURCE_POINTS = 1500  # source-token embeddings are subsampled evenly to thi
 HOVER_CHARS = 120
 
 
+CONTENT_CLASSES = ("numbers", "code", "names", "prose", "punctuation and space")
+CODE_MARKS = re.compile(r"[{}()\[\];=<>_#/\\|`$]|\bdef\b|\breturn\b|::|->")
+WORD = re.compile(r"[^\W\d_]+")
+
+
+def content_class(text: str) -> str:
+    """What a span of text mostly is, by simple surface rules: numbers (a third of its letters and
+    digits are digits), code (brackets, operators, keywords), names (most words capitalised),
+    prose, or punctuation and space (no letter or digit)."""
+    alnum = [c for c in text if c.isalnum()]
+    if not alnum:
+        return "punctuation and space"
+    if sum(c.isdigit() for c in alnum) >= len(alnum) / 3:
+        return "numbers"
+    if len(CODE_MARKS.findall(text)) >= max(2, len(text) // 25):
+        return "code"
+    words = WORD.findall(text)
+    if words and sum(w[0].isupper() for w in words) > len(words) / 2:
+        return "names"
+    return "prose"
+
+
 @dataclass
 class PointSet:
     """Vectors to project, with what a hover shows and where each sits in the document."""
@@ -27,6 +51,12 @@ class PointSet:
     vectors: np.ndarray  # [n, D] float32
     positions: np.ndarray  # [n] in [0, 1]: centre of the source span over the document length
     texts: list[str]  # [n] source text behind each point
+    chunks: list[int] = None  # [n] the EXPAND chunk (from 1) each point's text starts in, where known
+
+    @property
+    def classes(self) -> list[str]:
+        """[n] the content class of each point's text (content_class)."""
+        return [content_class(t) for t in self.texts]
 
 
 @dataclass
@@ -36,8 +66,10 @@ class Projection:
     method: str  # "UMAP" or "PCA"
 
 
-def latent_set(name: str, latents: torch.Tensor, spans: list[tuple[int, int]], document) -> PointSet:
-    """latents: [M, D]; spans: encoder-token range [start, end) behind each latent."""
+def latent_set(name: str, latents: torch.Tensor, spans: list[tuple[int, int]], document,
+               chunk_starts: list[int] | None = None) -> PointSet:
+    """latents: [M, D]; spans: encoder-token range [start, end) behind each latent; chunk_starts:
+    the first character of each EXPAND chunk, in order (to say which chunk a latent is from)."""
     length = max(1, len(document.text))
     centres = [(document.offsets[s][0] + document.offsets[e - 1][1]) / 2 for s, e in spans]
     return PointSet(
@@ -45,7 +77,13 @@ def latent_set(name: str, latents: torch.Tensor, spans: list[tuple[int, int]], d
         vectors=latents.detach().float().cpu().numpy(),  # [M, D]
         positions=np.asarray(centres, dtype=np.float32) / length,  # [M]
         texts=[preview(document.text_of(s, e), HOVER_CHARS) for s, e in spans],
+        chunks=[chunk_of(document.offsets[s][0], chunk_starts) for s, _ in spans] if chunk_starts else None,
     )
+
+
+def chunk_of(char: int, chunk_starts: list[int]) -> int:
+    """The chunk number (from 1) holding character `char`, given each chunk's first character."""
+    return max(1, bisect.bisect_right(chunk_starts, char))
 
 
 def source_token_set(model, text: str, limit: int = MAX_SOURCE_POINTS) -> PointSet:

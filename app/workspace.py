@@ -10,7 +10,7 @@ import os
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +145,8 @@ class Workspace:
 
     # ---- latents ---------------------------------------------------------------------
     def latent_map(self, doc_id: str | None, variant: Variant, other_ratios: list[int] = (),
-                   show_source_tokens: bool = False, progress: ProgressFn | None = None) -> LatentMap:
+                   show_source_tokens: bool = False, progress: ProgressFn | None = None,
+                   colour_by: str = "position") -> LatentMap:
         """UMAP of the latents (and of other ratios' latents and the source tokens' decoder
         embeddings, in one map), plus norms and neighbour similarity along the document."""
         text = self.documents.get(doc_id).text
@@ -161,8 +162,10 @@ class Workspace:
             if progress:
                 progress(f"compressing at 1:{v.ratio}", number, len(variants))
             compressed = self.studio.compress(text, v.ratio, v.pooling, v.spec)
+            chunk_starts = [c.start_char for c in self.studio.chunks(compressed.model, text)]
             points = latent_set(f"latents {v.label}", compressed.latents,
-                                compressed.model.latent_spans(len(compressed.document)), compressed.document)
+                                compressed.model.latent_spans(len(compressed.document)), compressed.document,
+                                chunk_starts)
             if sets and points.vectors.shape[1] != sets[0].vectors.shape[1]:
                 notes.append(f"{v.label} left out: its decoder width differs")
                 continue
@@ -175,8 +178,10 @@ class Workspace:
         projection = project_sets(sets)
         counts = {points.name: len(points.vectors) for points in sets}
         title = f"{projection.method} of " + ", ".join(f"{n} {name}" for name, n in counts.items())
-        return LatentMap(figures.latent_map_figure(projection, title), figures.latent_stats_figure(stats),
-                         {"method": projection.method, "points": counts, "notes": notes})
+        classes = {points.name: dict(Counter(points.classes)) for points in sets}
+        return LatentMap(figures.latent_map_figure(projection, title, colour_by), figures.latent_stats_figure(stats),
+                         {"method": projection.method, "points": counts, "notes": notes, "colour_by": colour_by,
+                          "content": classes})
 
     # ---- reconstruction ------------------------------------------------------------------
     def reconstruct(self, doc_id: str | None, variant: Variant, max_chunks: int | None = None,

@@ -8,6 +8,8 @@ import sys
 import time
 
 import pytest
+
+from app.latent_analysis import CONTENT_CLASSES
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
@@ -104,6 +106,14 @@ def test_latent_map_returns_a_umap_figure_with_overlays(loaded):
     assert len(latents["customdata"]) == details["latents"]  # one point per latent
     assert all(isinstance(c[1], str) for c in latents["customdata"])  # hover: the source text
     assert len(json.loads(stats["plot"])["data"]) == 4  # norm and cosine for each ratio
+    assert "Its latents' text:" in summary
+    _, by_content, _ = loaded.predict(*MODEL, [], False, "content", api_name="/latent_map")
+    names = [t["name"] for t in json.loads(by_content["plot"])["data"]]
+    assert names and all(n.split(" (")[0] in CONTENT_CLASSES and n.endswith("(latents 1:4 mean)") for n in names)
+    _, by_chunk, _ = loaded.predict(*MODEL, [], False, "chunk", api_name="/latent_map")
+    chunk_trace = json.loads(by_chunk["plot"])["data"][0]
+    assert chunk_trace["marker"]["color"] == [c[3] for c in chunk_trace["customdata"]]  # the chunk of each latent
+    assert min(chunk_trace["marker"]["color"]) == 1 and max(chunk_trace["marker"]["color"]) > 1
 
 
 def test_reconstruct_side_by_side_and_select_chunk(loaded):

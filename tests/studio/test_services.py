@@ -122,6 +122,37 @@ def test_layout_cuts_windows_and_chunks(workspace):
 
 
 # ---- latent inspection -----------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("7294 1 2 330-918", "numbers"), ("def f(x): return x[0] == y_1;", "code"),
+    ("Debian Project Leader Sam Hartman", "names"), ("the grass is green and the sky", "prose"),
+    (" .,;  ", "punctuation and space")])
+def test_content_class_by_surface_rules(text, expected):
+    from app.latent_analysis import content_class
+
+    assert content_class(text) == expected
+
+
+def test_chunk_of_a_character():
+    from app.latent_analysis import chunk_of
+
+    starts = [0, 100, 250]
+    assert [chunk_of(c, starts) for c in (0, 99, 100, 249, 250, 10_000)] == [1, 1, 2, 2, 3, 3]
+
+
+def test_latent_map_colours_by_position_chunk_or_content():
+    from app.latent_analysis import PointSet, Projection
+
+    points = PointSet("latents", np.zeros((3, 4), np.float32), np.array([0.1, 0.5, 0.9], np.float32),
+                      ["the sky is blue", "12 345 678", "def f(): return 1"], chunks=[1, 1, 2])
+    projection = Projection([points], [np.zeros((3, 2), np.float32)], "PCA")
+    assert list(figures.latent_map_figure(projection).data[0].marker.color) == pytest.approx([0.1, 0.5, 0.9])
+    assert list(figures.latent_map_figure(projection, colour_by="chunk").data[0].marker.color) == [1, 1, 2]
+    by_content = figures.latent_map_figure(projection, colour_by="content")
+    assert sorted(t.name for t in by_content.data) == ["code (latents)", "numbers (latents)", "prose (latents)"]
+    with pytest.raises(ValueError, match="colour_by"):
+        figures.latent_map_figure(projection, colour_by="size")
+
+
 def test_latent_statistics_shapes_and_values():
     latents = torch.tensor([[3.0, 4.0], [3.0, 4.0], [-3.0, -4.0]])  # [3, 2]
     stats = latent_statistics(latents)
