@@ -65,8 +65,12 @@ def test_paste_compress_map_reconstruct_ask_and_sweep(page: Page, url, shots):
     open_tab(page, "Latents")
     page.locator("#other-ratios").get_by_label("1:8").check()
     page.locator("#show-source").get_by_role("checkbox").check()
+    page.locator("#colour-by").get_by_label("content").check()
     page.locator("#draw-map").click()
     expect(page.locator("#latent-summary")).to_contain_text("UMAP of")
+    expect(page.locator("#latent-summary")).to_contain_text("Its latents' text:")
+    expect(page.locator("#latent-map")).to_contain_text(re.compile(r"(prose|names|numbers|code) \(latents"))
+    expect(page.locator("#latent-caption")).to_contain_text("neighbourhoods, not distances")
     expect(page.locator("#latent-map .js-plotly-plot .scatterlayer, #latent-map .js-plotly-plot canvas").first
            ).to_be_attached()
     expect(page.locator("#latent-stats .js-plotly-plot")).to_be_visible()
@@ -79,6 +83,7 @@ def test_paste_compress_map_reconstruct_ask_and_sweep(page: Page, url, shots):
     page.locator("#max-chunks input").fill("4")
     page.locator("#reconstruct").click()
     expect(page.locator("#reconstruction-left-title")).to_contain_text("token accuracy")
+    expect(page.locator("#reconstruction-left-title")).to_contain_text(re.compile(r"chunks of \d+ tokens"))
     expect(page.locator("#reconstruction-right-title")).to_contain_text("1:8")
     expect(page.locator("#fidelity-left .lclm-cell")).to_have_count(4)
     shots(page, "4-reconstruction")
@@ -89,7 +94,9 @@ def test_paste_compress_map_reconstruct_ask_and_sweep(page: Page, url, shots):
     page.locator("#expand").get_by_role("checkbox").check()
     page.locator("#compare-full").get_by_role("checkbox").check()
     page.locator("#max-new-tokens input").fill("12")
+    expect(page.locator("#answer-kvpress")).to_be_hidden()  # only the boxes asked for
     page.locator("#ask").click()
+    expect(page.locator("#answer-lclm")).to_contain_text(re.compile(r"LCLM 1:\d+ \w+ \+ EXPAND"))  # who answers
     expect(page.locator("#ttft")).to_contain_text(re.compile(r"full context.*TTFT [\d,.]+ ms", re.S))
     expect(page.locator("#ttft")).to_contain_text(re.compile(r"EXPAND.*(TTFT|first directive) [\d,.]+ ms", re.S))
     page.wait_for_function("['#answer-lclm', '#answer-full'].some("
