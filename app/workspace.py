@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class MethodRun:
     live_ttft_ms: float | None = None
     tokens: int = 0
     result: dict | None = None
+    variant: Variant | None = None  # the variant it answers with (None: the request's)
 
     def readout(self) -> dict:
         """The row shown live: the measured numbers once done (rounded for people; the results
@@ -225,9 +226,11 @@ class Workspace:
     # ---- ask ---------------------------------------------------------------------------
     def ask(self, session: str, doc_id: str | None, question: str, variant: Variant, expand: bool = False,
             baselines: list[str] = (), max_new_tokens: int | None = None,
-            prompt_profile: str | None = None) -> Iterator[AskState]:
-        """Stream the LCLM's answer (with EXPAND where asked), then each chosen baseline's.
-        `prompt_profile`: a name in model.prompts.PROMPT_PROFILES; None: the checkpoint's default."""
+            prompt_profile: str | None = None, other_ratios: Sequence[int] = ()) -> Iterator[AskState]:
+        """Stream the LCLM's answer (with EXPAND where asked), then the same method's at each of
+        `other_ratios` (that ratio's best trained variant, as comparisons pick it), then each chosen
+        baseline's. `prompt_profile`: a name in model.prompts.PROMPT_PROFILES; None: the
+        checkpoint's default."""
         text = self.documents.get(doc_id).text
         if not question or not question.strip():
             raise UserError("the question is empty")
@@ -236,8 +239,12 @@ class Workspace:
         if unknown:
             raise UserError(f"unknown comparison {unknown[0]!r}; choose from {', '.join(comparisons)}")
         mode = "expand" if expand else "lclm"
-        main = MethodRun(f"LCLM {variant.label}" + (" + EXPAND" if expand else ""), mode)
-        state = AskState([main] + [MethodRun(METHODS[name].label, name) for name in baselines])
+        suffix = " + EXPAND" if expand else ""
+        main = MethodRun(f"LCLM {variant.label}{suffix}", mode, variant=variant)
+        siblings = [self.catalog.sibling(variant, int(r)) for r in sorted({int(r) for r in other_ratios} - {variant.ratio})]
+        others = [MethodRun(f"LCLM {v.label}{suffix}", mode, variant=v) for v in siblings if v is not None]
+        state = AskState([main, *others] + [MethodRun(METHODS[name].label, name, variant=variant)
+                                            for name in baselines])
 
         def stream(run: MethodRun, events) -> Iterator[AskState]:
             run.status, run.started = "running", time.perf_counter()
@@ -248,9 +255,10 @@ class Workspace:
                     run.tokens += 1
                     run.text += event.text
                 elif event.kind == "round":
-                    state.rounds.append(event.round)
-                    for index in event.round["expanded"]:
-                        state.expanded.setdefault(index, event.round["number"])
+                    if run is main:  # the transcript and the lit chunks are the chosen variant's
+                        state.rounds.append(event.round)
+                        for index in event.round["expanded"]:
+                            state.expanded.setdefault(index, event.round["number"])
                     run.text = ""  # the next round's reply streams afresh
                 else:
                     run.result, run.text = event.result, event.result["answer"]
@@ -264,9 +272,10 @@ class Workspace:
         yield from stream(main, self.studio.ask(text, question, mode, variant.ratio, variant.pooling, variant.spec,
                                                 max_new_tokens, prompt_profile=prompt_profile))
         for run in state.methods[1:]:
+            v = run.variant
             try:
-                yield from stream(run, self.studio.ask(text, question, run.method, variant.ratio, variant.pooling,
-                                                       variant.spec, max_new_tokens, prompt_profile=prompt_profile))
+                yield from stream(run, self.studio.ask(text, question, run.method, v.ratio, v.pooling, v.spec,
+                                                       max_new_tokens, prompt_profile=prompt_profile))
             except Exception as err:  # a comparison that fails here says so; the answers so far stay
                 if not isinstance(err, UserError):
                     log.exception("%s failed", run.name)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from app import figures
 from app.methods import METHODS, PRESS_METHODS
-from app.settings import PROFILES
+from app.settings import PROFILES, RATIOS
 from views.common import MODEL_SLOT, Shared, user_errors
 
 NO_KVPRESS = "none"
@@ -47,11 +47,15 @@ def build(max_new_tokens: int) -> SimpleNamespace:
         profile = gr.Dropdown([CHECKPOINT_PROFILE, *PROFILES], value=CHECKPOINT_PROFILE, label="Prompt profile",
                               info="paper: the authors' layout; studio: the studio's short prompts",
                               elem_id="prompt-profile")
+    other_ratios = gr.CheckboxGroup([(f"1:{r}", r) for r in RATIOS], value=[], elem_id="ask-other-ratios",
+                                    label="Also answer at these ratios (each ratio's best trained variant)")
     run = gr.Button("Ask", variant="primary", elem_id="ask")
     with gr.Row():
         answers = [gr.Textbox(label=label, lines=6, interactive=False, elem_id=f"answer-{key}", visible=key == "lclm")
                    for key, label in (("lclm", "LCLM (the variant chosen on the Compress tab)"),
                                       ("full", "Full context"), ("kvpress", "kvpress"))]
+    at_ratios = gr.Textbox(label="At other ratios", lines=6, interactive=False, elem_id="answer-ratios",
+                           visible=False)
     ttft = gr.Markdown(elem_id="ttft")
     readout = gr.Dataframe(readout_table([]), label="Live readouts", interactive=False, elem_id="ask-readout")
     strip = gr.HTML(elem_id="ask-strip")
@@ -61,7 +65,8 @@ def build(max_new_tokens: int) -> SimpleNamespace:
     with gr.Accordion("All numbers", open=False):
         results = gr.JSON(label="Results", elem_id="ask-results")
     return SimpleNamespace(question=question, expand=expand, full=full, kvpress=kvpress, new_tokens=new_tokens,
-                           profile=profile, run=run, answers=answers, ttft=ttft, readout=readout, strip=strip, transcript=transcript,
+                           profile=profile, other_ratios=other_ratios, run=run, answers=answers,
+                           at_ratios=at_ratios, ttft=ttft, readout=readout, strip=strip, transcript=transcript,
                            results=results)
 
 
@@ -110,16 +115,19 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
 
     @user_errors
     def ask(document: str | None, family: str, ratio: int, pooling: str, question: str, expand: bool, full: bool,
-            kvpress: str, max_new_tokens: float, profile: str | None, request: gr.Request):
+            kvpress: str, max_new_tokens: float, profile: str | None, other_ratios: list[int] | None,
+            request: gr.Request):
         variant = workspace.variant(family, ratio, pooling)
         cells = workspace.layout(document, variant).cells
         baselines = ([FULL] if full else []) + ([kvpress] if kvpress and kvpress != NO_KVPRESS else [])
         profile = None if not profile or profile == CHECKPOINT_PROFILE else profile
         states = workspace.ask(request.session_hash, document, question, variant, bool(expand), baselines,
-                               int(max_new_tokens or 0) or None, prompt_profile=profile)
+                               int(max_new_tokens or 0) or None, prompt_profile=profile,
+                               other_ratios=other_ratios or [])
         press = kvpress if kvpress and kvpress != NO_KVPRESS else None
         for state in throttled(states):
-            by_method = {m.method: m.text for m in state.methods[1:]}
+            lclms = [m for m in state.methods[1:] if m.method == state.methods[0].method]
+            by_method = {m.method: m.text for m in state.methods[1:] if m not in lclms}
             rows = state.readouts()
             readout = readout_table(rows)
             yield (gr.Textbox(value=state.methods[0].text, label=state.methods[0].name),  # names who answers
@@ -127,9 +135,11 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
                    gr.Textbox(value=by_method.get(kvpress, ""), visible=press is not None,
                               label=METHODS[press].label if press else "kvpress"),
                    ttft_markdown(rows), readout, figures.document_strip(cells, state.expanded),
-                   transcript_table(state.rounds), state.results(), *[readout] * len(live_readouts))
+                   transcript_table(state.rounds), state.results(),
+                   gr.Textbox(value="\n\n".join(f"{m.name}: {m.text}" for m in lclms), visible=bool(lclms)),
+                   *[readout] * len(live_readouts))
 
     inputs = [shared.document, *shared.model_inputs, ui.question, ui.expand, ui.full, ui.kvpress, ui.new_tokens,
-              ui.profile]
-    outputs = [*ui.answers, ui.ttft, ui.readout, ui.strip, ui.transcript, ui.results, *live_readouts]
+              ui.profile, ui.other_ratios]
+    outputs = [*ui.answers, ui.ttft, ui.readout, ui.strip, ui.transcript, ui.results, ui.at_ratios, *live_readouts]
     return ui.run.click(ask, inputs, outputs, api_name="ask", concurrency_id=MODEL_SLOT, concurrency_limit=1)

@@ -201,3 +201,14 @@ def test_a_second_user_waits_in_the_queue(studio_url, tmp_path):
     assert any(s.code == Status.IN_QUEUE and s.rank == 0 for s in seen)
     long_answer.result()
     assert queued.result()[1]["latents"] > 0
+
+
+def test_ask_at_other_ratios_fills_its_own_box(loaded):
+    job = loaded.submit(*MODEL, "What is the vault code?", False, False, "none", 3, "checkpoint default", [8],
+                        api_name="/ask")
+    job.result()
+    outputs = job.outputs()[-1]
+    at_ratios, results = outputs[8], outputs[7]
+    assert at_ratios["visible"] is True and at_ratios["value"].startswith("LCLM 1:8 mean: ")
+    assert set(results) == {"LCLM 1:4 mean", "LCLM 1:8 mean"}
+    assert outputs[1]["visible"] is False and outputs[2]["visible"] is False  # no full context, no press asked

@@ -302,3 +302,17 @@ def test_follow_up_summary_compares_first_questions_with_follow_ups():
                                        "first TTFT ms": 900.0, "follow-ups": 2, "follow-up TTFT ms": 40.0,
                                        "first / follow-up": 22.5}
     assert summary["LCLM 1:4 mean"]["follow-ups"] == 0 and summary["LCLM 1:4 mean"]["first / follow-up"] is None
+
+
+@pytest.mark.slow
+def test_ask_answers_at_other_ratios_side_by_side(workspace):
+    """The same method at each other ratio asked for, with that ratio's best variant; ratios the
+    family does not offer are left out; the transcript stays the chosen variant's."""
+    document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
+    final = list(workspace.ask("session-r", document.sha256, "What is the vault code?", workspace.catalog.default,
+                               expand=True, baselines=["full"], max_new_tokens=3, other_ratios=[4, 8, 16]))[-1]
+    names = [m.name for m in final.methods]
+    assert names == ["LCLM 1:4 mean + EXPAND", "LCLM 1:8 mean + EXPAND", "full context"]
+    at_eight = final.methods[1]
+    assert at_eight.result["ratio"] == 8 and at_eight.result["mode"] == "expand"
+    assert len(final.rounds) == len(final.methods[0].result["rounds"])
