@@ -183,13 +183,23 @@ def _mib(n: int) -> str:
 def compress_text(r: dict) -> str:
     lines = [
         f"{r['tokens']:,} tokens -> {r['latents']:,} latents (1:{r['ratio']}, {r['pooling']} pooling, window {r['window']})",
-        f"compress: {r['compress_ms']:.1f} ms{' (cached)' if r['cached'] else ''}; "
-        f"{r['positions_saved']:,} decoder positions saved; {r['chunks']} chunks",
+        f"compress: {r['compress_ms']:.1f} ms{cached_text(r)}; peak memory above the start "
+        f"{_mib(r['peak_mem_above_weights_bytes'])}; {r['positions_saved']:,} decoder positions saved; "
+        f"{r['chunks']} chunks",
         f"checkpoint: {r['checkpoint']}",
     ]
     if r.get("note"):
         lines.append(f"NOTE: {r['note']}")
     return "\n".join(lines)
+
+
+def cached_text(r: dict) -> str:
+    """Where the latents came from: all from the cache, some windows (a resumed compression), none."""
+    if r["cached"]:
+        return " (cached)"
+    if r.get("cached_windows"):
+        return f" ({r['cached_windows']:,} of {r['windows']:,} windows from the cache)"
+    return ""
 
 
 def round_text(rnd: dict) -> str:

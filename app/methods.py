@@ -27,11 +27,13 @@ import torch
 from app.kv_cache import PrefixEntry, PrefixKey
 from app.measure import Meter, Measurement
 from app.models import LoadedVariant, ProgressFn
+from app.settings import RATIOS
 from cache import document_sha256
 from model.agent import ExpandAgent, Round
 from model.errors import UserError
 from model.generation import (PrefillState, RepetitionGuard, Sampling, StreamingDetokenizer, decode, fork_cache,
                               prefill, stop_token_ids)
+from model.encoder import count_latents
 from model.lclm import LCLM
 from model.presses import PRESSES, PressSpec, kept_positions, make_press, new_cache, stored_kv_bytes
 from model.prompts import PromptProfile
@@ -124,6 +126,30 @@ def check_positions(model: LCLM, positions: int, max_new_tokens: int, hint: str 
     if model.max_positions and positions + max_new_tokens > model.max_positions:
         raise UserError(f"the prompt needs {positions:,} decoder positions plus {max_new_tokens} new tokens; this "
                         f"decoder reads at most {model.max_positions:,}" + (f" ({hint})" if hint else ""))
+
+
+def text_too_long_hint(model: LCLM, document_tokens: int, other_positions: int, max_new_tokens: int) -> str:
+    """For a document too long to read as text: the compression ratios whose latents would fit."""
+    room = model.max_positions - other_positions - max_new_tokens - 2  # the memory region's two tags
+    window = model.config.encoder_window_size
+    fits = [r for r in RATIOS if count_latents(document_tokens, window, r) <= room]
+    if not fits:
+        return f"even at 1:{max(RATIOS)} its {document_tokens:,} tokens give too many latents; use a shorter document"
+    r = fits[0]
+    return (f"an LCLM reads it: at 1:{r} its {document_tokens:,} tokens become "
+            f"{count_latents(document_tokens, window, r):,} latents (mode lclm or expand, --ratio {r})")
+
+
+def latents_too_many_hint(model: LCLM, other_positions: int, max_new_tokens: int) -> str:
+    """For a document whose latents do not fit: the largest document this ratio takes."""
+    room = model.max_positions - other_positions - max_new_tokens - 2
+    ratio, window = model.config.compression_ratio, model.config.encoder_window_size
+    tokens = max(0, room) * ratio
+    while tokens > 0 and count_latents(tokens, window, ratio) > room:
+        tokens -= ratio
+    higher = [r for r in RATIOS if r > ratio]
+    return (f"at 1:{ratio} this decoder takes documents of up to about {tokens:,} tokens"
+            + (f"; a higher ratio (1:{higher[-1]}) takes longer ones" if higher else "; use a shorter document"))
 
 
 def prefix_key(request: Request, method: str, ratio: int | None, pooling: str | None,
@@ -281,7 +307,9 @@ class FullContext(Method):
         decoder = request.variant.text_decoder
         before, after = prompt_parts(model, request.variant.profile, request.question)
         ids = before + document.decoder_ids + after  # [P]
-        check_positions(model, len(ids), request.max_new_tokens)
+        if model.max_positions and len(ids) + request.max_new_tokens > model.max_positions:
+            check_positions(model, len(ids), request.max_new_tokens, text_too_long_hint(
+                model, len(document.encoder_ids), len(before) + len(after), request.max_new_tokens))
         start = meter.clock.ms()
         embeds = decoder.get_input_embeddings()(torch.tensor([ids], device=model.device))  # [1, P, D]
         key = prefix_key(request, self.name, None, None, request.variant.text_reader_id)
@@ -306,7 +334,9 @@ class LatentContext(Method):
         before, after = prompt_parts(model, request.variant.profile, request.question)
         region = memory_region_ids(model, int(latents.shape[0]))
         ids = before + region + after  # [P]
-        check_positions(model, len(ids), request.max_new_tokens, "use a higher compression ratio or a shorter document")
+        if model.max_positions and len(ids) + request.max_new_tokens > model.max_positions:
+            check_positions(model, len(ids), request.max_new_tokens,
+                            latents_too_many_hint(model, len(before) + len(after), request.max_new_tokens))
         start = meter.clock.ms()
         embeds = model.prepare_ids(ids, [latents]).inputs_embeds  # [1, P, D]
         key = prefix_key(request, self.name, model.config.compression_ratio, model.config.pooling)
@@ -409,7 +439,9 @@ class Pressed(Method):
         before, after = prompt_parts(model, request.variant.profile, request.question)
         context_ids = before + request.document.decoder_ids  # [C]: pressed
         context_len, question_len = len(context_ids), len(after)
-        check_positions(model, context_len + question_len, request.max_new_tokens)
+        if model.max_positions and context_len + question_len + request.max_new_tokens > model.max_positions:
+            check_positions(model, context_len + question_len, request.max_new_tokens, text_too_long_hint(
+                model, len(request.document.encoder_ids), len(before) + question_len, request.max_new_tokens))
         press = make_press(self.name, request.compression_ratio, residual_length=studio.settings.kv_residual_length)
         start = meter.clock.ms()
         key = prefix_key(request, self.name, request.compression_ratio, None, request.variant.text_reader_id)

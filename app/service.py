@@ -9,6 +9,7 @@ under its own key, so a second question on the same document runs no encoder."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from app.kv_cache import PrefixCache
-from app.measure import Clock
+from app.measure import Clock, PeakMemory
 from app.memory import guard_memory, guard_stream
 from app.methods import UNTRAINED_NOTE, AskEvent, DocumentIds, Request, method, text_document
 from app.models import LoadedVariant, ModelPool, ProgressFn
@@ -33,6 +34,21 @@ from model.prompts import PromptProfile, memory_region, reconstruction_prompt
 
 
 @dataclass
+class WindowLatents:
+    latents: torch.Tensor  # [M, dec_hidden]
+    compress_ms: float  # 0 when every window came from the cache
+    cached: bool  # every window from the cache
+    cached_windows: int  # windows whose latents came from the cache
+    windows: int
+
+
+def window_sha256(token_ids) -> str:
+    """The key of one encoder window's latents: its token ids, whatever document holds it."""
+    return hashlib.sha256(b"encoder window:" + torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()
+                          ).hexdigest()
+
+
+@dataclass
 class CompressResult:
     tokens: int
     latents: int
@@ -45,6 +61,9 @@ class CompressResult:
     trained: bool
     chunks: int
     positions_saved: int
+    windows: int = 0  # encoder windows of the document
+    cached_windows: int = 0  # of them, those whose latents came from the latent cache
+    peak_mem_above_weights_bytes: int = 0  # peak during compression above what was held at its start
     precision: dict = field(default_factory=dict)  # DtypeChoice.to_dict(): dtype, why, the probe
 
     def to_dict(self) -> dict:
@@ -130,34 +149,59 @@ class Studio:
         model = self.model(checkpoint, ratio, pooling, progress)
         document = self.tokenize(model, text)
         config = model.config
-        latents, compress_ms, cached = self.latents(model, text_document(model, text, document.ids), use_cache,
-                                                    progress)
+        with PeakMemory(model.device) as memory:
+            found = self.window_latents(model, text_document(model, text, document.ids), use_cache, progress)
+        latents = found.latents
         chunks = self.chunks(model, text)
         result = CompressResult(
             tokens=len(document), latents=int(latents.shape[0]), window=config.encoder_window_size,
-            ratio=config.compression_ratio, pooling=config.pooling, compress_ms=round(compress_ms, 3),
-            checkpoint=model.checkpoint_id, cached=cached, trained=config.trained, chunks=len(chunks),
-            positions_saved=len(document) - int(latents.shape[0]), precision=self.dtype_choice().to_dict(),
+            ratio=config.compression_ratio, pooling=config.pooling, compress_ms=round(found.compress_ms, 3),
+            checkpoint=model.checkpoint_id, cached=found.cached, trained=config.trained, chunks=len(chunks),
+            positions_saved=len(document) - int(latents.shape[0]), windows=found.windows,
+            cached_windows=found.cached_windows, peak_mem_above_weights_bytes=memory.above_baseline,
+            precision=self.dtype_choice().to_dict(),
         )
         return Compressed(model, document, latents, result)
 
     def latents(self, model: LCLM, document: DocumentIds, use_cache: bool = True,
                 progress: ProgressFn | None = None) -> tuple[torch.Tensor, float, bool]:
-        """The whole document's latents, from the latent cache where it holds them:
-        ([M, dec_hidden], compress ms (0 on a cache hit), cached)."""
+        """The whole document's latents: ([M, dec_hidden], compress ms, whether every window came
+        from the latent cache). See `window_latents`."""
+        found = self.window_latents(model, document, use_cache, progress)
+        return found.latents, found.compress_ms, found.cached
+
+    def window_latents(self, model: LCLM, document: DocumentIds, use_cache: bool = True,
+                       progress: ProgressFn | None = None) -> "WindowLatents":
+        """The document's latents, window group by window group (model.window_groups): each
+        window's latents come from the latent cache (keyed by the window's own token ids) or are
+        computed with its group and stored at once, so a second question, a restart or a
+        compression cut short by Ctrl-C or a crash reuses every finished window. One group's
+        activations are in memory at a time."""
         config = model.config
-        key = latent_key(document.key, f"{model.checkpoint_id}@{model.dtype}", config.compression_ratio,
-                         config.pooling)
-        hit = self.cache.get(key) if use_cache else None
-        if hit is not None and hit.latents.shape[0] == model.count_latents(len(document)):
-            return hit.latents.to(model.device, model.dtype), 0.0, True
+        model_id = f"{model.checkpoint_id}@{model.dtype}"
+        groups = model.window_groups(document.encoder_ids)
+        total = sum(len(g) for g in groups)
+        parts: list[torch.Tensor] = []
+        cached_windows, done = 0, 0
         clock = Clock(model.device)
-        windows = progress and (lambda done, total: progress("encoding windows", done, total))
-        latents = guard_memory(model.compress, document.encoder_ids, progress=windows)  # [M, D]
-        compress_ms = clock.ms()
-        if use_cache:
-            self.cache.put(key, latents, {"tokens": len(document), "checkpoint": model.checkpoint_id})
-        return latents, compress_ms, False
+        for group in groups:
+            keys = [latent_key(window_sha256(w), model_id, config.compression_ratio, config.pooling) for w in group]
+            hits = [self.cache.get(k) for k in keys] if use_cache else [None] * len(group)
+            if all(h is not None and h.latents.shape[0] == model.count_latents(len(w)) for h, w in zip(hits, group)):
+                parts += [h.latents.to(model.device, model.dtype) for h in hits]  # [ceil(L_w/N), D] each
+                cached_windows += len(group)
+            else:
+                latents = guard_memory(model.compress_group, group)
+                if use_cache:
+                    for key, window_latents in zip(keys, latents):
+                        self.cache.put(key, window_latents, {"tokens": len(window_latents), "checkpoint": model.checkpoint_id})
+                parts += latents
+            done += len(group)
+            if progress:
+                progress("encoding windows", done, total)
+        latents = torch.cat(parts, dim=0)  # [M, D]
+        compress_ms = 0.0 if cached_windows == total else clock.ms()
+        return WindowLatents(latents, compress_ms, cached_windows == total, cached_windows, total)
 
     def chunks(self, model: LCLM, text: str, chunk_tokens: int | None = None) -> list[Chunk]:
         """The chunks of `text`: at most `chunk_tokens` (default `settings.chunk_tokens`, EXPAND's)

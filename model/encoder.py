@@ -112,16 +112,25 @@ class LatentEncoder(nn.Module):
             use_cache=False,
         ).last_hidden_state  # [B, width, H]
 
+    def window_groups(self, windows: Sequence[Sequence[int]]) -> list[Sequence[Sequence[int]]]:
+        """The windows in the groups one forward encodes: batch_tokens() // W (at least one) each,
+        fixed by position, so that encoding any group alone gives what the whole document gives."""
+        per_batch = max(1, self.batch_tokens() // self.config.encoder_window_size)
+        return [windows[first : first + per_batch] for first in range(0, len(windows), per_batch)]
+
+    def encode_group(self, windows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """One forward over a group of windows: each window's latents [ceil(L_w/N), D]."""
+        return self._encode_batch(windows)
+
     def _encode_windows(self, windows: Sequence[Sequence[int]],
                         progress: WindowProgress | None = None) -> list[torch.Tensor]:
-        """Latents of each window, batch_tokens() // W windows (at least one) per forward;
-        `progress` after each forward. One [ceil(L_w/N), D] tensor per window."""
-        per_batch = max(1, self.batch_tokens() // self.config.encoder_window_size)
+        """Latents of each window, group by group (window_groups); `progress` after each forward.
+        One [ceil(L_w/N), D] tensor per window."""
         pooled: list[torch.Tensor] = []
-        for first in range(0, len(windows), per_batch):
-            pooled.extend(self._encode_batch(windows[first : first + per_batch]))
+        for group in self.window_groups(windows):
+            pooled.extend(self._encode_batch(group))
             if progress is not None:
-                progress(min(first + per_batch, len(windows)), len(windows))
+                progress(len(pooled), len(windows))
         return pooled
 
     def encode_spans(self, spans: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from model.adapter import make_adapter
 from model.config import LCLMConfig
-from model.encoder import LatentEncoder, WindowProgress, count_latents, latent_spans
+from model.encoder import LatentEncoder, WindowProgress, count_latents, latent_spans, split_windows
 from model.prompts import CHATML_TEMPLATE, MEMORY, MEMORY_END, MEMORY_START
 
 
@@ -115,10 +115,30 @@ class LCLM(nn.Module):
 
     @torch.inference_mode()
     def compress(self, token_ids: Sequence[int], progress: WindowProgress | None = None) -> torch.Tensor:
-        """Latents of a whole document: [M, dec_hidden], M = sum over windows of ceil(L/N)."""
+        """Latents of a whole document: [M, dec_hidden], M = sum over windows of ceil(L/N); group
+        by group of windows (`window_groups`), so it equals their `compress_group`s exactly."""
         if len(token_ids) == 0:
             raise ValueError("nothing to compress: the document has no tokens")
-        return self.encode(token_ids, progress=progress)
+        groups = self.window_groups(token_ids)
+        parts, done, total = [], 0, sum(len(g) for g in groups)
+        for group in groups:
+            parts += self.compress_group(group)
+            done += len(group)
+            if progress is not None:
+                progress(done, total)
+        return torch.cat(parts, dim=0)
+
+    def window_groups(self, token_ids: Sequence[int]) -> list[Sequence[Sequence[int]]]:
+        """The document's encoder windows, in the groups one encoder forward reads (fixed by
+        position: a compression resumed from cached windows batches as an uninterrupted one)."""
+        return self.encoder.window_groups(split_windows(token_ids, self.config.encoder_window_size))
+
+    @torch.inference_mode()
+    def compress_group(self, windows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Latents of one group of windows: encoder, pooling and adapter; [ceil(L_w/N), dec_hidden] each."""
+        pooled = self.encoder.encode_group(windows)  # [ceil(L_w/N), latent_dim] each
+        adapted = self.adapter(torch.cat(pooled).to(next(self.adapter.parameters()).dtype)).to(self.dtype)
+        return list(adapted.split([int(p.shape[0]) for p in pooled]))
 
     # ---- decoder side -------------------------------------------------------
     def chat(self, user_text: str, assistant_prefix: str = "") -> str:

@@ -32,7 +32,12 @@ def build(catalog) -> SimpleNamespace:
 
 
 def summary_markdown(result: dict) -> str:
-    cache = "cache **hit** (no encoder run)" if result["cached"] else "cache miss (encoded now)"
+    if result["cached"]:
+        cache = "cache **hit** (no encoder run)"
+    elif result.get("cached_windows"):
+        cache = f"{result['cached_windows']:,} of {result['windows']:,} windows from the cache, the rest encoded now"
+    else:
+        cache = "cache miss (encoded now)"
     text = (
         f"**{result['latents']:,} latents** from {result['tokens']:,} tokens ({result['variant']}, window "
         f"{result['window']:,}): **{result['positions_saved']:,} decoder positions saved**; compress "
