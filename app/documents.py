@@ -3,12 +3,11 @@ only the id) and a document's layout under one model: tokens, encoder windows an
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.ingest import clean_text, read_file
+from app.lru import BoundedLRU
 from cache import document_sha256
 from model.errors import UserError
 
@@ -28,26 +27,15 @@ class DocumentStore:
     def __init__(self, max_documents: int = 64, max_chars: int = 64 * 2**20):
         self.max_documents = max_documents
         self.max_chars = max_chars
-        self._documents: OrderedDict[str, Document] = OrderedDict()
-        self._lock = threading.Lock()
+        self._documents: BoundedLRU[str, Document] = BoundedLRU(max_documents, max_chars, lambda d: len(d.text))
 
     def add(self, text: str, name: str = "pasted text") -> Document:
         document = Document(document_sha256(text), text, name)
-        with self._lock:
-            self._documents[document.sha256] = document
-            self._documents.move_to_end(document.sha256)
-            while len(self._documents) > 1 and (
-                len(self._documents) > self.max_documents
-                or sum(len(d.text) for d in self._documents.values()) > self.max_chars
-            ):
-                self._documents.popitem(last=False)
+        self._documents.put(document.sha256, document)  # the newest is kept even when alone over max_chars
         return document
 
     def get(self, sha256: str | None) -> Document:
-        with self._lock:
-            document = self._documents.get(sha256 or "")
-            if document is not None:
-                self._documents.move_to_end(document.sha256)
+        document = self._documents.get(sha256 or "")
         if document is None:
             raise UserError("no document loaded: paste text or upload a file on the Document tab first")
         return document

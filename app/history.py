@@ -7,10 +7,11 @@ import csv
 import io
 import json
 import statistics
-import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
+
+from app.lru import BoundedLRU
 
 COLUMNS = (
     "time", "method", "ratio", "tokens", "positions", "ttft_ms", "compress_ms", "prefill_ms", "first_token_ms",
@@ -77,21 +78,14 @@ class RunHistory:
 
     def __init__(self, max_sessions: int = 256):
         self.max_sessions = max_sessions
-        self._sessions: OrderedDict[str, SessionRuns] = OrderedDict()
-        self._lock = threading.Lock()
+        self._sessions: BoundedLRU[str, SessionRuns] = BoundedLRU(max_sessions)
 
     def _session(self, session: str) -> SessionRuns:
         """The session's record, created (and the oldest dropped) where it has none."""
-        with self._lock:
-            runs = self._sessions.setdefault(session or "", SessionRuns())
-            self._sessions.move_to_end(session or "")
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-            return runs
+        return self._sessions.setdefault(session or "", SessionRuns)
 
     def _peek(self, session: str) -> SessionRuns:
-        with self._lock:
-            return self._sessions.get(session or "", SessionRuns())
+        return self._sessions.get(session or "", SessionRuns())
 
     def add(self, session: str, row: dict) -> None:
         self._session(session).runs.append(row)
@@ -106,8 +100,7 @@ class RunHistory:
         return list(self._peek(session).sweep)
 
     def forget(self, session: str) -> None:
-        with self._lock:
-            self._sessions.pop(session or "", None)
+        self._sessions.pop(session or "")
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -8,15 +8,15 @@ anywhere drops every entry first (`drop_all`, called by `app.service.release_mem
 
 from __future__ import annotations
 
-import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
 import psutil
 import torch
+
+from app.lru import BoundedLRU
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -69,9 +69,8 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max(0, int(max_bytes))
-        self._entries: OrderedDict[PrefixKey, PrefixEntry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._entries: BoundedLRU[PrefixKey, PrefixEntry] = BoundedLRU(
+            max_size=self.max_bytes, size_of=lambda entry: entry.nbytes, refuse_oversized=True)
         _LIVE.add(self)
 
     @property
@@ -80,39 +79,21 @@ class PrefixCache:
 
     @property
     def bytes(self) -> int:
-        return self._bytes
+        return self._entries.size
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: PrefixKey) -> PrefixEntry | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
+        return self._entries.get(key)
 
     def put(self, key: PrefixKey, entry: PrefixEntry) -> bool:
         """Keep `entry` (dropping the least recently used beyond the budget); False where it alone
         is larger than the budget."""
-        size = entry.nbytes
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            if size > self.max_bytes:
-                return False
-            while self._entries and self._bytes + size > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.nbytes
-            self._entries[key] = entry
-            self._bytes += size
-            return True
+        return self._entries.put(key, entry)
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+        self._entries.clear()
 
 
 def drop_all() -> None:

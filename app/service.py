@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from app.kv_cache import PrefixCache
+from app.lru import BoundedLRU
 from app.measure import Clock, PeakMemory
 from app.memory import guard_memory, guard_stream
 from app.methods import UNTRAINED_NOTE, AskEvent, DocumentIds, Request, method, text_document
@@ -99,7 +99,7 @@ class Studio:
         self.models = ModelPool(self.settings, checkpoint)
         self._lock = threading.RLock()
         self._cache: LatentCache | None = None
-        self._chunks: OrderedDict[tuple, list[Chunk]] = OrderedDict()  # a few recent documents' chunks
+        self._chunks: BoundedLRU[tuple, list[Chunk]] = BoundedLRU(8)  # a few recent documents' chunks
         self.prefix_cache = PrefixCache(self.settings.kv_cache_mb * 2**20)
 
     # ---- shared resources --------------------------------------------------------
@@ -208,16 +208,7 @@ class Studio:
         decoder tokens each."""
         chunk_tokens = chunk_tokens or self.settings.chunk_tokens
         key = (document_sha256(text), model.checkpoint_id, chunk_tokens)
-        with self._lock:
-            if key in self._chunks:
-                self._chunks.move_to_end(key)
-                return self._chunks[key]
-        chunks = chunk_text(text, model.decoder_tokenizer, chunk_tokens)
-        with self._lock:
-            self._chunks[key] = chunks
-            while len(self._chunks) > 8:
-                self._chunks.popitem(last=False)
-        return chunks
+        return self._chunks.setdefault(key, lambda: chunk_text(text, model.decoder_tokenizer, chunk_tokens))
 
     def chunk_latents(self, model: LCLM, chunks: Sequence[Chunk], use_cache: bool = True,
                       progress: ProgressFn | None = None) -> tuple[list[torch.Tensor], float, bool]:

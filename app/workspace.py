@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from app.catalog import Catalog, Variant
 from app.documents import Document, DocumentStore, Layout, layout
 from app.history import RunHistory, run_row, to_csv, to_json
 from app.latent_analysis import latent_set, latent_statistics, project_sets, source_token_set, token_diff
+from app.lru import BoundedLRU
 from app.serving import UPLOAD_DIR_ENV, discard_upload
 from app.methods import UNTRAINED_NOTE
 from app.models import ProgressFn, validate_choice
@@ -101,10 +101,9 @@ class Workspace:
         self.catalog = catalog
         self.documents = DocumentStore()
         self.history = RunHistory()
-        self._reconstructions: OrderedDict[tuple, dict] = OrderedDict()
+        self._reconstructions: BoundedLRU[tuple, dict] = BoundedLRU(32)
         # inside the studio's private upload directory (removed with it), else a temporary directory
         self._export_dir = Path(tempfile.mkdtemp(prefix="lclm-studio-exports-", dir=os.environ.get(UPLOAD_DIR_ENV)))
-        self._lock = threading.Lock()
 
     # ---- models ----------------------------------------------------------------------
     def variant(self, family: str | None, ratio: int | str | None, pooling: str | None) -> Variant:
@@ -195,8 +194,7 @@ class Workspace:
             raise UserError(f"the chunk length must be at least 1 token, got {chunk_tokens}")
         chunk_tokens = chunk_tokens or self.studio.reconstruction_chunk_tokens(model)
         key = (document.sha256, model.checkpoint_id, chunk_tokens)
-        with self._lock:
-            cached = self._reconstructions.get(key)
+        cached = self._reconstructions.get(key)
         self.studio.tokenize(model, document.text)  # the document's limits first
         total = len(self.studio.chunks(model, document.text, chunk_tokens))
         wanted = min(total, max_chunks or total)
@@ -205,10 +203,7 @@ class Workspace:
         result = self.studio.reconstruct(document.text, variant.ratio, variant.pooling, variant.spec, max_chunks=wanted,
                                          progress=progress, chunk_tokens=chunk_tokens)
         result["variant"], result["total_chunks"] = variant.label, total
-        with self._lock:
-            self._reconstructions[key] = result
-            while len(self._reconstructions) > 32:
-                self._reconstructions.popitem(last=False)
+        self._reconstructions.put(key, result)
         return result
 
     def chunk_diff(self, reconstruction: dict, variant: Variant, chunk: int) -> tuple[str, list[tuple[str, str]]]:
