@@ -6,6 +6,7 @@ writes them to docs/screenshots/ (the committed ones, shown in the README and do
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,18 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 TIMEOUT_MS = 60_000
 SCREENSHOTS = os.environ.get("LCLM_SCREENSHOTS") == "1"
+# The committed screenshots show a real document nobody here wrote: Debian's "Users and Groups"
+# (base-passwd), where the machine has it; the test's own document otherwise.
+REAL_DOCUMENT = Path("/usr/share/doc/base-passwd/users-and-groups.html")
+REAL_QUESTION = "What is the shell of user sync?"  # /bin/sync
+
+
+def document_and_question() -> tuple[str, str]:
+    if SCREENSHOTS and REAL_DOCUMENT.is_file():
+        from app.ingest import read_file
+
+        return read_file(str(REAL_DOCUMENT)), REAL_QUESTION
+    return DOCUMENT, "What is the vault code?"
 
 
 @pytest.fixture
@@ -49,7 +62,8 @@ def test_paste_compress_map_reconstruct_ask_and_sweep(page: Page, url, shots):
     page.goto(url)
 
     # Document: paste and load; the document appears as a strip of chunks
-    page.locator("#document-text textarea").fill(DOCUMENT)
+    document, question = document_and_question()
+    page.locator("#document-text textarea").fill(document)
     page.locator("#load-document").click()
     expect(page.locator("#document-summary")).to_contain_text("tokens in")
     expect(page.locator("#document-strip .lclm-cell").first).to_be_visible()
@@ -90,7 +104,7 @@ def test_paste_compress_map_reconstruct_ask_and_sweep(page: Page, url, shots):
 
     # Ask: an answer streams, with a TTFT number; EXPAND's transcript and the full-context answer beside it
     open_tab(page, "Ask")
-    page.locator("#question textarea").fill("What is the vault code?")
+    page.locator("#question textarea").fill(question)
     page.locator("#expand").get_by_role("checkbox").check()
     page.locator("#compare-full").get_by_role("checkbox").check()
     page.locator("#max-new-tokens input").fill("12")
