@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser test test-fast test-embedded run corpus smoke gpu-bundle clean
+.PHONY: install browser lint test test-fast test-embedded run corpus smoke gpu-bundle clean
 
 install: $(STAMP) browser
 
@@ -27,10 +27,13 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed (apt-get install chromium as root): the browser test will be skipped"; fi; }
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install lint
 	$(PY) -m pytest -q -m "not embedded and not server and not slow and not cuda"
 
 test-embedded: install

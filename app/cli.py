@@ -182,7 +182,8 @@ def _mib(n: int) -> str:
 
 def compress_text(r: dict) -> str:
     lines = [
-        f"{r['tokens']:,} tokens -> {r['latents']:,} latents (1:{r['ratio']}, {r['pooling']} pooling, window {r['window']})",
+        f"{r['tokens']:,} tokens -> {r['latents']:,} latents (1:{r['ratio']}, {r['pooling']} pooling, "
+        f"window {r['window']})",
         f"compress: {r['compress_ms']:.1f} ms{cached_text(r)}; peak memory above the start "
         f"{_mib(r['peak_mem_above_weights_bytes'])}; {r['positions_saved']:,} decoder positions saved; "
         f"{r['chunks']} chunks",

@@ -39,7 +39,8 @@ def run_row(result: dict, method: str) -> dict:
         "peak_mem_mib": round(result.get("peak_mem_bytes", 0) / mib, 1),
         "peak_mem_above_weights_mib": round(result.get("peak_mem_above_weights_bytes", 0) / mib, 1),
         "kv_cache_mib": round(result.get("kv_cache_bytes", 0) / mib, 3),
-        "cached": result.get("cached"), "dtype": result.get("dtype"), "question": result.get("question", ""), "answer": result.get("answer", ""),
+        "cached": result.get("cached"), "dtype": result.get("dtype"), "question": result.get("question", ""),
+        "answer": result.get("answer", ""),
     }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 import psutil

@@ -25,7 +25,8 @@ import torch
 
 
 def kv_cache_bytes(decoder_config, positions: int, dtype: torch.dtype) -> int:
-    config = decoder_config.get_text_config(decoder=True) if hasattr(decoder_config, "get_text_config") else decoder_config
+    config = (decoder_config.get_text_config(decoder=True) if hasattr(decoder_config, "get_text_config")
+              else decoder_config)
     layers = config.num_hidden_layers
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -25,15 +25,23 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.kv_cache import PrefixEntry, PrefixKey
-from app.measure import Meter, Measurement
+from app.measure import Measurement, Meter
 from app.models import LoadedVariant, ProgressFn
 from app.settings import RATIOS
 from cache import document_sha256
 from model.agent import ExpandAgent, Round
-from model.errors import UserError
-from model.generation import (PrefillState, RepetitionGuard, Sampling, StreamingDetokenizer, decode, fork_cache,
-                              prefill, stop_token_ids)
 from model.encoder import count_latents
+from model.errors import UserError
+from model.generation import (
+    PrefillState,
+    RepetitionGuard,
+    Sampling,
+    StreamingDetokenizer,
+    decode,
+    fork_cache,
+    prefill,
+    stop_token_ids,
+)
 from model.lclm import LCLM
 from model.presses import PRESSES, PressSpec, kept_positions, make_press, new_cache, stored_kv_bytes
 from model.prompts import PromptProfile

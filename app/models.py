@@ -26,8 +26,7 @@ from app.settings import POOLINGS, RATIOS, Settings
 from model.checkpoint import CheckpointParts, quiet_transformers
 from model.errors import UserError
 from model.lclm import LCLM
-from model.loading import (assemble_lclm, base_of_lora, build_lclm, default_device, load_inference_component,
-                           resolve)
+from model.loading import assemble_lclm, base_of_lora, build_lclm, default_device, load_inference_component, resolve
 from model.precision import DtypeChoice, choose_dtype
 from model.prompts import PROMPT_PROFILES, PromptProfile, default_prompt_profile
 

@@ -139,7 +139,8 @@ class Studio:
         limit = self.settings.max_document_tokens
         if len(document) > limit:
             raise UserError(
-                f"the document has {len(document):,} tokens; the limit is {limit:,} (set LCLM_STUDIO_MAX_TOKENS to change it)"
+                f"the document has {len(document):,} tokens; the limit is {limit:,} "
+                "(set LCLM_STUDIO_MAX_TOKENS to change it)"
             )
         return document
 
@@ -194,7 +195,8 @@ class Studio:
                 latents = guard_memory(model.compress_group, group)
                 if use_cache:
                     for key, window_latents in zip(keys, latents):
-                        self.cache.put(key, window_latents, {"tokens": len(window_latents), "checkpoint": model.checkpoint_id})
+                        self.cache.put(key, window_latents, {"tokens": len(window_latents),
+                                                             "checkpoint": model.checkpoint_id})
                 parts += latents
             done += len(group)
             if progress:

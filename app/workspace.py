@@ -17,16 +17,15 @@ from pathlib import Path
 import torch
 
 from app import figures
-from app.methods import METHODS
 from app.catalog import Catalog, Variant
 from app.documents import Document, DocumentStore, Layout, layout
 from app.history import RunHistory, run_row, to_csv, to_json
 from app.latent_analysis import latent_set, latent_statistics, project_sets, source_token_set, token_diff
 from app.lru import BoundedLRU
-from app.serving import UPLOAD_DIR_ENV, discard_upload
-from app.methods import UNTRAINED_NOTE
+from app.methods import METHODS, UNTRAINED_NOTE
 from app.models import ProgressFn, validate_choice
 from app.service import Studio
+from app.serving import UPLOAD_DIR_ENV, discard_upload
 from model.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -236,7 +235,8 @@ class Workspace:
         mode = "expand" if expand else "lclm"
         suffix = " + EXPAND" if expand else ""
         main = MethodRun(f"LCLM {variant.label}{suffix}", mode, variant=variant)
-        siblings = [self.catalog.sibling(variant, int(r)) for r in sorted({int(r) for r in other_ratios} - {variant.ratio})]
+        siblings = [self.catalog.sibling(variant, int(r))
+                    for r in sorted({int(r) for r in other_ratios} - {variant.ratio})]
         others = [MethodRun(f"LCLM {v.label}{suffix}", mode, variant=v) for v in siblings if v is not None]
         state = AskState([main, *others] + [MethodRun(METHODS[name].label, name, variant=variant)
                                             for name in baselines])

@@ -118,7 +118,7 @@ def compact_block(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tenso
     attention = mass / total  # [B, H, n, T]
     indices = attention.mean(-2).topk(size, dim=-1).indices.sort(-1).values  # [B, H, t]
     gather = indices[..., None].expand(B, H, size, d)  # [B, H, t, d]
-    kept_keys, kept_values = k.gather(2, gather), v.gather(2, gather)  # [B, H, t, d]
+    kept_values = v.gather(2, gather)  # [B, H, t, d]
     if not refit:
         return Compacted(keys.gather(2, gather), values.gather(2, gather),
                          torch.ones(B, H, size, dtype=keys.dtype, device=keys.device), indices)

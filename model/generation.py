@@ -73,7 +73,8 @@ def _pick(logits: torch.Tensor, seen: list[int], sampling: Sampling, generator: 
         idx = torch.tensor(sorted(set(seen)), device=logits.device)
         picked = logits[idx]
         logits = logits.clone()
-        logits[idx] = torch.where(picked > 0, picked / sampling.repetition_penalty, picked * sampling.repetition_penalty)
+        logits[idx] = torch.where(picked > 0, picked / sampling.repetition_penalty,
+                                  picked * sampling.repetition_penalty)
     if sampling.temperature == 0:
         return int(logits.argmax())
     logits = logits / sampling.temperature

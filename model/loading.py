@@ -18,8 +18,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model import embedded
-from model.checkpoint import (ADAPTER_FILE, CheckpointParts, add_memory_tokens, check_safetensors,
-                              parts_from_directory, quiet_transformers, refuse_pickles)
+from model.checkpoint import (
+    ADAPTER_FILE,
+    CheckpointParts,
+    add_memory_tokens,
+    check_safetensors,
+    parts_from_directory,
+    quiet_transformers,
+    refuse_pickles,
+)
 from model.config import LCLMConfig
 from model.errors import CheckpointError
 from model.lclm import LCLM
@@ -79,7 +86,8 @@ def resolve(spec: str | None, ratio: int | None = None, pooling: str | None = No
 def check_variant(config: LCLMConfig, spec: str, ratio: int | None, pooling: str | None) -> None:
     if ratio is not None and ratio != config.compression_ratio:
         raise CheckpointError(
-            f"checkpoint {spec} compresses at 1:{config.compression_ratio}, not 1:{ratio}; choose --ratio {config.compression_ratio}"
+            f"checkpoint {spec} compresses at 1:{config.compression_ratio}, not 1:{ratio}; "
+            f"choose --ratio {config.compression_ratio}"
         )
     if pooling is not None and pooling != config.pooling:
         raise CheckpointError(f"checkpoint {spec} uses {config.pooling} pooling, not {pooling}")

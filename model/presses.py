@@ -88,7 +88,8 @@ def make_press(name: str, compression_ratio: int, residual_length: int | None = 
         raise ValueError(f"press must be one of {', '.join(PRESSES)}, got {name!r}")
     spec = PRESSES[name]
     if spec.uses_ratio and (not isinstance(compression_ratio, int) or compression_ratio < 1):
-        raise ValueError(f"the compression ratio N (1:N) must be a whole number of at least 1, got {compression_ratio!r}")
+        raise ValueError(f"the compression ratio N (1:N) must be a whole number of at least 1, "
+                         f"got {compression_ratio!r}")
     return spec.build(compression_ratio, residual_length)
 
 

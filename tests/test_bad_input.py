@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+import app.ingest
 from app.catalog import CHECKPOINT_FAMILY, Catalog, Variant
 from app.cli import main
 from app.documents import DocumentStore
-import app.ingest
 from app.ingest import MAX_FILE_BYTES
 from app.service import Studio
 from app.settings import Settings
@@ -83,7 +83,8 @@ def unix_socket(tmp_path):
 
 
 @pytest.mark.parametrize("make, kind", [
-    (lambda tmp_path, sock: os.symlink("/dev/zero", tmp_path / "zeros.txt") or tmp_path / "zeros.txt", "character device"),
+    (lambda tmp_path, sock: os.symlink("/dev/zero", tmp_path / "zeros.txt") or tmp_path / "zeros.txt",
+     "character device"),
     (lambda tmp_path, sock: Path("/dev/null"), "character device"),
     (lambda tmp_path, sock: sock, "socket"),
 ], ids=["link-to-dev-zero", "dev-null", "socket"])

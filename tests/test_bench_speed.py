@@ -13,9 +13,9 @@ from transformers import Qwen3Config
 from bench.speed.__main__ import main
 from bench.speed.analytic import Shape, cached_ttft_gain_limit, ttft_gain_limit
 from bench.speed.methods import METHODS
-from model.presses import PRESSES
 from bench.speed.rigs import QWEN3_4B_INSTRUCT_2507, QWEN3_EMBEDDING_0_6B
 from bench.speed.sweep import MEASURED_FIELDS, Plan
+from model.presses import PRESSES
 
 PAPER_ENCODER = Shape.from_config(Qwen3Config(**QWEN3_EMBEDDING_0_6B))
 PAPER_DECODER = Shape.from_config(Qwen3Config(**QWEN3_4B_INSTRUCT_2507))
@@ -93,7 +93,8 @@ def test_checkpoint_rig_end_to_end(tiny_checkpoint_factory, tmp_path, one_thread
                 check_record_fields(r, runs=2)
                 assert r["latents"] == latents
                 assert r["median"]["positions"] == latents + 2 + prompt
-                assert r["vs_full"]["ttft_ms"] == pytest.approx(r["median"]["ttft_ms"] / full["median"]["ttft_ms"], rel=1e-2)
+                assert r["vs_full"]["ttft_ms"] == pytest.approx(r["median"]["ttft_ms"] / full["median"]["ttft_ms"],
+                                                                rel=1e-2)
                 assert r["ttft_gain"] > 0 and r["analytic_ttft_gain"] > 1 and "share_of_analytic" in r
             assert records[("lclm_cached", ratio, tokens)]["median"]["compress_ms"] == 0
             assert records[("lclm", ratio, tokens)]["compress_tokens_per_s"] > 0
@@ -112,7 +113,8 @@ def test_random_pair_rig_end_to_end(tmp_path, one_thread):
     records = {(r["method"], r["ratio"]): r for r in data["records"]}
     assert set(records) == {("full", None), ("full_followup", None), ("question_only", None), ("quantized_4bit", None),
                             ("quantized_2bit", None)} | {
-        (m, n) for m in ("lclm", "lclm_cached", "lclm_followup", "snapkv", "kvzip", "attention_matching") for n in (8, 16)}
+        (m, n) for m in ("lclm", "lclm_cached", "lclm_followup", "snapkv", "kvzip", "attention_matching")
+        for n in (8, 16)}
     for r in records.values():
         check_record_fields(r, runs=1)
     full_positions = records[("full", None)]["median"]["positions"]

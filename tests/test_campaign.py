@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.training.campaign import (RECIPES, CampaignData, Phase, Recipe, freeze_to, set_decoder_lora, step_loss,
-                                     trainable_groups, validate)
+from model.training.campaign import (
+    RECIPES,
+    CampaignData,
+    Phase,
+    Recipe,
+    freeze_to,
+    set_decoder_lora,
+    step_loss,
+    trainable_groups,
+    validate,
+)
 from model.training.examples import ExampleBuilder
 from model.training.modeling import build_trainable
 from model.training.smoke import smoke_run
@@ -23,7 +32,8 @@ MiB = 2**20
 
 def campaign_command(state: Path, out: Path, minutes: float) -> list[str]:
     return [sys.executable, "-m", "model.training.campaign", "--smoke", "--recipe", "curriculum", "--minutes",
-            str(minutes), "--eval-minutes", "0.2", "--threads", "1", "--quiet", "--state", str(state), "--out", str(out)]
+            str(minutes), "--eval-minutes", "0.2", "--threads", "1", "--quiet", "--state", str(state),
+            "--out", str(out)]
 
 
 @pytest.mark.slow
@@ -37,7 +47,8 @@ def test_campaign_box_resumes_and_its_final_loads_in_the_cli(tmp_path):
         metrics = json.loads((out / "metrics.json").read_text())
         tokens.append(sum(metrics["tokens"].values()))
     assert 0 < tokens[0] < tokens[1]
-    assert metrics["calls"] == 2 and metrics["evals"][0]["step"] == 0 and metrics["evals"][-1]["free_running"] is not None
+    assert (metrics["calls"] == 2 and metrics["evals"][0]["step"] == 0
+            and metrics["evals"][-1]["free_running"] is not None)
     saved = json.loads((state / "state.json").read_text())
     assert saved["step"] == metrics["step"] and saved["recipe"]["name"] == "curriculum"
     files = [p for p in [*state.rglob("*"), *out.rglob("*")] if p.is_file()]
@@ -168,9 +179,11 @@ def test_publish_ships_only_what_beats_its_start_and_the_shipped_variant(tmp_pat
     assert not publish(out, state(0.45, 0.02), run, target) and not target.exists()
     assert publish(out, state(0.45, 0.10), run, target)
     card = json.loads((target / "model_card.json").read_text())
-    assert card["trained"] is True and card["cpu_hours"] == 2.0 and card["tokens_per_objective"] == {"reconstruction": 1000}
+    assert (card["trained"] is True and card["cpu_hours"] == 2.0
+            and card["tokens_per_objective"] == {"reconstruction": 1000})
     assert card["lr_scales"] == [1.0, 0.3]
-    assert card["validation"]["untrained"]["teacher_forced"] == 0.4 and (target / "adapter" / "adapter.safetensors").is_file()
+    assert (card["validation"]["untrained"]["teacher_forced"] == 0.4
+            and (target / "adapter" / "adapter.safetensors").is_file())
     assert not publish(out, state(0.44, 0.20), run, target)  # not better than the shipped 0.45
     assert json.loads((target / "model_card.json").read_text())["validation"]["trained"]["teacher_forced"] == 0.45
     assert publish(out, state(0.5, 0.2), run, target)

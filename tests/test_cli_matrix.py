@@ -79,6 +79,7 @@ def test_expand_rounds_print_only_the_fields_they_have():
     from app.cli import round_text
 
     assert round_text({"number": 1, "action": "expand", "expanded": [2, 5], "ignored": ["9: no such chunk (1-6)"],
-                       "raw_output": "EXPAND: 2, 5, 9"}) == "round 1: expand chunks 2, 5 (ignored 9: no such chunk (1-6))"
+                       "raw_output": "EXPAND: 2, 5, 9"}) == ("round 1: expand chunks 2, 5 "
+                                                             "(ignored 9: no such chunk (1-6))")
     assert round_text({"number": 2, "action": "answer", "expanded": [], "ignored": []}) == "round 2: answer"
     assert round_text({"action": "answer", "chunk_titles": ["x"]}) == "round: answer"  # unknown keys are left out

@@ -13,8 +13,17 @@ import pytest
 import torch
 
 from bench import gpu_bundle
-from model.training.campaign import (RECIPES, CampaignData, Phase, Recipe, pack, probe, return_problems,
-                                     trainable_groups, unpack)
+from model.training.campaign import (
+    RECIPES,
+    CampaignData,
+    Phase,
+    Recipe,
+    pack,
+    probe,
+    return_problems,
+    trainable_groups,
+    unpack,
+)
 from model.training.examples import ExampleBuilder
 from model.training.modeling import build_trainable
 from model.training.smoke import smoke_run
@@ -132,7 +141,8 @@ def test_packs_are_cut_under_the_file_limit_and_join_again(tmp_path):
     assert [p.name for p in parts] == ["v.tar.0", "v.tar.1"] and all(p.stat().st_size <= 15 * MiB for p in parts)
     assert not return_problems(tmp_path / "OUT")
     assert unpack("v", tmp_path / "OUT", tmp_path / "s2", tmp_path / "o2")
-    assert (tmp_path / "o2" / "final" / "big.safetensors").read_bytes() == (out / "final" / "big.safetensors").read_bytes()
+    assert ((tmp_path / "o2" / "final" / "big.safetensors").read_bytes()
+            == (out / "final" / "big.safetensors").read_bytes())
     for index in range(8):
         (tmp_path / "OUT" / f"w.tar.{index}").write_bytes(b"x")
     assert return_problems(tmp_path / "OUT") == ["10 files (at most 8)"]

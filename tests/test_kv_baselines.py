@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from model.attention_matching import (AttentionMatchingPress, attention_matching_forward, block_output,
-                                      compact_block, compact_size)
+from model.attention_matching import (
+    AttentionMatchingPress,
+    attention_matching_forward,
+    block_output,
+    compact_block,
+    compact_size,
+)
 from model.presses import PRESSES, kept_positions, make_press, new_cache, stored_kv_bytes
 from tests.tiny_models import build_tiny_lclm
 

@@ -54,7 +54,8 @@ def test_an_interrupted_compression_resumes_from_its_finished_windows(make_studi
         studio.compress(DOC)
     monkeypatch.setattr(model, "compress_group", real)
     resumed = studio.compress(DOC)
-    assert resumed.result.cached_windows == sum(calls[:2]) and 0 < resumed.result.cached_windows < resumed.result.windows
+    assert (resumed.result.cached_windows == sum(calls[:2])
+            and 0 < resumed.result.cached_windows < resumed.result.windows)
     assert not resumed.result.cached and torch.equal(resumed.latents, reference.latents)
     again = studio.compress(DOC).result
     assert again.cached and again.cached_windows == again.windows and again.compress_ms == 0.0

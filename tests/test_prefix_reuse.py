@@ -11,10 +11,9 @@ from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey, cache_bytes
 from app.memory import release_memory
 from app.service import Studio
 from app.settings import Settings
-from model.prompts import QUESTION_MARK
 from model.errors import OutOfMemory
 from model.generation import fork_cache, prefill
-from model.prompts import PROMPT_PROFILES
+from model.prompts import PROMPT_PROFILES, QUESTION_MARK
 
 DOC = ("The quick brown fox jumps over the lazy dog. The vault code is 5521. " * 8).strip()
 OTHER_DOC = ("A slow green turtle naps under the old tree. The door number is 802. " * 8).strip()

@@ -64,7 +64,8 @@ def named_numbers(text: str) -> list[str]:
     """The digit runs an EXPAND reply names: those right after the last directive, if it is EXPAND."""
     text = text.strip()
     directives = [d for d in re.finditer(r"(EXPAND|ANSWER)\s*:", text, re.IGNORECASE)
-                  if (text[d.end():].strip() if d.group(1).upper() == "ANSWER" else re.match(r"[0-9,\s]", text[d.end():]))]
+                  if (text[d.end():].strip() if d.group(1).upper() == "ANSWER"
+                      else re.match(r"[0-9,\s]", text[d.end():]))]
     if not directives or directives[-1].group(1).upper() != "EXPAND":
         return []
     listed = re.match(r"[0-9,\s]*", text[directives[-1].end():]).group(0)

@@ -12,8 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.chunking import chunk_text
-from model.training.campaign import (CampaignData, Phase, Recipe, improves, mixed_loss, set_decoder_lora, step_loss,
-                                     trainable_groups)
+from model.training.campaign import (
+    CampaignData,
+    Phase,
+    Recipe,
+    improves,
+    mixed_loss,
+    set_decoder_lora,
+    step_loss,
+    trainable_groups,
+)
 from model.training.data.questions import KINDS, LENGTHS, Question, digits_in_place, draw, make_question, right
 from model.training.data.shards import load_corpus
 from model.training.data.synthetic import TASKS, Haystack, eval_seed, make_task
@@ -243,7 +251,8 @@ def test_an_expand_episode_expands_the_chunk_holding_the_answer_numbered_from_1(
     chunks = chunk_text(context, lclm.decoder_tokenizer, 24)
     holding = next(c.number for c in chunks if c.start_char <= offset < c.end_char)
     assert holding > 1 and len(rounds) == 2 and {s.objective for s in rounds} == {"expand"}
-    first = lclm.decoder_tokenizer.decode([t for t, l in zip(rounds[0].input_ids, rounds[0].labels) if l != IGNORE])
+    first = lclm.decoder_tokenizer.decode([t for t, label in zip(rounds[0].input_ids, rounds[0].labels)
+                                           if label != IGNORE])
     assert first.startswith(f"EXPAND: {holding}")
     shown = lclm.decoder_tokenizer.decode(rounds[1].input_ids)
     assert chunks[holding - 1].text.strip() in shown and ("### Chunk" in shown) == (profile == "studio")

@@ -146,7 +146,8 @@ def test_a_family_file_expands_into_its_variants(tmp_path):
              "a-b-cs4-concat-w64-bidirectional-mlp", "a-b-cs4-concat-w64-causal-mlp"]
     assert run_names(tmp_path) == names
     run = RunConfig.load(tmp_path / "a-b-cs4-concat-w64-bidirectional-mlp.yaml")
-    assert (run.name, run.publish_to) == ("a-b-cs4-concat-w64-bidirectional-mlp", "out/cs4-concat-w64-bidirectional-mlp")
+    assert (run.name, run.publish_to) == ("a-b-cs4-concat-w64-bidirectional-mlp",
+                                          "out/cs4-concat-w64-bidirectional-mlp")
     with pytest.raises(ValueError, match="describes several runs; load one of them by name: a-b-cs2-concat"):
         RunConfig.load(tmp_path / "a-b.yaml")
     with pytest.raises(FileNotFoundError, match="no run config"):

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from app.catalog import CHECKPOINT_FAMILY, Catalog, Variant
+from app.service import Studio
 from app.serving import (
     AUTH_ENV,
     auth_from,
@@ -22,7 +23,6 @@ from app.serving import (
     private_upload_dir,
     remove_stale_upload_dirs,
 )
-from app.service import Studio
 from app.settings import Settings
 from app.workspace import Workspace
 from cache import LatentCache

@@ -7,8 +7,8 @@ import app.methods
 from app.measure import kv_cache_bytes
 from app.service import Studio
 from app.settings import Settings
-from model.errors import UserError
 from model.agent import ACTIONS
+from model.errors import UserError
 from model.fidelity import token_accuracy
 from model.prompts import PROMPT_PROFILES, memory_region
 

@@ -19,8 +19,14 @@ from model.chunking import chunk_text
 from model.config import LCLMConfig
 from model.loading import load_lclm
 from model.prompts import MEMORY, MEMORY_END, MEMORY_START, memory_region, reconstruction_prompt
-from model.training.config import (InterleavedSettings, LoraSettings, ReconstructionSettings, RunConfig, StageConfig,
-                                   TaskSettings)
+from model.training.config import (
+    InterleavedSettings,
+    LoraSettings,
+    ReconstructionSettings,
+    RunConfig,
+    StageConfig,
+    TaskSettings,
+)
 from model.training.data.prepare import prepare
 from model.training.data.shards import pack
 from model.training.examples import IGNORE, OBJECTIVES, ExampleBuilder, collate
@@ -56,7 +62,8 @@ def test_interleaved_masks_exactly_the_memory_regions_and_their_tags(lclm, build
     assert not builder.shared_vocab
     first = builder.to_encoder(raw[5:25])
     second = builder.to_encoder(raw[32:38])
-    assert first == lclm.encoder_tokenizer(lclm.decoder_tokenizer.decode(raw[5:25]), add_special_tokens=False)["input_ids"]
+    assert first == lclm.encoder_tokenizer(lclm.decoder_tokenizer.decode(raw[5:25]),
+                                           add_special_tokens=False)["input_ids"]
     k1, k2 = lclm.count_latents(len(first)), lclm.count_latents(len(second))
     expected_ids = (raw[0:5] + [ms] + [m] * k1 + [me] + raw[25:32] + [ms] + [m] * k2 + [me] + raw[38:40])
     expected_labels = (raw[0:5] + [IGNORE] * (k1 + 2) + raw[25:32] + [IGNORE] * (k2 + 2) + raw[38:40])
@@ -70,7 +77,8 @@ def test_interleaved_masks_exactly_the_memory_regions_and_their_tags(lclm, build
 
 
 def test_reconstruction_example(lclm, builder):
-    raw = lclm.decoder_tokenizer("The vault code is 5521. Alpha beta gamma delta.", add_special_tokens=False)["input_ids"]
+    raw = lclm.decoder_tokenizer("The vault code is 5521. Alpha beta gamma delta.",
+                                 add_special_tokens=False)["input_ids"]
     sample = builder.reconstruction(raw)
     k = lclm.count_latents(len(builder.to_encoder(raw)))
     prompt = lclm.decoder_tokenizer(lclm.chat(reconstruction_prompt(memory_region(k))),
@@ -97,8 +105,10 @@ def test_task_and_expand_rounds_match_the_inference_prompts(lclm, builder):
                                     for c in chunks]
         assert sample.regions == [(i, 0, lclm.count_latents(len(d))) for i, d in enumerate(sample.documents)]
     needed = next(c.number for c in chunks if c.start_char <= offset < c.end_char)
-    first = lclm.decoder_tokenizer.decode([t for t, l in zip(rounds[0].input_ids, rounds[0].labels) if l != IGNORE])
-    second = lclm.decoder_tokenizer.decode([t for t, l in zip(rounds[1].input_ids, rounds[1].labels) if l != IGNORE])
+    first = lclm.decoder_tokenizer.decode([t for t, label in zip(rounds[0].input_ids, rounds[0].labels)
+                                           if label != IGNORE])
+    second = lclm.decoder_tokenizer.decode([t for t, label in zip(rounds[1].input_ids, rounds[1].labels)
+                                            if label != IGNORE])
     assert first.startswith(f"EXPAND: {needed}") and second.startswith("ANSWER: 5521")
     assert f"### Chunk {needed}\n" in lclm.decoder_tokenizer.decode(rounds[1].input_ids)
 
@@ -192,7 +202,8 @@ def test_lora_checkpoint_loads_with_the_same_outputs_and_memory_rows(tiny_checkp
         new_rows = trained.decoder.get_input_embeddings()(torch.tensor(memory))
         assert torch.allclose(new_rows, loaded.decoder.get_input_embeddings().weight[memory], atol=1e-6)
     assert loaded.config.trained is True
-    log = [json.loads(line) for line in (tmp_path / "run" / "stage0-adapter-warmup" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line)
+           for line in (tmp_path / "run" / "stage0-adapter-warmup" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and log[-1]["tokens_per_s"] > 0
 
 
@@ -201,7 +212,8 @@ def test_full_weights_checkpoint_loads(tiny_checkpoint, tiny_corpus, tmp_path):
     run = tiny_run(tiny_checkpoint, tiny_corpus, "full", stages=(0,), steps=1)
     assert Trainer(run, tmp_path / "run", quiet=True).train() == "done"
     final = tmp_path / "run" / "final"
-    assert (final / "decoder" / "model.safetensors").is_file() and not (final / "decoder" / "adapter_config.json").exists()
+    assert ((final / "decoder" / "model.safetensors").is_file()
+            and not (final / "decoder" / "adapter_config.json").exists())
     assert load_lclm(str(final), device="cpu").config.trained is True
 
 
@@ -260,7 +272,8 @@ def test_stage_config_validation():
 def test_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     """The CI test: all four stages on a tiny random model and corpus, on CPU."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "model.training", "--smoke", "--quiet", "--out", str(tmp_path / "smoke")],
+    out = subprocess.run([sys.executable, "-m", "model.training", "--smoke", "--quiet", "--out",
+                          str(tmp_path / "smoke")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "smoke" / "smoke.json").read_text())

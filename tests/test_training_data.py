@@ -8,12 +8,26 @@ import numpy as np
 import pytest
 
 from bench.quality.metrics import bleu, rouge_l
-from model.training.data.corpus import (COMMON_LICENSES, Document, FileTreeSource, is_licence_file, split_of,
-                                        strip_licence_text)
+from model.training.data.corpus import (
+    COMMON_LICENSES,
+    Document,
+    FileTreeSource,
+    is_licence_file,
+    split_of,
+    strip_licence_text,
+)
 from model.training.data.prepare import prepare
 from model.training.data.shards import load_corpus, pack
-from model.training.data.synthetic import TASKS, Haystack, TaskExample, eval_seed, expand_transcript, make_task, \
-    score, train_seed
+from model.training.data.synthetic import (
+    TASKS,
+    Haystack,
+    TaskExample,
+    eval_seed,
+    expand_transcript,
+    make_task,
+    score,
+    train_seed,
+)
 from model.training.examples import plan_spans
 from tests.tiny_models import TextSource, corpus_rotations, train_tokenizer
 

@@ -131,7 +131,8 @@ def build_tiny_lclm(family: str = "qwen3", ratio: int = 4, pooling: str = "mean"
 
     config = LCLMConfig(compression_ratio=ratio, encoder_window_size=window, pooling=pooling,
                         encoder_mask_type=mask, adapter_type="mlp")
-    decoder_cls, encoder_cls = {"qwen3": (Qwen3ForCausalLM, Qwen3Model), "llama": (LlamaForCausalLM, LlamaModel)}[family]
+    decoder_cls, encoder_cls = {"qwen3": (Qwen3ForCausalLM, Qwen3Model),
+                                "llama": (LlamaForCausalLM, LlamaModel)}[family]
     encoder_tokenizer = train_tokenizer(ENCODER_VOCAB)
     decoder_tokenizer = train_tokenizer(DECODER_VOCAB)
     with torch.random.fork_rng(devices=[]):

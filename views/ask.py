@@ -82,7 +82,8 @@ def ttft_markdown(readouts: list[dict]) -> str:
         else:
             answer_after = r["answer after ms"]
             first = (f"first directive **{r['TTFT ms']:,.1f} ms**, answer's first token **{answer_after:,.1f} ms**"
-                     if answer_after is not None and answer_after > r["TTFT ms"] else f"TTFT **{r['TTFT ms']:,.1f} ms**")
+                     if answer_after is not None and answer_after > r["TTFT ms"]
+                     else f"TTFT **{r['TTFT ms']:,.1f} ms**")
             lines.append(f"**{r['method']}**: {first} = compress {r['compress ms']:,.1f} + "
                          f"prefill {r['prefill ms']:,.1f} + first token and the rest; {r['tokens/s'] or 0:,.1f} "
                          f"tokens/s; peak {r['peak above start MiB']:,.1f} MiB above the start; KV cache "

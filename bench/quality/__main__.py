@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="small models restate the question first")
     parser.add_argument("--prompt-profile", choices=["paper", "studio"], default="paper",
                         help="prompts of the full, LCLM and EXPAND answers (default: the authors' layout)")
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="decoder tokens per EXPAND chunk (the paper's 256)")
+    parser.add_argument("--chunk-tokens", type=int, default=256,
+                        help="decoder tokens per EXPAND chunk (the paper's 256)")
     parser.add_argument("--expand-new-tokens", type=int, default=256, help="new tokens per EXPAND round")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.service import Studio
     from app.settings import Settings
     from bench.quality import report
-    from bench.quality.suite import methods, run_fidelity, run_ruler, ruler_examples
+    from bench.quality.suite import methods, ruler_examples, run_fidelity, run_ruler
     from model.training.data.shards import load_corpus
     from model.training.data.synthetic import TASKS, Haystack
 

@@ -16,8 +16,17 @@ STARTED = time.perf_counter()
 import torch  # noqa: E402
 
 from bench.speed.methods import DEFAULT_METHODS, METHODS, quiet_kvpress  # noqa: E402
-from bench.speed.report import (dtype_comparison, dtype_table, machine, markdown_table, matmul_peaks,  # noqa: E402
-                                 plots, results, slug, write_json)
+from bench.speed.report import (  # noqa: E402
+    dtype_comparison,
+    dtype_table,
+    machine,
+    markdown_table,
+    matmul_peaks,
+    plots,
+    results,
+    slug,
+    write_json,
+)
 from bench.speed.rigs import PAIRS, checkpoint_rig, random_pair_rig  # noqa: E402
 from bench.speed.sweep import Plan, Sweep  # noqa: E402
 from model.precision import DTYPE_CHOICES, choose_dtype  # noqa: E402

@@ -81,7 +81,8 @@ def prefill_flops(rig: Rig, method: str, median: dict, extra: dict, tokens: int)
 
 
 def slug(machine_info: dict) -> str:
-    name = machine_info["name"] if machine_info["kind"] == "gpu" else f"{machine_info['cpu']} {machine_info['cpu_cores']}c"
+    name = (machine_info["name"] if machine_info["kind"] == "gpu"
+            else f"{machine_info['cpu']} {machine_info['cpu_cores']}c")
     return machine_info["kind"] + "-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -122,7 +123,8 @@ def record(rig: Rig, point: Point, full: Point | None, peak: dict | None = None)
         out["vs_full"] = {f: (round(med[f] / ref[f], 4) if ref[f] else None) for f in MEASURED_FIELDS}
         out["ttft_gain"] = round(ref["ttft_ms"] / med["ttft_ms"], 3)
         if med["peak_mem_above_weights_bytes"]:
-            out["peak_above_weights_gain"] = round(ref["peak_mem_above_weights_bytes"] / med["peak_mem_above_weights_bytes"], 3)
+            out["peak_above_weights_gain"] = round(ref["peak_mem_above_weights_bytes"]
+                                                   / med["peak_mem_above_weights_bytes"], 3)
         if "analytic_ttft_gain" in out:
             out["share_of_analytic"] = round(out["ttft_gain"] / out["analytic_ttft_gain"], 3)
     return out
@@ -134,9 +136,11 @@ def analytic_table(rig: Rig, plan: Plan) -> list[dict]:
         for ratio in plan.ratios:
             rows.append({
                 "tokens": tokens, "ratio": ratio,
-                "ttft_gain_limit": round(ttft_gain_limit(rig.encoder_shape, rig.decoder_shape, tokens, ratio, rig.window), 3),
+                "ttft_gain_limit": round(ttft_gain_limit(rig.encoder_shape, rig.decoder_shape, tokens, ratio,
+                                                         rig.window), 3),
                 "cached_ttft_gain_limit": round(cached_ttft_gain_limit(rig.decoder_shape, tokens, ratio), 3),
-                "encoder_share_of_lclm_flops": round(encoder_share(rig.encoder_shape, rig.decoder_shape, tokens, ratio, rig.window), 3),
+                "encoder_share_of_lclm_flops": round(encoder_share(rig.encoder_shape, rig.decoder_shape, tokens, ratio,
+                                                                   rig.window), 3),
             })
     return rows
 
@@ -147,22 +151,27 @@ def results(rig: Rig, plan: Plan, points: dict, machine_info: dict, wall_s: floa
         "benchmark": "bench.speed",
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine_info, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": {**machine_info,
+                    "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "rig": rig.describe(),
         "plan": dataclasses.asdict(plan),
         "wall_s": round(wall_s, 1),
         "definitions": {
-            "ttft_ms": "request to first generated token = compress_ms + prefill_ms + first_token_ms + other_ms (app/measure.py)",
-            "compress_ms": "LCLM: encoder + adapter (0 with cached latents); presses: context prefill with the press (builds and compresses the KV cache)",
+            "ttft_ms": "request to first generated token = compress_ms + prefill_ms + first_token_ms + other_ms "
+                       "(app/measure.py)",
+            "compress_ms": "LCLM: encoder + adapter (0 with cached latents); presses: context prefill with the press "
+                           "(builds and compresses the KV cache)",
             "prefill_ms": "prompt building + decoder forward (presses: the question over the compressed cache)",
-            "peak_mem_above_weights_bytes": "CUDA: max_memory_allocated above the memory held at the start; CPU: sampled RSS above RSS at the start",
+            "peak_mem_above_weights_bytes": "CUDA: max_memory_allocated above the memory held at the start; "
+                                            "CPU: sampled RSS above RSS at the start",
             "kv_cache_bytes": "2 x layers x kv_heads x head_dim x positions x bytes per element",
             "positions": "decoder positions prefilled (presses: positions kept after compression + question)",
             "vs_full": "each median divided by full context's median at the same length, same run",
             "ttft_gain": "full-context TTFT / this TTFT",
             "analytic_ttft_gain": "prefill-FLOP limit of ttft_gain (bench/speed/analytic.py)",
             "prefill_gflops": "analytic FLOPs of the request's encoder + decoder prefill / its compress + prefill time",
-            "share_of_bf16_peak": "prefill_gflops / machine.matmul_peak.bfloat16_gflops (a large bf16 matmul, same run)",
+            "share_of_bf16_peak": "prefill_gflops / machine.matmul_peak.bfloat16_gflops "
+                                  "(a large bf16 matmul, same run)",
             "prefix_reused_positions": "follow-ups: positions whose KV the prefix cache held (not prefilled)",
         },
         "analytic": analytic_table(rig, plan),
@@ -300,13 +309,15 @@ def markdown_table(data: dict) -> str:
         ratio = f"1:{r['ratio']}" if r["ratio"] else "–"
         limit = fmt(r.get("analytic_ttft_gain"), 2) + ("×" if r.get("analytic_ttft_gain") else "")
         if r["status"] != "ok":
-            lines.append(f"| {r['tokens']:,} | {r['method']} | {ratio} | {r['status'].replace('_', ' ')}: {r['reason']} "
+            lines.append(f"| {r['tokens']:,} | {r['method']} | {ratio} | "
+                         f"{r['status'].replace('_', ' ')}: {r['reason']} "
                          f"| – | {limit} | – | – | – | – | – | – |")
             continue
         med, vs = r["median"], r.get("vs_full", {})
         peak = med["peak_mem_above_weights_bytes"] / MiB
         lines.append(
-            f"| {r['tokens']:,} | {r['method']} | {ratio} | {fmt(med['ttft_ms'])} | {times(r.get('ttft_gain'))} | {limit} "
+            f"| {r['tokens']:,} | {r['method']} | {ratio} | {fmt(med['ttft_ms'])} | "
+            f"{times(r.get('ttft_gain'))} | {limit} "
             f"| {fmt(med['compress_ms'])} | {fmt(med['prefill_ms'])} | {fmt(med['tokens_per_s'], 1)} "
             f"| {fmt(peak)} ({times(vs.get('peak_mem_above_weights_bytes'))}) | {fmt(med['kv_cache_bytes'] / MiB, 1)} "
             f"| {fmt(med['positions'])} |")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 import torch

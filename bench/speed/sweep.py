@@ -205,15 +205,18 @@ class Sweep:
             self.cases.pop(self.case_key(point), None)
             if self.rig.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.say(f"[{self.elapsed():7.1f}s] {point.method} {self.ratio_text(point)} {point.tokens:,}: out of memory")
+            self.say(f"[{self.elapsed():7.1f}s] {point.method} {self.ratio_text(point)} {point.tokens:,}: "
+                     "out of memory")
             return
         except Exception as err:  # a method's own failure (e.g. a press on an odd model) must not end the sweep
             point.status, point.reason = "error", f"{type(err).__name__}: {err}"[:300]
-            self.say(f"[{self.elapsed():7.1f}s] {point.method} {self.ratio_text(point)} {point.tokens:,}: {point.reason}")
+            self.say(f"[{self.elapsed():7.1f}s] {point.method} {self.ratio_text(point)} {point.tokens:,}: "
+                     f"{point.reason}")
             return
         seconds = time.perf_counter() - began
         if warm_up:
-            self.say(f"[{self.elapsed():7.1f}s] warm-up {point.tokens:>9,} tokens  {point.method:<11} {self.ratio_text(point)}")
+            self.say(f"[{self.elapsed():7.1f}s] warm-up {point.tokens:>9,} tokens  {point.method:<11} "
+                     f"{self.ratio_text(point)}")
             return
         if not point.samples:
             point.first_run_s = seconds

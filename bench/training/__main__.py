@@ -62,7 +62,8 @@ def write_report(rows: list[dict], runs: dict[str, dict], variant: str, cpu: str
              "free-running (start -> end) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['precision']} | {r['steps']} | {r['tokens']:,} | {r['cpu_minutes']} | "
-                     f"{r['prior_teacher_forced']:.3f} -> {r['teacher_forced']:.3f} | {r['gain_per_cpu_minute']:+.4f} | "
+                     f"{r['prior_teacher_forced']:.3f} -> {r['teacher_forced']:.3f} | "
+                     f"{r['gain_per_cpu_minute']:+.4f} | "
                      f"{r['free_running_start']:.3f} -> {r['free_running']:.3f} |")
     (RESULTS / "study.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

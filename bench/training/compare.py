@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, entries in table.items():
         xs = [r["cpu_minutes"] for r in entries]
         line, = axes[0].plot(xs, [r["teacher_forced"] for r in entries], marker="o", label=f"{label}, own latents")
-        other = [(r["cpu_minutes"], r["teacher_forced_other"]) for r in entries if r["teacher_forced_other"] is not None]
+        other = [(r["cpu_minutes"], r["teacher_forced_other"]) for r in entries
+                 if r["teacher_forced_other"] is not None]
         if other:
             axes[0].plot(*zip(*other), ls=":", marker=".", color=line.get_color(), label=f"{label}, other spans'")
             axes[1].plot([x for x, _ in other], [r["latent_gap"] for r in entries if r["latent_gap"] is not None],

@@ -33,8 +33,15 @@ from model.training.config import RunConfig, StageConfig
 from model.training.data.corpus import stable_hash
 from model.training.data.shards import Corpus, load_corpus
 from model.training.examples import OBJECTIVES, ExampleBuilder, collate
-from model.training.modeling import (LCLMForTraining, build_trainable, enable_gradient_checkpointing, load_optimizer,
-                                     lora_flags, save_checkpoint, save_optimizer)
+from model.training.modeling import (
+    LCLMForTraining,
+    build_trainable,
+    enable_gradient_checkpointing,
+    load_optimizer,
+    lora_flags,
+    save_checkpoint,
+    save_optimizer,
+)
 from model.training.stages import apply_stage
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -167,7 +174,8 @@ class Trainer:
         return final
 
     # ---- one stage --------------------------------------------------------------------------
-    def train_stage(self, stage: StageConfig, stage_dir: Path, previous: Path | None, stop: StopRequested) -> Path | None:
+    def train_stage(self, stage: StageConfig, stage_dir: Path, previous: Path | None,
+                    stop: StopRequested) -> Path | None:
         """Train one stage; returns its last checkpoint, or None when interrupted (after saving)."""
         acc, run = self.accelerator, self.run
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +249,8 @@ class Trainer:
             log.close()
         losses = self.validate(model, builder, stage, pad_id)
         if acc.is_main_process:
-            (stage_dir / "done.json").write_text(json.dumps({"steps": stage.steps, "validation_loss": losses}, indent=2))
+            (stage_dir / "done.json").write_text(json.dumps({"steps": stage.steps, "validation_loss": losses},
+                                                            indent=2))
             self.say(f"{stage.name}: done; validation loss {losses}")
         acc.wait_for_everyone()
         return checkpoints(stage_dir)[-1][1]

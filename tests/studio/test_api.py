@@ -8,12 +8,11 @@ import sys
 import time
 
 import pytest
-
-from app.latent_analysis import CONTENT_CLASSES
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
+from app.latent_analysis import CONTENT_CLASSES
 from tests.studio.conftest import DOCUMENT, ROOT, wait_until
 
 pytestmark = pytest.mark.server
@@ -153,7 +152,8 @@ def test_ask_with_attention_matching_and_quantized_baselines(loaded, baseline, l
     outputs = ask(loaded, kvpress=baseline, max_new_tokens=3)[-1]
     readout, results = outputs[4], outputs[7]
     rows = {row[0]: dict(zip(readout["headers"], row)) for row in readout["data"]}
-    assert rows[label]["status"].startswith("done") and results[label]["ttft_ms"] > 0 and results[label]["mode"] == baseline
+    assert (rows[label]["status"].startswith("done") and results[label]["ttft_ms"] > 0
+            and results[label]["mode"] == baseline)
     kept, prefilled = results[label]["positions"], results[label]["prefilled_positions"]
     assert kept < prefilled / 2 if baseline == "attention_matching" else kept == prefilled
 

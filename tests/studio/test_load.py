@@ -26,7 +26,8 @@ def test_the_command_line_writes_its_results(studio_server, tmp_path):
     out = tmp_path / "load.json"
     assert main(["--url", studio_server.url, "--pid", str(studio_server.process.pid), "--family", "checkpoint",
                  "--sessions", "2",
-                 "--questions", "1", "--rounds", "2", "--max-new-tokens", "4", "--timeout", "60", "--out", str(out)]) == 0
+                 "--questions", "1", "--rounds", "2", "--max-new-tokens", "4", "--timeout", "60",
+                 "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["requests"] == 4 and result["answers_match_single_user"]  # 2 sessions x 1 question x 2 rounds
     assert {"before", "after", "growth", "growth_after_the_first_round"} <= set(result["server_rss_mib"])

@@ -211,8 +211,10 @@ def test_ask_streams_states_and_records_the_run(workspace):
     studio_profile = list(workspace.ask("session-a", document.sha256, "What is the vault code?",
                                         workspace.catalog.default, expand=True, max_new_tokens=2,
                                         prompt_profile="studio"))[-1]
-    assert studio_profile.rounds[0]["forced"] == "EXPAND:" and studio_profile.methods[0].result["prompt_profile"] == "studio"
-    assert [row["method"] for row in workspace.history.rows("session-a")] == [main.name, "full context", "SnapKV", main.name]
+    assert (studio_profile.rounds[0]["forced"] == "EXPAND:"
+            and studio_profile.methods[0].result["prompt_profile"] == "studio")
+    assert [row["method"] for row in workspace.history.rows("session-a")] == [main.name, "full context", "SnapKV",
+                                                                              main.name]
     assert workspace.history.rows("session-b") == []
     with pytest.raises(UserError, match="the question is empty"):
         next(workspace.ask("s", document.sha256, "  ", workspace.catalog.default))
