@@ -23,8 +23,7 @@ import torch
 from model.agent import DEFAULT_ROUNDS
 from model.chunking import chunk_text
 from model.encoder import count_latents
-from model.prompts import MEMORY, MEMORY_END, MEMORY_START, PROMPT_PROFILES, memory_region, \
-    reconstruction_prompt
+from model.prompts import MEMORY, MEMORY_END, MEMORY_START, PROMPT_PROFILES, memory_region, reconstruction_prompt
 from model.training.data.shards import vocab_hash
 from model.training.data.synthetic import expand_transcript, gather_haystack, make_task
 

@@ -14,8 +14,14 @@ import torch
 
 from model.config import LCLMConfig
 from model.prompts import CHATML_TEMPLATE
-from model.training.config import (InterleavedSettings, LoraSettings, ReconstructionSettings, RunConfig, StageConfig,
-                                   TaskSettings)
+from model.training.config import (
+    InterleavedSettings,
+    LoraSettings,
+    ReconstructionSettings,
+    RunConfig,
+    StageConfig,
+    TaskSettings,
+)
 from model.training.data.corpus import PythonPackagesSource, clean
 
 SMOKE_PACKAGES = ["json", "email"]
