@@ -18,6 +18,7 @@ from app.documents import preview
 
 UMAP_MIN_POINTS = 8  # below this UMAP's neighbour graph is meaningless: use PCA
 MAX_SOURCE_POINTS = 1500  # source-token embeddings are subsampled evenly to this many
+MAX_MAP_LATENTS = 3000  # latents per set drawn on the map (a long document's are subsampled evenly)
 HOVER_CHARS = 120
 
 
@@ -84,6 +85,16 @@ def latent_set(name: str, latents: torch.Tensor, spans: list[tuple[int, int]], d
 def chunk_of(char: int, chunk_starts: list[int]) -> int:
     """The chunk number (from 1) holding character `char`, given each chunk's first character."""
     return max(1, bisect.bisect_right(chunk_starts, char))
+
+
+def subsample(points: PointSet, limit: int = MAX_MAP_LATENTS) -> PointSet:
+    """At most `limit` points of the set, evenly along the document (all of them when fewer)."""
+    n = len(points.texts)
+    if n <= limit:
+        return points
+    keep = np.unique(np.linspace(0, n - 1, num=limit).astype(int))  # [limit]
+    return PointSet(points.name, points.vectors[keep], points.positions[keep], [points.texts[i] for i in keep],
+                    [points.chunks[i] for i in keep] if points.chunks else None)
 
 
 def source_token_set(model, text: str, limit: int = MAX_SOURCE_POINTS) -> PointSet:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from app import figures
+from app import figures, latent_analysis
 from app.catalog import Catalog, Variant
 from app.documents import Document, DocumentStore, Layout, layout
 from app.history import RunHistory, run_row, to_csv, to_json
@@ -169,14 +169,22 @@ class Workspace:
                 notes.append(f"{v.label} left out: its decoder width differs")
                 continue
             sets.append(points)
-        stats = [(points, latent_statistics(torch.from_numpy(points.vectors))) for points in sets]
+        stats = [(points, latent_statistics(torch.from_numpy(points.vectors))) for points in sets]  # every latent
+        drawn = [latent_analysis.subsample(points) for points in sets]  # a long document's, evenly subsampled
+        for points, shown in zip(sets, drawn):
+            if len(shown.texts) < len(points.texts):
+                notes.append(f"{points.name}: {len(shown.texts):,} of {len(points.texts):,} drawn, evenly along "
+                             "the document (the curves below use them all)")
+        sets = drawn
         if show_source_tokens:
             sets.append(source_token_set(self.model(variant), text))
         if progress:
             progress("projecting (UMAP)", len(variants), len(variants))
         projection = project_sets(sets)
         counts = {points.name: len(points.vectors) for points in sets}
-        title = f"{projection.method} of " + ", ".join(f"{n} {name}" for name, n in counts.items())
+        title = f"{projection.method} of " + ", ".join(f"{n:,} {name}" for name, n in counts.items())
+        if any("drawn, evenly" in note for note in notes):
+            title += " (subsampled)"
         classes = {points.name: dict(Counter(points.classes)) for points in sets}
         return LatentMap(figures.latent_map_figure(projection, title, colour_by), figures.latent_stats_figure(stats),
                          {"method": projection.method, "points": counts, "notes": notes, "colour_by": colour_by,

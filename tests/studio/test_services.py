@@ -318,3 +318,16 @@ def test_ask_answers_at_other_ratios_side_by_side(workspace):
     at_eight = final.methods[1]
     assert at_eight.result["ratio"] == 8 and at_eight.result["mode"] == "expand"
     assert len(final.rounds) == len(final.methods[0].result["rounds"])
+
+
+def test_a_long_documents_latent_map_is_subsampled_and_says_so(workspace, monkeypatch):
+    from app import latent_analysis
+
+    monkeypatch.setattr(latent_analysis, "MAX_MAP_LATENTS", 20)
+    monkeypatch.setattr(latent_analysis.subsample, "__defaults__", (20,))
+    document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
+    result = workspace.latent_map(document.sha256, workspace.catalog.default)
+    drawn = result.summary["points"]["latents 1:4 mean"]
+    assert drawn == 20 and "(subsampled)" in result.figure.layout.title.text
+    assert any("20 of" in note and "drawn, evenly" in note for note in result.summary["notes"])
+    assert len(result.stats_figure.data[0].x) > 20  # the curves along the document keep every latent
