@@ -1,10 +1,14 @@
-"""Which float type a device computes fast: bfloat16 on CUDA, and on a CPU only where a short
-in-process probe shows bf16 matrix multiplies beating float32 (Intel AMX / AVX512-BF16 run
-them several times faster; CPUs with AVX2 only emulate bf16 and run it many times slower).
+"""Which float type a device computes fast: bfloat16 on CUDA, and on a CPU only where it has
+bf16 matrix units (Intel AMX or AVX512-BF16 run bf16 several times faster; CPUs with AVX2 only
+emulate bf16 and run it many times slower).
 
-The probe multiplies [256, 576] x [576, 576] matrices in both types for about 0.1 s and
-keeps the answer for the process. `choose_dtype` turns a user's `auto|float32|bfloat16` into
-a dtype and says why, with the probe's numbers where the probe decided."""
+The CPU's flags (/proc/cpuinfo) decide first: they do not change with the machine's load, where
+a timing can (a probe taken while another process held a core once chose float32 on an AMX
+machine). Where the flags are not known (no /proc/cpuinfo), a short in-process probe decides: it
+multiplies [256, 576] x [576, 576] matrices in both types, alternating them so that a burst of
+load hurts both alike, best of several rounds, and keeps the answer for the process.
+`choose_dtype` turns a user's `auto|float32|bfloat16` into a dtype and says why, with the
+probe's numbers where the probe decided."""
 
 from __future__ import annotations
 
@@ -55,10 +59,28 @@ class MatmulProbe:
 
 
 @functools.cache
-def cpu_matmul_probe() -> MatmulProbe:
-    """The probe, run once per process."""
-    return MatmulProbe(float32_rate=matmul_rate(torch.float32), bfloat16_rate=matmul_rate(torch.bfloat16),
-                       threads=torch.get_num_threads())
+def cpu_matmul_probe(rounds: int = 4) -> MatmulProbe:
+    """The probe, run once per process: float32 and bfloat16 in turn, the best rate of each."""
+    float32_rate = bfloat16_rate = 0.0
+    for _ in range(rounds):
+        float32_rate = max(float32_rate, matmul_rate(torch.float32, repeats=3))
+        bfloat16_rate = max(bfloat16_rate, matmul_rate(torch.bfloat16, repeats=3))
+    return MatmulProbe(float32_rate=float32_rate, bfloat16_rate=bfloat16_rate, threads=torch.get_num_threads())
+
+
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bfloat16 fast
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where there is none to read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 def cpu_bf16_speedup() -> float:
@@ -93,7 +115,8 @@ class DtypeChoice:
 
 def choose_dtype(requested: str, device: str | torch.device) -> DtypeChoice:
     """`requested` (auto, float32 or bfloat16) on `device` as a dtype: auto is bfloat16 on CUDA,
-    bfloat16 on a CPU whose probe shows bf16 at least MIN_SPEEDUP times faster, else float32."""
+    bfloat16 on a CPU whose flags name bf16 matrix units (or, where the flags are unknown, whose
+    probe shows bf16 at least MIN_SPEEDUP times faster), else float32."""
     if requested not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {requested!r}")
     if requested != "auto":
@@ -103,6 +126,14 @@ def choose_dtype(requested: str, device: str | torch.device) -> DtypeChoice:
         return DtypeChoice(requested, torch.bfloat16, "CUDA computes bfloat16 fast")
     if device.type != "cpu":
         return DtypeChoice(requested, torch.float32, f"float32 on {device.type}")
+    flags = cpu_flags()
+    if flags is not None:
+        units = [f for f in BF16_UNITS if f in flags]
+        if units:
+            return DtypeChoice(requested, torch.bfloat16, f"this CPU has bfloat16 matrix units ({', '.join(units)} "
+                               "in its flags)")
+        return DtypeChoice(requested, torch.float32, "this CPU has no bfloat16 matrix units (neither "
+                           f"{' nor '.join(BF16_UNITS)} in its flags): it would emulate bfloat16, slowly")
     probe = cpu_matmul_probe()
     if probe.speedup >= MIN_SPEEDUP:
         return DtypeChoice(requested, torch.bfloat16, f"this CPU multiplies bfloat16 {probe.speedup:.1f}x faster "

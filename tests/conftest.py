@@ -38,10 +38,13 @@ def offline_environment(monkeypatch, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def matmul_probe(monkeypatch):
-    """`dtype auto` on a CPU is decided by model.precision's matmul probe. Every test sees the same
-    stubbed probe, a CPU without fast bf16 (auto is float32 on every machine); a test calls the
-    returned function(speedup) to see another CPU."""
+    """`dtype auto` on a CPU is decided by its flags, or where they are unknown by model.precision's
+    matmul probe. Every test sees a CPU of unknown flags and the same stubbed probe, one without
+    fast bf16 (auto is float32 on every machine); a test calls the returned function(speedup) to
+    see another CPU."""
     from model import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: None)
 
     def stub(speedup: float = 0.02) -> precision.MatmulProbe:
         probe = precision.MatmulProbe(float32_rate=1e11, bfloat16_rate=1e11 * speedup, threads=1)

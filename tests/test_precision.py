@@ -55,3 +55,31 @@ def test_an_unknown_dtype_is_refused():
 def test_the_real_probe_measures_positive_rates():
     rate = precision.matmul_rate(torch.float32, repeats=1, shape=(8, 16, 8))
     assert rate > 0
+
+
+@pytest.mark.parametrize("flags, dtype, why", [
+    ({"avx2", "amx_bf16", "amx_tile"}, torch.bfloat16, "amx_bf16 in its flags"),
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16, "avx512_bf16 in its flags"),
+    ({"avx2", "fma"}, torch.float32, "no bfloat16 matrix units"),
+])
+def test_the_cpus_flags_decide_before_any_timing(monkeypatch, flags, dtype, why):
+    """Flags do not change with load: a known CPU is decided without the probe."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(precision, "cpu_matmul_probe", lambda: pytest.fail("known flags need no probe"))
+    choice = choose_dtype("auto", "cpu")
+    assert choice.dtype == dtype and why in choice.reason and choice.probe is None
+
+
+REAL_CPU_FLAGS, REAL_PROBE = precision.cpu_flags, precision.cpu_matmul_probe  # before the fixtures stub them
+
+
+def test_this_machines_flags_are_read():
+    flags = REAL_CPU_FLAGS.__wrapped__()
+    assert flags is None or len(flags) > 0
+
+
+def test_the_probe_alternates_types_and_keeps_the_best_of_each(monkeypatch):
+    rates = iter([1.0, 5.0, 3.0, 4.0, 2.0, 9.0])  # float32, bfloat16, float32, ...
+    monkeypatch.setattr(precision, "matmul_rate", lambda dtype, repeats=8: next(rates))
+    probe = REAL_PROBE.__wrapped__(rounds=3)
+    assert (probe.float32_rate, probe.bfloat16_rate) == (3.0, 9.0)
