@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from model.chunking import chunk_text
 from model.training.campaign import (
+    RECIPES,
     CampaignData,
     Phase,
     Recipe,
@@ -241,6 +242,32 @@ def test_a_qa_sample_distils_the_teachers_reply_where_it_is_right(pair, monkeypa
         else:
             assert sample.soft is None
             assert lclm.decoder_tokenizer.decode(target[:-1]) == "48213"
+
+
+def test_a_reference_recipe_trains_on_the_bare_answer_without_asking_the_teacher(pair, monkeypatch):
+    """qa_target "reference": every question's target is the bare reference answer (cross-entropy),
+    and the teacher is never asked; question_kinds limits the kinds drawn."""
+    from model.training import campaign
+
+    lclm = build_trainable(pair)
+    recipe = replace(RECIPES["answer-facts"], question_lengths=(256,))
+    data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), recipe, seed=0)
+    monkeypatch.setattr(campaign.CampaignData, "teacher_reply", lambda self, ids: pytest.fail("no teacher"))
+    asked = []
+    real_question = campaign.CampaignData.question
+
+    def recording(self, rng, index, lengths=None):
+        case = real_question(self, rng, index, lengths)
+        asked.append(case)
+        return case
+    monkeypatch.setattr(campaign.CampaignData, "question", recording)
+    samples = data.step(0, 0, objective="qa").samples
+    assert samples and len(samples) == len(asked)
+    for sample, case in zip(samples, asked):
+        target = [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
+        assert sample.soft is None and lclm.decoder_tokenizer.decode(target[:-1]) == case.reply
+    kinds = {draw(0, i, (256,), recipe.question_kinds)[0] for i in range(200)}
+    assert kinds == set(recipe.question_kinds) and "quote" not in kinds
 
 
 @pytest.mark.parametrize("profile", ["studio", "paper"])

@@ -120,6 +120,8 @@ class Recipe:
     question_lengths: tuple[int, ...] = (256, 512, 1024, 2048)
     profiles: dict[str, float] = field(default_factory=lambda: {"studio": 0.7, "paper": 0.3})
     teacher_tokens: int = 32
+    qa_target: str = "teacher"  # teacher: the base decoder's reply where right | reference: always the bare answer
+    question_kinds: dict[str, float] | None = None  # kind -> weight (None: questions.KIND_WEIGHTS)
     long_span: int = 256  # reconstruction_long: span tokens (the studio's chunk)
 
     def phase(self, span_tokens_done: int) -> Phase:
@@ -148,6 +150,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            phases=(Phase(64),), objectives={"expand": 0.4, "qa": 0.25, "anchor": 0.15, "reconstruction": 0.1,
                                             "reconstruction_long": 0.1},
            train_decoder=True, lr={"adapter": 2e-4, "encoder": 2e-4, "decoder": 2.5e-4, "tags": 2.5e-4}),
+    Recipe("answer-ref", "the answer recipe with the reference answer as the only question target (cross-entropy on "
+           "the bare answer, every loss token a token of the answer, where distillation spreads it over the base "
+           "decoder's sentence) on documents of 256-1,024 tokens, reconstruction kept beside it and the text anchor; "
+           "the encoder and adapter at half warm-lora-recon's rates",
+           phases=(Phase(64),), objectives={"qa": 0.6, "anchor": 0.15, "reconstruction": 0.25},
+           question_lengths=(256, 512, 1024), qa_target="reference", train_decoder=True,
+           lr={"adapter": 5e-4, "encoder": 5e-4, "decoder": 2.5e-4, "tags": 5e-4}),
+    Recipe("answer-facts", "answer-ref on the value look-ups only (fact, distractors, register, chain) over "
+           "documents of 256-512 tokens, where most answer tokens are digits: the fine fidelity that exact answers "
+           "need, before longer documents and the other kinds",
+           phases=(Phase(64),), objectives={"qa": 0.65, "anchor": 0.1, "reconstruction": 0.25},
+           question_lengths=(256, 512), qa_target="reference",
+           question_kinds={"fact": 0.4, "distractors": 0.25, "table": 0.25, "chain": 0.1}, train_decoder=True,
+           lr={"adapter": 5e-4, "encoder": 5e-4, "decoder": 2.5e-4, "tags": 5e-4}),
     Recipe("answer-frozen", "the answer recipe with the encoder and adapter frozen (the latents exactly as shipped): "
            "replies take the answer's form but carry no digits of the document (0 of 12 after 339 steps)",
            phases=(Phase(64),), objectives={"qa": 0.45, "expand": 0.15, "anchor": 0.15, "reconstruction": 0.15,
@@ -317,7 +333,8 @@ class CampaignData:
                 return StepData(objective, [self.builder.reconstruction(self.exact(train, rng, n)) for n in lengths])
             span = r.phase(span_tokens_done).span_tokens
             count = max(1, r.batch_tokens // span)
-            return StepData(objective, [self.builder.reconstruction(self.exact(train, rng, span)) for _ in range(count)],
+            return StepData(objective, [self.builder.reconstruction(self.exact(train, rng, span))
+                                        for _ in range(count)],
                             span)
         sources = []
         for _ in range(max(1, r.batch_tokens // r.interleaved_tokens)):
@@ -342,7 +359,8 @@ class CampaignData:
         """Training case `index` (questions.draw), on a haystack drawn from the training split; where
         a haystack cannot hold the case (too few distinct sentences), the next draw of the index."""
         for attempt in range(8):
-            kind, tokens, seed = draw(self.seed, index + attempt * 1_000_003, lengths or self.recipe.question_lengths)
+            kind, tokens, seed = draw(self.seed, index + attempt * 1_000_003, lengths or self.recipe.question_lengths,
+                                      self.recipe.question_kinds)
             try:
                 return make_question(kind, seed, self.haystack(rng, tokens), tokens, self.count)
             except ValueError:
@@ -364,12 +382,17 @@ class CampaignData:
     def qa_step(self, rng: np.random.Generator, step: int) -> StepData:
         """Questions over compressed documents. The target is the base decoder's own reply to the
         same question over the raw text (its distribution at each position) where that reply is
-        right and ends; otherwise the reference answer (cross-entropy)."""
+        right and ends; otherwise, and always where the recipe's `qa_target` is "reference", the
+        reference answer (cross-entropy on the answer's own tokens)."""
         count, lengths = self.per_step(rng, self.recipe.question_lengths)
         samples = []
         for j in range(count):
             case = self.question(rng, step * 16 + j, lengths)
             profile = self.profile(rng)
+            if self.recipe.qa_target == "reference":
+                reply = self.builder.dec(case.reply, add_special_tokens=False)["input_ids"]
+                samples.append(self.builder.question(case.context, case.question, reply, profile))
+                continue
             taught = self.teacher_reply(self.builder.prompt_ids(PROMPT_PROFILES[profile].question(case.context,
                                                                                                   case.question)))
             text = self.builder.dec.decode(taught.ids)
@@ -526,7 +549,8 @@ def warm_start(lclm, data: "CampaignData", groups, steps: int, autocast: bool, s
         errors.append(float(loss.detach()))
         if step % 50 == 0 or step == steps - 1:
             say(f"warm start {step + 1}/{steps}: relative error {errors[-1]:.3f}")
-    return {"steps": len(errors), "target": kind, "tokens": tokens, "first_error": round(errors[0], 4) if errors else None,
+    return {"steps": len(errors), "target": kind, "tokens": tokens,
+            "first_error": round(errors[0], 4) if errors else None,
             "relative_error": round(errors[-1], 4) if errors else None}
 
 
@@ -938,8 +962,8 @@ def write_outputs(lclm, out: Path, state: dict, run: RunConfig) -> None:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     metrics = {k: state.get(k) for k in ("variant", "recipe", "step", "tokens", "span_tokens", "cpu_s", "wall_s",
-                                         "precision", "calls", "lr_scales", "init_from", "probe", "optimizer_restarts", "warm_start",
-                                         "evals")}
+                                         "precision", "calls", "lr_scales", "init_from", "probe", "optimizer_restarts",
+                                         "warm_start", "evals")}
     metrics["device"] = device_name(lclm.device)
     metrics["cpu"] = cpu_name()
     metrics["threads"] = torch.get_num_threads()
@@ -983,7 +1007,8 @@ def improves(now: dict, start: dict, shipped: dict | None) -> bool:
         best = max(start.get("questions", 0.0), (shipped or {}).get("questions", 0.0))
         kept = (now["free_running"] or 0) >= (start["free_running"] or 0) - RECONSTRUCTION_KEPT
         return now["questions"] > best and kept
-    if not (now["teacher_forced"] > start["teacher_forced"] and (now["free_running"] or 0) > (start["free_running"] or 0)):
+    if not (now["teacher_forced"] > start["teacher_forced"]
+            and (now["free_running"] or 0) > (start["free_running"] or 0)):
         return False
     return shipped is None or now["teacher_forced"] > shipped["teacher_forced"]
 

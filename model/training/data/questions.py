@@ -223,11 +223,14 @@ def make_question(kind: str, seed: int, haystack: Haystack, tokens: int, count: 
     raise ValueError(f"could not make a {kind} case of {tokens} tokens after {attempts} attempts")
 
 
-def draw(run_seed: int, index: int, lengths: tuple[int, ...] = LENGTHS) -> tuple[str, int, int]:
-    """(kind, context tokens, seed) of training case `index`: a pure function of the run's seed."""
+def draw(run_seed: int, index: int, lengths: tuple[int, ...] = LENGTHS,
+         kinds: dict[str, float] | None = None) -> tuple[str, int, int]:
+    """(kind, context tokens, seed) of training case `index`: a pure function of the run's seed;
+    kinds drawn by `kinds` (kind -> weight, default KIND_WEIGHTS)."""
+    kinds = kinds or KIND_WEIGHTS
     seed = train_seed(run_seed, "questions", index)
     rng = random.Random(seed)
-    kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
+    kind = rng.choices(list(kinds), weights=list(kinds.values()))[0]
     weights = [w for n, w in zip(LENGTHS, LENGTH_WEIGHTS) if n in lengths] or [1.0] * len(lengths)
     tokens = rng.choices([n for n in LENGTHS if n in lengths] or list(lengths), weights=weights)[0]
     return kind, tokens, seed
