@@ -82,7 +82,8 @@ def studio_url(studio_server) -> str:
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory):
     """`python app.py` with no checkpoint: the embedded default (converted once, in a fresh home)."""
-    server = Server([], tmp_path_factory.mktemp("embedded-home"))
+    server = Server([], tmp_path_factory.mktemp("embedded-home"),
+                    env={"LCLM_STUDIO_CHUNK_TOKENS": "256"})  # the studio's own chunks, as a user sees them
     server.wait()
     yield server
     server.stop()

@@ -116,6 +116,7 @@ def test_paste_compress_map_reconstruct_ask_and_sweep(page: Page, url, shots):
     page.wait_for_function("['#answer-lclm', '#answer-full'].some("
                            "id => document.querySelector(id + ' textarea').value.length > 0)")
     expect(page.locator("#transcript")).to_contain_text(re.compile(r"expand|demoted"))
+    expect(page.locator("#ask-readout")).not_to_contain_text(re.compile(r"running|waiting"), timeout=180_000)
     shots(page, "5-ask")
 
     # Metrics: the history holds both answers; a sweep draws TTFT and memory against length
