@@ -98,8 +98,9 @@ def test_bfloat16_follow_up_answers_as_without_reuse(bf16_studio, studio):
 
 
 def test_lclm_runs_end_to_end_and_says_untrained(studio):
-    events, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="lclm", ratio=8, max_new_tokens=8))
-    assert result["trained"] is False and "untrained" in result["note"]  # no 1:8 weights ship
+    events, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="lclm", ratio=8, pooling="mean",
+                                          max_new_tokens=8))
+    assert result["trained"] is False and "untrained" in result["note"]  # no 1:8 mean weights ship
     assert result["latents"] == -(-result["tokens"] // 8)
     full_positions = final(studio.ask(NEEDLE_DOC, QUESTION, mode="full", max_new_tokens=1))[1]["positions"]
     assert result["positions"] < full_positions / 4  # the decoder reads far fewer positions
