@@ -17,7 +17,7 @@ region of latents. Adding a press is one line in model/presses.py (docs/architec
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -130,15 +130,23 @@ def memory_region_ids(model: LCLM, latents: int) -> list[int]:
     return [model.memory_start_id, *[model.memory_token_id] * latents, model.memory_end_id]
 
 
-def check_positions(model: LCLM, positions: int, max_new_tokens: int, hint: str = "") -> None:
+def check_positions(model: LCLM, positions: int, max_new_tokens: int,
+                    hint: Callable[[], str] | None = None) -> None:
+    """Refuse a prompt the decoder cannot read; `hint` (computed only then) says what would fit."""
     if model.max_positions and positions + max_new_tokens > model.max_positions:
+        said = hint() if hint else ""
         raise UserError(f"the prompt needs {positions:,} decoder positions plus {max_new_tokens} new tokens; this "
-                        f"decoder reads at most {model.max_positions:,}" + (f" ({hint})" if hint else ""))
+                        f"decoder reads at most {model.max_positions:,}" + (f" ({said})" if said else ""))
+
+
+def latent_room(model: LCLM, other_positions: int, max_new_tokens: int) -> int:
+    """Latents a prompt of `other_positions` besides its memory region (and its two tags) can hold."""
+    return model.max_positions - other_positions - max_new_tokens - 2
 
 
 def text_too_long_hint(model: LCLM, document_tokens: int, other_positions: int, max_new_tokens: int) -> str:
     """For a document too long to read as text: the compression ratios whose latents would fit."""
-    room = model.max_positions - other_positions - max_new_tokens - 2  # the memory region's two tags
+    room = latent_room(model, other_positions, max_new_tokens)
     window = model.config.encoder_window_size
     fits = [r for r in RATIOS if count_latents(document_tokens, window, r) <= room]
     if not fits:
@@ -150,7 +158,7 @@ def text_too_long_hint(model: LCLM, document_tokens: int, other_positions: int, 
 
 def latents_too_many_hint(model: LCLM, other_positions: int, max_new_tokens: int) -> str:
     """For a document whose latents do not fit: the largest document this ratio takes."""
-    room = model.max_positions - other_positions - max_new_tokens - 2
+    room = latent_room(model, other_positions, max_new_tokens)
     ratio, window = model.config.compression_ratio, model.config.encoder_window_size
     tokens = max(0, room) * ratio
     while tokens > 0 and count_latents(tokens, window, ratio) > room:
@@ -315,9 +323,8 @@ class FullContext(Method):
         decoder = request.variant.text_decoder
         before, after = prompt_parts(model, request.variant.profile, request.question)
         ids = before + document.decoder_ids + after  # [P]
-        if model.max_positions and len(ids) + request.max_new_tokens > model.max_positions:
-            check_positions(model, len(ids), request.max_new_tokens, text_too_long_hint(
-                model, len(document.encoder_ids), len(before) + len(after), request.max_new_tokens))
+        check_positions(model, len(ids), request.max_new_tokens, lambda: text_too_long_hint(
+            model, len(document.encoder_ids), len(before) + len(after), request.max_new_tokens))
         start = meter.clock.ms()
         embeds = decoder.get_input_embeddings()(torch.tensor([ids], device=model.device))  # [1, P, D]
         key = prefix_key(request, self.name, None, None, request.variant.text_reader_id)
@@ -342,9 +349,8 @@ class LatentContext(Method):
         before, after = prompt_parts(model, request.variant.profile, request.question)
         region = memory_region_ids(model, int(latents.shape[0]))
         ids = before + region + after  # [P]
-        if model.max_positions and len(ids) + request.max_new_tokens > model.max_positions:
-            check_positions(model, len(ids), request.max_new_tokens,
-                            latents_too_many_hint(model, len(before) + len(after), request.max_new_tokens))
+        check_positions(model, len(ids), request.max_new_tokens,
+                        lambda: latents_too_many_hint(model, len(before) + len(after), request.max_new_tokens))
         start = meter.clock.ms()
         embeds = model.prepare_ids(ids, [latents]).inputs_embeds  # [1, P, D]
         key = prefix_key(request, self.name, model.config.compression_ratio, model.config.pooling)
@@ -375,7 +381,7 @@ class Expand(Method):
             start = meter.clock.ms()
             prepared = model.prepare(model.chat(prompt) + prefix, regions)
             check_positions(model, prepared.positions, request.max_new_tokens,
-                            "use a higher compression ratio or a shorter document")
+                            lambda: "use a higher compression ratio or a shorter document")
             state = prefill(model.decoder, prepared.inputs_embeds)
             done = meter.clock.ms()
             m.prefill_positions += prepared.positions
@@ -447,9 +453,8 @@ class Pressed(Method):
         before, after = prompt_parts(model, request.variant.profile, request.question)
         context_ids = before + request.document.decoder_ids  # [C]: pressed
         context_len, question_len = len(context_ids), len(after)
-        if model.max_positions and context_len + question_len + request.max_new_tokens > model.max_positions:
-            check_positions(model, context_len + question_len, request.max_new_tokens, text_too_long_hint(
-                model, len(request.document.encoder_ids), len(before) + question_len, request.max_new_tokens))
+        check_positions(model, context_len + question_len, request.max_new_tokens, lambda: text_too_long_hint(
+            model, len(request.document.encoder_ids), len(before) + question_len, request.max_new_tokens))
         press = make_press(self.name, request.compression_ratio, residual_length=studio.settings.kv_residual_length)
         start = meter.clock.ms()
         key = prefix_key(request, self.name, request.compression_ratio, None, request.variant.text_reader_id)

@@ -271,18 +271,18 @@ class Studio:
         return guard_memory(self._reconstruct, text, ratio, pooling, checkpoint, use_cache, max_chunks, progress,
                             chunk_tokens)
 
-    def reconstruction_chunk_tokens(self, model: LCLM) -> int:
-        """The chunk length reconstruction uses by default: the span length in the variant's model
-        card (what it was trained on), else EXPAND's chunk length (`settings.chunk_tokens`)."""
-        return self.models.trained_span(model) or self.settings.chunk_tokens
+    def reconstruction_chunk_tokens(self, model: LCLM, requested: int | None = None) -> int:
+        """The chunk length reconstruction uses: `requested` where given (at least 1), else the span
+        length in the variant's model card (what it was trained on), else EXPAND's (`settings.chunk_tokens`)."""
+        if requested is not None and requested < 1:
+            raise UserError(f"the chunk length must be at least 1 token, got {requested}")
+        return requested or self.models.trained_span(model) or self.settings.chunk_tokens
 
     def _reconstruct(self, text: str, ratio: int | None, pooling: str | None, checkpoint: str | None,
                      use_cache: bool, max_chunks: int | None, progress: ProgressFn | None,
                      chunk_tokens: int | None) -> dict:
         model = self.model(checkpoint, ratio, pooling, progress)
-        if chunk_tokens is not None and chunk_tokens < 1:
-            raise UserError(f"the chunk length must be at least 1 token, got {chunk_tokens}")
-        chunk_tokens = chunk_tokens or self.reconstruction_chunk_tokens(model)
+        chunk_tokens = self.reconstruction_chunk_tokens(model, chunk_tokens)
         document = self.tokenize(model, text)
         all_chunks = self.chunks(model, text, chunk_tokens)
         chunks = all_chunks[: max_chunks or None]

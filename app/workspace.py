@@ -171,10 +171,9 @@ class Workspace:
             sets.append(points)
         stats = [(points, latent_statistics(torch.from_numpy(points.vectors))) for points in sets]  # every latent
         drawn = [latent_analysis.subsample(points) for points in sets]  # a long document's, evenly subsampled
-        for points, shown in zip(sets, drawn):
-            if len(shown.texts) < len(points.texts):
-                notes.append(f"{points.name}: {len(shown.texts):,} of {len(points.texts):,} drawn, evenly along "
-                             "the document (the curves below use them all)")
+        subsampled = [(points, shown) for points, shown in zip(sets, drawn) if len(shown.texts) < len(points.texts)]
+        notes += [f"{points.name}: {len(shown.texts):,} of {len(points.texts):,} drawn, evenly along the document "
+                  "(the curves below use them all)" for points, shown in subsampled]
         sets = drawn
         if show_source_tokens:
             sets.append(source_token_set(self.model(variant), text))
@@ -183,7 +182,7 @@ class Workspace:
         projection = project_sets(sets)
         counts = {points.name: len(points.vectors) for points in sets}
         title = f"{projection.method} of " + ", ".join(f"{n:,} {name}" for name, n in counts.items())
-        if any("drawn, evenly" in note for note in notes):
+        if subsampled:
             title += " (subsampled)"
         classes = {points.name: dict(Counter(points.classes)) for points in sets}
         return LatentMap(figures.latent_map_figure(projection, title, colour_by), figures.latent_stats_figure(stats),
@@ -197,9 +196,7 @@ class Workspace:
         chunks of `chunk_tokens` (None: the span length the variant was trained on)."""
         document = self.documents.get(doc_id)
         model = self.model(variant)
-        if chunk_tokens is not None and chunk_tokens < 1:
-            raise UserError(f"the chunk length must be at least 1 token, got {chunk_tokens}")
-        chunk_tokens = chunk_tokens or self.studio.reconstruction_chunk_tokens(model)
+        chunk_tokens = self.studio.reconstruction_chunk_tokens(model, chunk_tokens)
         key = (document.sha256, model.checkpoint_id, chunk_tokens)
         cached = self._reconstructions.get(key)
         self.studio.tokenize(model, document.text)  # the document's limits first
