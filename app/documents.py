@@ -84,7 +84,8 @@ def layout(studio, model, text: str) -> Layout:
     chunks (the decoder's tokenizer)."""
     document = studio.tokenize(model, text)
     config = model.config
-    cells = [Cell(c.number, c.tokens, c.start_char, c.end_char, preview(c.text)) for c in studio.chunks(model, text)]
+    chunks = studio.store.chunks(model, text)
+    cells = [Cell(c.number, c.tokens, c.start_char, c.end_char, preview(c.text)) for c in chunks]
     return Layout(
         tokens=len(document), windows=-(-len(document) // config.encoder_window_size),
         window_size=config.encoder_window_size, latents=model.count_latents(len(document)),

@@ -16,19 +16,16 @@ region of latents. Adding a press is one line in model/presses.py (docs/architec
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import TYPE_CHECKING
 
 import torch
 
-from app.kv_cache import PrefixEntry, PrefixKey
+from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey
+from app.latent_store import DocumentIds, LatentStore
 from app.measure import Measurement, Meter
 from app.models import LoadedVariant, ProgressFn
-from app.settings import RATIOS
-from cache import document_sha256
+from app.settings import RATIOS, Settings
 from model.agent import ExpandAgent, Round
 from model.encoder import count_latents
 from model.errors import UserError
@@ -46,9 +43,6 @@ from model.lclm import LCLM
 from model.presses import PRESSES, PressSpec, kept_positions, make_press, new_cache, stored_kv_bytes
 from model.prompts import PromptProfile
 
-if TYPE_CHECKING:
-    from app.service import Studio
-
 UNTRAINED_NOTE = "untrained: this LCLM's adapter is freshly initialised, so its latents carry no learned meaning"
 DOCUMENT_MARK = "\x00DOCUMENT\x00"  # where the document goes in a rendered prompt
 
@@ -63,34 +57,6 @@ class AskEvent:
     round: dict | None = None
     result: dict | None = None
     measurement: Measurement | None = None
-
-
-class DocumentIds:
-    """A document as the methods read it: encoder ids (compressed by the LCLM), decoder ids
-    (read as text by full context and the presses) and a key for the caches. A benchmark's
-    document of random ids has no text (`text` None) and one list of ids for both."""
-
-    def __init__(self, key: str, encoder_ids: list[int], text: str | None = None, decoder_tokenizer=None,
-                 decoder_ids: list[int] | None = None):
-        self.key, self.encoder_ids, self.text = key, encoder_ids, text
-        self._decoder_tokenizer = decoder_tokenizer
-        if decoder_ids is not None:
-            self.__dict__["decoder_ids"] = decoder_ids
-
-    @classmethod
-    def from_ids(cls, ids: list[int], decoder_ids: list[int] | None = None) -> "DocumentIds":
-        """A document of token ids: `ids` for both tokenizers (the benchmarks' random documents,
-        from ids both tokenizers share) unless the decoder's are given."""
-        decoder_ids = list(ids) if decoder_ids is None else list(decoder_ids)
-        data = torch.tensor(list(ids) + [-1] + decoder_ids, dtype=torch.int64).numpy().tobytes()
-        return cls(hashlib.sha256(b"token ids:" + data).hexdigest(), list(ids), decoder_ids=decoder_ids)
-
-    @cached_property
-    def decoder_ids(self) -> list[int]:
-        return self._decoder_tokenizer(self.text, add_special_tokens=False)["input_ids"]
-
-    def __len__(self) -> int:
-        return len(self.encoder_ids)
 
 
 @dataclass
@@ -114,6 +80,16 @@ class Request:
     @property
     def model(self) -> LCLM:
         return self.variant.model
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a method reads besides its request: the latents (cache and encoder), the prefix KV
+    cache and the settings. A method never sees the studio that owns them."""
+
+    store: LatentStore
+    prefix_cache: PrefixCache
+    settings: Settings
 
 
 # ---- the shared pieces -----------------------------------------------------------------------
@@ -177,23 +153,23 @@ def prefix_key(request: Request, method: str, ratio: int | None, pooling: str | 
                      str(model.dtype).removeprefix("torch."), str(model.device), request.variant.profile.name)
 
 
-def prefill_reusing(studio: "Studio", request: Request, key: PrefixKey, ids: list[int], embeds: torch.Tensor,
+def prefill_reusing(resources: Resources, request: Request, key: PrefixKey, ids: list[int], embeds: torch.Tensor,
                     prefix: int, meter: Meter, decoder: torch.nn.Module) -> PrefillState:
     """`decoder`'s prefill of a prompt (ids [P], embeds [1, P, D]) whose first `prefix` positions
     (everything up to the question) depend on the document only. With prefix reuse on, their KV
     comes from the prefix cache when an entry holds exactly these ids, and is otherwise computed
     first and kept there; only the rest is prefilled after it."""
     m = meter.measurement
-    if not (request.prefix_cache and studio.prefix_cache.enabled and 0 < prefix < len(ids)):
+    if not (request.prefix_cache and resources.prefix_cache.enabled and 0 < prefix < len(ids)):
         m.prefill_positions += len(ids)
         return prefill(decoder, embeds)
     head = torch.tensor(ids[:prefix])  # [L]
-    entry = studio.prefix_cache.get(key)
+    entry = resources.prefix_cache.get(key)
     if entry is not None and torch.equal(entry.ids, head):
         m.prefix_reused_positions += prefix
     else:
         entry = PrefixEntry(head, prefill(decoder, embeds[:, :prefix]).cache)  # KV of the L prefix positions
-        studio.prefix_cache.put(key, entry)
+        resources.prefix_cache.put(key, entry)
         m.prefill_positions += prefix
     m.prefill_positions += len(ids) - prefix
     return prefill(decoder, embeds[:, prefix:], fork_cache(entry.cache))  # the rest: [1, P - L, D]
@@ -281,12 +257,12 @@ class Method:
     uses_ratio = True  # the compression ratio changes what it does
 
     @torch.inference_mode()
-    def answer(self, studio: "Studio", request: Request) -> Iterator[AskEvent]:
+    def answer(self, resources: Resources, request: Request) -> Iterator[AskEvent]:
         model, variant = request.model, request.variant
         if self.reads_text:
             variant.text_decoder  # a first use loads it: before the clocks and the memory readout start
         with Meter(model.device, model.decoder.config, model.dtype) as meter:
-            fields = yield from self.run(studio, request, meter)
+            fields = yield from self.run(resources, request, meter)
         m = meter.measurement
         result = {
             "answer": fields.pop("answer").strip(), "mode": self.name, "method": self.label,
@@ -307,7 +283,7 @@ class Method:
         return {"answer": replied.text, "stopped": replied.stopped,
                 "warnings": [*round_warnings, *reply_warnings(replied)], **fields}
 
-    def run(self, studio: "Studio", request: Request, meter: Meter) -> Generator[AskEvent, None, dict]:
+    def run(self, resources: Resources, request: Request, meter: Meter) -> Generator[AskEvent, None, dict]:
         raise NotImplementedError
 
 
@@ -318,7 +294,7 @@ class FullContext(Method):
     name, label, prepares, uses_ratio = "full", "full context", "nothing: the decoder reads the document's ids", False
     reads_text = True
 
-    def run(self, studio, request, meter):
+    def run(self, resources, request, meter):
         model, document, m = request.model, request.document, meter.measurement
         decoder = request.variant.text_decoder
         before, after = prompt_parts(model, request.variant.profile, request.question)
@@ -328,7 +304,7 @@ class FullContext(Method):
         start = meter.clock.ms()
         embeds = decoder.get_input_embeddings()(torch.tensor([ids], device=model.device))  # [1, P, D]
         key = prefix_key(request, self.name, None, None, request.variant.text_reader_id)
-        state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(document.decoder_ids), meter,
+        state = prefill_reusing(resources, request, key, ids, embeds, len(before) + len(document.decoder_ids), meter,
                                 decoder)
         done = meter.clock.ms()
         m.prefill_ms, m.positions = done - start, len(ids)
@@ -341,9 +317,9 @@ class LatentContext(Method):
 
     name, label, prepares, reads_latents = "lclm", "LCLM", "latents (encoder + adapter, or the latent cache)", True
 
-    def run(self, studio, request, meter):
+    def run(self, resources, request, meter):
         model, m = request.model, meter.measurement
-        latents, compress_ms, cached = studio.latents(model, request.document, request.latent_cache,
+        latents, compress_ms, cached = resources.store.latents(model, request.document, request.latent_cache,
                                                       request.progress)  # [M, D]
         m.compress_ms = compress_ms
         before, after = prompt_parts(model, request.variant.profile, request.question)
@@ -354,7 +330,7 @@ class LatentContext(Method):
         start = meter.clock.ms()
         embeds = model.prepare_ids(ids, [latents]).inputs_embeds  # [1, P, D]
         key = prefix_key(request, self.name, model.config.compression_ratio, model.config.pooling)
-        state = prefill_reusing(studio, request, key, ids, embeds, len(before) + len(region), meter, model.decoder)
+        state = prefill_reusing(resources, request, key, ids, embeds, len(before) + len(region), meter, model.decoder)
         done = meter.clock.ms()
         m.prefill_ms, m.positions = done - start, len(ids)
         replied = yield from reply(request, state, meter, done, model.decoder)
@@ -368,12 +344,13 @@ class Expand(Method):
     name, label, reads_latents = "expand", "LCLM + EXPAND", True
     prepares = "each chunk's latents (encoded alone, cached per chunk)"
 
-    def run(self, studio, request, meter):
+    def run(self, resources, request, meter):
         model, m, text = request.model, meter.measurement, request.document.text
         if text is None:
             raise UserError("EXPAND reads the document's text in chunks; this document has only token ids")
-        chunks = studio.chunks(model, text)
-        latents, compress_ms, cached = studio.chunk_latents(model, chunks, request.latent_cache, request.progress)
+        store = resources.store
+        chunks = store.chunks(model, text)
+        latents, compress_ms, cached = store.chunk_latents(model, chunks, request.latent_cache, request.progress)
         m.compress_ms = compress_ms
 
         def generate(prompt: str, regions: list[torch.Tensor], prefix: str) -> Generator[AskEvent, None, tuple]:
@@ -393,7 +370,7 @@ class Expand(Method):
             return replied.text, prepared.positions
 
         replies: list[Replied] = []  # one per round
-        runner = ExpandAgent(studio.settings.max_expand_rounds, request.variant.profile).run(
+        runner = ExpandAgent(resources.settings.max_expand_rounds, request.variant.profile).run(
             request.question, latents, [c.text for c in chunks], generate)
         rounds: list[dict] = []
         while True:
@@ -411,7 +388,7 @@ class Expand(Method):
         return self.finished(Replied(answer, last.tokens, last.stopped, last.first_token_at_ms),
                              answer_ttft_ms=round(last.first_token_at_ms, 3),
                              latents=sum(int(r.shape[0]) for r in latents), cached=cached,
-                             trained=model.config.trained, chunk_tokens=studio.settings.chunk_tokens,
+                             trained=model.config.trained, chunk_tokens=resources.settings.chunk_tokens,
                              chunks=[c.to_dict() for c in chunks],
                              expanded=sorted({n for r in rounds for n in r["expanded"]}), rounds=rounds,
                              round_warnings=expand_warnings(rounds))
@@ -447,7 +424,7 @@ class Pressed(Method):
         return "a KV cache of the document, " + ("pressed at the matched ratio" if self.press.uses_ratio
                                                   else "quantized (every position kept)")
 
-    def run(self, studio, request, meter):
+    def run(self, resources, request, meter):
         model, m = request.model, meter.measurement
         decoder, device = request.variant.text_decoder, model.device
         before, after = prompt_parts(model, request.variant.profile, request.question)
@@ -455,12 +432,12 @@ class Pressed(Method):
         context_len, question_len = len(context_ids), len(after)
         check_positions(model, context_len + question_len, request.max_new_tokens, lambda: text_too_long_hint(
             model, len(request.document.encoder_ids), len(before) + question_len, request.max_new_tokens))
-        press = make_press(self.name, request.compression_ratio, residual_length=studio.settings.kv_residual_length)
+        press = make_press(self.name, request.compression_ratio, residual_length=resources.settings.kv_residual_length)
         start = meter.clock.ms()
         key = prefix_key(request, self.name, request.compression_ratio, None, request.variant.text_reader_id)
         # a press with a cache of its own (quantization) changes it in place: not kept for follow-ups
-        reusable = request.prefix_cache and studio.prefix_cache.enabled and not hasattr(press, "new_cache")
-        entry = studio.prefix_cache.get(key) if reusable else None
+        reusable = request.prefix_cache and resources.prefix_cache.enabled and not hasattr(press, "new_cache")
+        entry = resources.prefix_cache.get(key) if reusable else None
         head = torch.tensor(context_ids)  # [C]
         if entry is not None and torch.equal(entry.ids, head):
             cache = fork_cache(entry.cache)  # the pressed context of an earlier question
@@ -471,7 +448,7 @@ class Pressed(Method):
                 decoder.model(input_ids=head[None].to(device), past_key_values=cache)
             m.prefill_positions = context_len
             if reusable:
-                studio.prefix_cache.put(key, PrefixEntry(head, cache))
+                resources.prefix_cache.put(key, PrefixEntry(head, cache))
                 cache = fork_cache(cache)
         m.compress_ms = meter.clock.ms() - start
         m.prefill_positions += question_len
@@ -500,10 +477,3 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise UserError(f"mode must be one of {', '.join(METHODS)}, got {name!r}")
     return METHODS[name]
-
-
-def text_document(model: LCLM, text: str, encoder_ids: list[int]) -> DocumentIds:
-    """A document from its text and its encoder ids (decoder ids tokenized when first read)."""
-    shared = model.decoder_tokenizer is model.encoder_tokenizer
-    return DocumentIds(document_sha256(text), encoder_ids, text, model.decoder_tokenizer,
-                       decoder_ids=list(encoder_ids) if shared else None)

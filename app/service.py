@@ -3,49 +3,29 @@ app/methods.py: full context, LCLM, LCLM + EXPAND, the presses) and reconstruct.
 (app/models.py) and the caches are process-wide; a request carries only the document text and
 its choices. Running out of memory is handled in app/memory.py.
 
-Plain LCLM answers read the whole document's latents. EXPAND and reconstruction read the
-document as chunks (model/chunking.py), each chunk's text compressed on its own and cached
-under its own key, so a second question on the same document runs no encoder."""
+The latents come from app/latent_store.py; a method (app/methods.py) receives the request and
+`Studio.resources` (latent store, prefix KV cache, settings), never the studio."""
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from app.kv_cache import PrefixCache
-from app.lru import BoundedLRU
-from app.measure import Clock, PeakMemory
+from app.latent_store import LatentStore, text_document
+from app.measure import PeakMemory
 from app.memory import guard_memory, guard_stream
-from app.methods import UNTRAINED_NOTE, AskEvent, DocumentIds, Request, method, text_document
+from app.methods import UNTRAINED_NOTE, AskEvent, Request, Resources, method
 from app.models import LoadedVariant, ModelPool, ProgressFn
 from app.settings import Settings
-from cache import LatentCache, document_sha256, latent_key
-from model.chunking import Chunk, chunk_text
 from model.errors import UserError
 from model.fidelity import token_accuracy
 from model.generation import Sampling, decode, prefill, stop_token_ids
 from model.lclm import LCLM, DocumentTokens
 from model.precision import DtypeChoice
 from model.prompts import PromptProfile, memory_region, reconstruction_prompt
-
-
-@dataclass
-class WindowLatents:
-    latents: torch.Tensor  # [M, dec_hidden]
-    compress_ms: float  # 0 when every window came from the cache
-    cached: bool  # every window from the cache
-    cached_windows: int  # windows whose latents came from the cache
-    windows: int
-
-
-def window_sha256(token_ids) -> str:
-    """The key of one encoder window's latents: its token ids, whatever document holds it."""
-    return hashlib.sha256(b"encoder window:" + torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()
-                          ).hexdigest()
 
 
 @dataclass
@@ -97,24 +77,18 @@ class Studio:
     def __init__(self, settings: Settings | None = None, checkpoint: str | None = None):
         self.settings = settings or Settings.from_env()
         self.models = ModelPool(self.settings, checkpoint)
-        self._lock = threading.RLock()
-        self._cache: LatentCache | None = None
-        self._chunks: BoundedLRU[tuple, list[Chunk]] = BoundedLRU(8)  # a few recent documents' chunks
+        self.store = LatentStore(self.settings)
         self.prefix_cache = PrefixCache(self.settings.kv_cache_mb * 2**20)
 
     # ---- shared resources --------------------------------------------------------
     @property
-    def cache(self) -> LatentCache:
-        with self._lock:
-            if self._cache is None:
-                self._cache = LatentCache(self.settings.cache_dir, self.settings.cache_size_mb * 2**20)
-            return self._cache
+    def resources(self) -> Resources:
+        """What the answer methods read besides their request."""
+        return Resources(self.store, self.prefix_cache, self.settings)
 
     def close(self) -> None:
         """Close the latent cache's database (it reopens on next use)."""
-        with self._lock:
-            if self._cache is not None:
-                self._cache.close()
+        self.store.close()
 
     def dtype_choice(self) -> DtypeChoice:
         return self.models.dtype_choice()
@@ -151,9 +125,9 @@ class Studio:
         document = self.tokenize(model, text)
         config = model.config
         with PeakMemory(model.device) as memory:
-            found = self.window_latents(model, text_document(model, text, document.ids), use_cache, progress)
+            found = self.store.window_latents(model, text_document(model, text, document.ids), use_cache, progress)
         latents = found.latents
-        chunks = self.chunks(model, text)
+        chunks = self.store.chunks(model, text)
         result = CompressResult(
             tokens=len(document), latents=int(latents.shape[0]), window=config.encoder_window_size,
             ratio=config.compression_ratio, pooling=config.pooling, compress_ms=round(found.compress_ms, 3),
@@ -163,70 +137,6 @@ class Studio:
             precision=self.dtype_choice().to_dict(),
         )
         return Compressed(model, document, latents, result)
-
-    def latents(self, model: LCLM, document: DocumentIds, use_cache: bool = True,
-                progress: ProgressFn | None = None) -> tuple[torch.Tensor, float, bool]:
-        """The whole document's latents: ([M, dec_hidden], compress ms, whether every window came
-        from the latent cache). See `window_latents`."""
-        found = self.window_latents(model, document, use_cache, progress)
-        return found.latents, found.compress_ms, found.cached
-
-    def window_latents(self, model: LCLM, document: DocumentIds, use_cache: bool = True,
-                       progress: ProgressFn | None = None) -> "WindowLatents":
-        """The document's latents, window group by window group (model.window_groups): each
-        window's latents come from the latent cache (keyed by the window's own token ids) or are
-        computed with its group and stored at once, so a second question, a restart or a
-        compression cut short by Ctrl-C or a crash reuses every finished window. One group's
-        activations are in memory at a time."""
-        config = model.config
-        model_id = f"{model.checkpoint_id}@{model.dtype}"
-        groups = model.window_groups(document.encoder_ids)
-        total = sum(len(g) for g in groups)
-        parts: list[torch.Tensor] = []
-        cached_windows, done = 0, 0
-        clock = Clock(model.device)
-        for group in groups:
-            keys = [latent_key(window_sha256(w), model_id, config.compression_ratio, config.pooling) for w in group]
-            hits = [self.cache.get(k) for k in keys] if use_cache else [None] * len(group)
-            if all(h is not None and h.latents.shape[0] == model.count_latents(len(w)) for h, w in zip(hits, group)):
-                parts += [h.latents.to(model.device, model.dtype) for h in hits]  # [ceil(L_w/N), D] each
-                cached_windows += len(group)
-            else:
-                latents = guard_memory(model.compress_group, group)
-                if use_cache:
-                    for key, window_latents in zip(keys, latents):
-                        self.cache.put(key, window_latents, {"tokens": len(window_latents),
-                                                             "checkpoint": model.checkpoint_id})
-                parts += latents
-            done += len(group)
-            if progress:
-                progress("encoding windows", done, total)
-        latents = torch.cat(parts, dim=0)  # [M, D]
-        compress_ms = 0.0 if cached_windows == total else clock.ms()
-        return WindowLatents(latents, compress_ms, cached_windows == total, cached_windows, total)
-
-    def chunks(self, model: LCLM, text: str, chunk_tokens: int | None = None) -> list[Chunk]:
-        """The chunks of `text`: at most `chunk_tokens` (default `settings.chunk_tokens`, EXPAND's)
-        decoder tokens each."""
-        chunk_tokens = chunk_tokens or self.settings.chunk_tokens
-        key = (document_sha256(text), model.checkpoint_id, chunk_tokens)
-        return self._chunks.setdefault(key, lambda: chunk_text(text, model.decoder_tokenizer, chunk_tokens))
-
-    def chunk_latents(self, model: LCLM, chunks: Sequence[Chunk], use_cache: bool = True,
-                      progress: ProgressFn | None = None) -> tuple[list[torch.Tensor], float, bool]:
-        """Each chunk's text compressed on its own, exactly as `compress` would compress it
-        (the cache key is that of a document holding only the chunk's text):
-        ([M_i, dec_hidden] per chunk, compress ms (0 when every chunk was cached), all cached)."""
-        clock = Clock(model.device)
-        latents, encoded = [], 0
-        for done, chunk in enumerate(chunks):
-            ids = model.encoder_tokenizer(chunk.text, add_special_tokens=False)["input_ids"]
-            region, _, cached = self.latents(model, text_document(model, chunk.text, ids), use_cache)  # [M_i, D]
-            encoded += not cached
-            latents.append(region)
-            if progress:
-                progress("encoding chunks", done + 1, len(chunks))
-        return latents, (clock.ms() if encoded else 0.0), encoded == 0
 
     # ---- ask -----------------------------------------------------------------------
     def ask(self, text: str, question: str, mode: str = "lclm", ratio: int | None = None,
@@ -259,7 +169,7 @@ class Studio:
 
     def run(self, name: str, request: Request) -> Iterator[AskEvent]:
         """One request answered by the method `name`, as `ask` streams it."""
-        return guard_stream(method(name).answer(self, request))
+        return guard_stream(method(name).answer(self.resources, request))
 
     # ---- reconstruct -----------------------------------------------------------------
     def reconstruct(self, text: str, ratio: int | None = None, pooling: str | None = None,
@@ -284,9 +194,9 @@ class Studio:
         model = self.model(checkpoint, ratio, pooling, progress)
         chunk_tokens = self.reconstruction_chunk_tokens(model, chunk_tokens)
         document = self.tokenize(model, text)
-        all_chunks = self.chunks(model, text, chunk_tokens)
+        all_chunks = self.store.chunks(model, text, chunk_tokens)
         chunks = all_chunks[: max_chunks or None]
-        latents, compress_ms, cached = self.chunk_latents(model, chunks, use_cache, progress)
+        latents, compress_ms, cached = self.store.chunk_latents(model, chunks, use_cache, progress)
         stops = stop_token_ids(model.decoder_tokenizer, model.decoder)
         results: list[ChunkReconstruction] = []
         for done, (chunk, region) in enumerate(zip(chunks, latents)):  # region: [M_i, D], the chunk alone

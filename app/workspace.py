@@ -161,7 +161,7 @@ class Workspace:
             if progress:
                 progress(f"compressing at 1:{v.ratio}", number, len(variants))
             compressed = self.studio.compress(text, v.ratio, v.pooling, v.spec)
-            chunk_starts = [c.start_char for c in self.studio.chunks(compressed.model, text)]
+            chunk_starts = [c.start_char for c in self.studio.store.chunks(compressed.model, text)]
             points = latent_set(f"latents {v.label}", compressed.latents,
                                 compressed.model.latent_spans(len(compressed.document)), compressed.document,
                                 chunk_starts)
@@ -200,7 +200,7 @@ class Workspace:
         key = (document.sha256, model.checkpoint_id, chunk_tokens)
         cached = self._reconstructions.get(key)
         self.studio.tokenize(model, document.text)  # the document's limits first
-        total = len(self.studio.chunks(model, document.text, chunk_tokens))
+        total = len(self.studio.store.chunks(model, document.text, chunk_tokens))
         wanted = min(total, max_chunks or total)
         if cached is not None and len(cached["chunks"]) >= wanted:
             return {**cached, "chunks": cached["chunks"][:wanted], "total_chunks": total}

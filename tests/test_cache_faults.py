@@ -53,8 +53,8 @@ def stale_hash(blob: bytes) -> bytes:
 @pytest.mark.slow
 def test_a_damaged_entry_is_recomputed_and_rebuilt(studio, caplog, damage):  # noqa: F811
     first = studio.compress(DOC)
-    key = next(studio.cache._store.iterkeys())
-    with raw_bytes_cache(studio.cache) as raw:
+    key = next(studio.store.cache._store.iterkeys())
+    with raw_bytes_cache(studio.store.cache) as raw:
         raw.set(key, damage(raw.get(key)))
     with caplog.at_level(logging.WARNING, logger="cache.latents"):
         again = studio.compress(DOC)
@@ -76,15 +76,16 @@ def entries_of(studio, text: str) -> int:
 def test_the_cache_directory_removed_while_running(studio, caplog):  # noqa: F811
     first = studio.compress(DOC)
     assert studio.compress(DOC).result.cached is True
-    shutil.rmtree(studio.cache.directory)
+    shutil.rmtree(studio.store.cache.directory)
     with caplog.at_level(logging.WARNING, logger="cache.latents"):
         again = studio.compress(DOC)
     assert again.result.cached is False and warned(caplog, "was removed")
     assert content_sha256(again.latents) == content_sha256(first.latents)
-    assert studio.cache.directory.is_dir() and len(studio.cache) == entries_of(studio, DOC)  # recreated, rebuilt
+    cache = studio.store.cache
+    assert cache.directory.is_dir() and len(cache) == entries_of(studio, DOC)  # recreated, rebuilt
     assert studio.compress(DOC).result.cached is True
     # a later process sees the rebuilt entry too: it was not written to the removed database
-    with LatentCache(studio.cache.directory) as other:
+    with LatentCache(studio.store.cache.directory) as other:
         assert len(other) == entries_of(studio, DOC)
 
 
@@ -116,7 +117,7 @@ def test_a_full_disk_still_answers_and_stores_nothing(studio, caplog, monkeypatc
     with caplog.at_level(logging.WARNING, logger="cache.latents"):
         full = studio.compress(DOC)
     assert full.result.cached is False and torch.equal(full.latents, reference.latents)
-    assert len(studio.cache) == 0 and warned(caplog, "could not store")
+    assert len(studio.store.cache) == 0 and warned(caplog, "could not store")
     monkeypatch.undo()  # space again: the next compress stores the entry
     assert studio.compress(DOC).result.cached is False and studio.compress(DOC).result.cached is True
 
@@ -242,8 +243,8 @@ def fill(studio) -> Path:  # noqa: F811
     studio.compress(DOC)
     for i in range(8):
         studio.compress(f"{DOC} {i}")
-    studio.cache.close()
-    return studio.cache.directory / "cache.db"
+    studio.store.cache.close()
+    return studio.store.cache.directory / "cache.db"
 
 
 def moved_aside(directory: Path) -> list[Path]:
@@ -270,7 +271,7 @@ def test_a_damaged_database_is_moved_aside_and_a_fresh_cache_started(studio, cap
                         warning), warning
     assert (aside / "cache.db").read_bytes() == damaged  # kept, as it was, for inspection
     assert later.compress(DOC).result.cached is True  # the fresh cache works
-    assert len(later.cache) == entries_of(later, DOC)
+    assert len(later.store.cache) == entries_of(later, DOC)
 
 
 @pytest.mark.slow
@@ -300,7 +301,7 @@ def test_a_database_found_damaged_while_running(studio, caplog, monkeypatch):  #
     with caplog.at_level(logging.WARNING, logger="cache.latents"):
         assert studio.compress(DOC).result.cached is False
     monkeypatch.undo()
-    assert [warned(caplog, "is damaged")] == [True] and len(moved_aside(studio.cache.directory)) == 1
+    assert [warned(caplog, "is damaged")] == [True] and len(moved_aside(studio.store.cache.directory)) == 1
     assert studio.compress(DOC).result.cached is True  # stored in the fresh cache by the compress above
 
 

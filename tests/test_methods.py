@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from app.cli import build_parser
-from app.methods import METHODS, PRESS_METHODS, DocumentIds, Request, prompt_parts
+from app.latent_store import DocumentIds
+from app.methods import METHODS, PRESS_METHODS, Request, prompt_parts
 from app.service import Studio
 from app.settings import Settings
 from bench.quality.suite import methods as quality_methods

@@ -42,7 +42,7 @@ def test_out_of_memory_while_compressing(studio, out_of_memory):
     with pytest.raises(OutOfMemory, match=OUT_OF_MEMORY) as failure:
         studio.compress(DOC)
     assert calls == [1] and failure.value.__context__ is None and failure.value.__cause__ is None
-    assert len(studio.cache) == 0  # nothing stored for the failed request
+    assert len(studio.store.cache) == 0  # nothing stored for the failed request
     again = studio.compress(DOC)
     assert again.result.cached is False and torch.equal(again.latents, reference)
 

@@ -28,7 +28,7 @@ def test_expand_cases_record_rounds_and_chunks_read(tmp_path, tiny_checkpoint):
     header, rows = expand_table(records)
     assert len(rows) == 1 and rows[0][5] == str(expand["rounds"])
     assert rows[0][6] == ", ".join(map(str, expand["expanded"]))
-    chunk = next(c for c in studio.chunks(model, examples[0][1].context)
+    chunk = next(c for c in studio.store.chunks(model, examples[0][1].context)
                  if c.start_char <= examples[0][1].answer_offsets[0] < c.end_char)
     assert expand["holding"] == [chunk.number] and expand["first_expanded"] == expand["expanded"][:len(
         expand["first_expanded"])]

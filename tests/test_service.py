@@ -74,7 +74,7 @@ def test_cache_hit_then_corruption_is_rebuilt(studio):
     assert first.result.cached is False and second.result.cached is True and second.result.compress_ms == 0
     assert torch.equal(first.latents, second.latents)
     # corrupt every stored entry: the next request misses, recomputes the same latents, and re-caches
-    raw = studio.cache._cache
+    raw = studio.store.cache._cache
     for key in list(raw.iterkeys()):
         raw.set(key, b"not safetensors")
     third = studio.compress(DOC)
@@ -94,7 +94,7 @@ def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
     monkeypatch.setattr(app.methods.ExpandAgent, "run", recording)
     events, result = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=4))
     model = studio.model()
-    chunks = studio.chunks(model, DOC)
+    chunks = studio.store.chunks(model, DOC)
     latents, texts = seen[0]
     assert texts == [c.text for c in chunks] and len(chunks) > 1
     for chunk, region in zip(chunks, latents):  # exactly the latents of that chunk's text compressed alone

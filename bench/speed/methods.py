@@ -25,9 +25,10 @@ from functools import cached_property
 
 import torch
 
+from app.latent_store import DocumentIds
 from app.measure import Measurement, Meter
 from app.methods import METHODS as STUDIO_METHODS
-from app.methods import PRESS_METHODS, DocumentIds, Request, prompt_parts, reply
+from app.methods import PRESS_METHODS, Request, prompt_parts, reply
 from bench.speed.rigs import QUESTION, Rig
 from model.generation import prefill
 

@@ -67,7 +67,7 @@ def test_out_of_memory_shows_one_message_and_the_next_request_works(inprocess, t
     client = new_client(url, tmp_path)
     reference = short_answer(client)
     model = workspace.model(workspace.catalog.default)
-    workspace.studio.cache.clear()  # so that the next answer compresses again
+    workspace.studio.store.cache.clear()  # so that the next answer compresses again
     owner, call = {"compress": (model.encoder.model, 1), "prefill": (model.decoder, 1),
                    "decode": (model.decoder, 3)}[where]
     calls = out_of_memory(owner, "forward", call=call)
