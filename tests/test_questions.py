@@ -191,7 +191,7 @@ RATES = {"adapter": 3e-3, "encoder": 3e-3, "decoder": 3e-3, "tags": 3e-3}
 QUESTIONS = {name: Recipe(name, "", phases=(Phase(16),), objectives={name: 1.0}, batch_tokens=64, warmup_steps=1,
                           train_decoder=True, lr=RATES, question_tokens=256, question_lengths=(128,),
                           teacher_tokens=6, long_span=32)
-             for name in ("qa", "expand", "anchor", "reconstruction_long")}
+             for name in ("qa", "expand", "anchor", "reconstruction_long", "reconstruction_facts")}
 
 
 @pytest.mark.slow
@@ -206,7 +206,7 @@ def test_each_question_objective_lowers_its_loss_on_a_fixed_batch(name, pair):
     assert batch.objective == name and batch.samples
     if name == "anchor":  # text only, the base decoder's distribution as the target
         assert all(not s.documents and s.soft is not None for s in batch.samples)
-    elif name != "reconstruction_long":
+    elif not name.startswith("reconstruction"):
         assert all(s.documents for s in batch.samples)
     pad = lclm.decoder_tokenizer.pad_token_id or 0
     losses = []
@@ -217,6 +217,18 @@ def test_each_question_objective_lowers_its_loss_on_a_fixed_batch(name, pair):
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0], losses
+
+
+def test_a_fact_span_holds_its_questions_answer_whole(pair):
+    """reconstruction_facts reads back spans of question documents with the answer value inside."""
+    lclm = build_trainable(pair)
+    recipe = replace(QUESTIONS["reconstruction_facts"], question_kinds={"fact": 0.5, "table": 0.5})
+    data = CampaignData(ExampleBuilder(lclm), load_corpus(pair.corpus), recipe, seed=0)
+    for index in range(6):
+        span = data.fact_span(np.random.default_rng(index), index, 16)
+        case = data.question(np.random.default_rng(index), index)
+        assert len(span) == 16
+        assert case.answers[0] in lclm.decoder_tokenizer.decode(span)
 
 
 def test_a_qa_sample_distils_the_teachers_reply_where_it_is_right(pair, monkeypatch):

@@ -97,7 +97,8 @@ class Recipe:
     name: str
     summary: str
     phases: tuple[Phase, ...]
-    # reconstruction | reconstruction_long | interleaved | distill | qa | expand | anchor -> sampling weight
+    # reconstruction | reconstruction_long | reconstruction_facts | interleaved | distill | qa | expand | anchor
+    # -> sampling weight
     objectives: dict[str, float]
     train_decoder: bool = False  # decoder LoRA trained (else the decoder is frozen and its LoRA off)
     train_encoder: bool = True
@@ -161,6 +162,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "documents of 256-512 tokens, where most answer tokens are digits: the fine fidelity that exact answers "
            "need, before longer documents and the other kinds",
            phases=(Phase(64),), objectives={"qa": 0.65, "anchor": 0.1, "reconstruction": 0.25},
+           question_lengths=(256, 512), qa_target="reference",
+           question_kinds={"fact": 0.4, "distractors": 0.25, "table": 0.25, "chain": 0.1}, train_decoder=True,
+           lr={"adapter": 5e-4, "encoder": 5e-4, "decoder": 2.5e-4, "tags": 5e-4}),
+    Recipe("answer-digits", "answer-facts with a third of its steps reconstructing 64-token spans of the question "
+           "documents that hold the answer value (reconstruction_facts): the exact digits and length of a number "
+           "read back from its latents, which the look-ups' replies miss by one digit",
+           phases=(Phase(64),), objectives={"reconstruction_facts": 0.35, "qa": 0.35, "anchor": 0.1,
+                                            "reconstruction": 0.2},
            question_lengths=(256, 512), qa_target="reference",
            question_kinds={"fact": 0.4, "distractors": 0.25, "table": 0.25, "chain": 0.1}, train_decoder=True,
            lr={"adapter": 5e-4, "encoder": 5e-4, "decoder": 2.5e-4, "tags": 5e-4}),
@@ -322,6 +331,10 @@ class CampaignData:
         train = self.split("train")
         if objective in QUESTION_OBJECTIVES:
             return QUESTION_OBJECTIVES[objective](self, rng, step)
+        if objective == "reconstruction_facts":
+            span = r.phase(span_tokens_done).span_tokens
+            return StepData(objective, [self.builder.reconstruction(self.fact_span(rng, step * 16 + j, span))
+                                        for j in range(max(1, r.batch_tokens // span))], span)
         if objective == "reconstruction_long":
             count = max(1, r.batch_tokens // r.long_span)
             return StepData(objective, [self.builder.reconstruction(self.exact(train, rng, r.long_span))
@@ -366,6 +379,23 @@ class CampaignData:
             except ValueError:
                 continue
         raise RuntimeError(f"no question case could be made for index {index} in 8 draws")
+
+    def fact_span(self, rng: np.random.Generator, index: int, length: int) -> list[int]:
+        """`length` decoder tokens of training question `index`'s document that hold its first answer
+        whole, at a random place in the span (the exact digits a look-up must read back)."""
+        case = self.question(rng, index)
+        encoded = self.builder.dec(case.context, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        start_char = case.answer_offsets[0]
+        end_char = start_char + len(case.answers[0])
+        first = next(i for i, (a, b) in enumerate(offsets) if b > start_char)
+        last = next((i for i, (a, b) in enumerate(offsets) if b >= end_char), len(ids) - 1)
+        if len(ids) <= length:
+            return ids
+        low = max(0, last + 1 - length)  # the span's first token: the answer's last token inside it
+        high = min(first, len(ids) - length)  # ... and its first token inside it
+        begin = int(rng.integers(low, max(low, high) + 1))
+        return ids[begin:begin + length]
 
     def profile(self, rng: np.random.Generator) -> str:
         return weighted_choice(rng, self.recipe.profiles)
