@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from app.answer import Answer
+from app.measure import Measurement, MiB
 from app.methods import METHODS, PRESS_METHODS
 from app.settings import POOLINGS, PROFILES, RATIOS
 from model.precision import DTYPE_CHOICES
@@ -114,12 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "compress":
             result = studio.compress(text, args.ratio, args.pooling, use_cache=use_cache, progress=progress).result
-            out = result.to_dict()
-            if not result.trained:
-                from app.methods import UNTRAINED_NOTE
-
-                out["note"] = UNTRAINED_NOTE
-            emit(args, out, compress_text)
+            emit(args, result.to_dict(), compress_text)
         elif args.command == "ask":
             stream = not args.json and sys.stdout.isatty()
             several = len(args.question) > 1
@@ -127,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             for question in args.question:
                 if several and not args.json:
                     print(f"Q: {question}", flush=True)
-                result = {}
+                answer = None
                 mode = args.press if args.mode == "press" else args.mode
                 events = studio.ask(text, question, mode, args.ratio, args.pooling,
                                     max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress)
@@ -135,12 +132,12 @@ def run(args: argparse.Namespace) -> int:
                     if event.kind == "token" and stream:
                         print(event.text, end="", flush=True)
                     elif event.kind == "done":
-                        result = event.result
+                        answer = event.answer
                 if stream:
                     print()
-                results.append(result)
+                results.append(answer.to_json())
                 if not args.json:
-                    print(ask_text(result, answer_printed=stream) + ("\n" if several else ""), flush=True)
+                    print(ask_text(answer, answer_printed=stream) + ("\n" if several else ""), flush=True)
             if args.json:
                 print(json.dumps(results if several else results[0], ensure_ascii=False))
         else:
@@ -177,7 +174,7 @@ def emit(args: argparse.Namespace, result: dict, as_text) -> None:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / MiB:.1f} MiB"
 
 
 def compress_text(r: dict) -> str:
@@ -214,27 +211,28 @@ def round_text(rnd: dict) -> str:
     return " ".join(w for w in words if w)
 
 
-def ask_text(r: dict, answer_printed: bool = False) -> str:
-    lines = [] if answer_printed else [r["answer"], ""]
-    lines += [round_text(rnd) for rnd in r.get("rounds", [])]
-    lines += [f"WARNING: {w}" for w in r.get("warnings", [])]
-    if "answer_ttft_ms" in r:
-        lines.append(f"answer's first token after {r['answer_ttft_ms']:.1f} ms (TTFT below: the first directive's)")
+def ask_text(a: Answer, answer_printed: bool = False) -> str:
+    m = a.measurement
+    lines = [] if answer_printed else [a.text, ""]
+    lines += [round_text(rnd) for rnd in (a.expand.rounds if a.expand else [])]
+    lines += [f"WARNING: {w}" for w in a.warnings]
+    if a.expand is not None:
+        lines.append(f"answer's first token after {a.expand.answer_ttft_ms:.1f} ms (TTFT below: the first directive's)")
     lines.append(
-        f"[{r['mode']}] TTFT {r['ttft_ms']:.1f} ms (compress {r['compress_ms']:.1f}, prefill {r['prefill_ms']:.1f}, "
-        f"first token {r['first_token_ms']:.1f}); {r['positions']:,} positions"
-        f"{reused_text(r)}; KV cache {_mib(r['kv_cache_bytes'])}; "
-        f"peak memory above the start {_mib(r['peak_mem_above_weights_bytes'])}; {r['tokens_per_s']:.1f} tokens/s; "
-        f"{r['dtype']}"
+        f"[{a.method}] TTFT {m.ttft_ms:.1f} ms (compress {m.compress_ms:.1f}, prefill {m.prefill_ms:.1f}, "
+        f"first token {m.first_token_ms:.1f}); {m.positions:,} positions"
+        f"{reused_text(m)}; KV cache {_mib(m.kv_cache_bytes)}; "
+        f"peak memory above the start {_mib(m.peak_mem_above_weights_bytes)}; {m.tokens_per_s:.1f} tokens/s; "
+        f"{a.precision['dtype']}"
     )
-    if r.get("note"):
-        lines.append(f"NOTE: {r['note']}")
+    if a.note:
+        lines.append(f"NOTE: {a.note}")
     return "\n".join(lines)
 
 
-def reused_text(r: dict) -> str:
-    reused = r.get("prefix_reused_positions", 0)
-    return f" ({reused:,} reused, {r.get('prefill_positions', 0):,} prefilled)" if reused else ""
+def reused_text(m: Measurement) -> str:
+    reused = m.prefix_reused_positions
+    return f" ({reused:,} reused, {m.prefill_positions:,} prefilled)" if reused else ""
 
 
 def reconstruct_text(r: dict) -> str:

@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 
 from app.documents import Cell
 from app.latent_analysis import PointSet, Projection
+from app.measure import MiB
 
 SYMBOLS = ("circle", "diamond", "square", "triangle-up", "x")
 METHOD_COLOURS = {"lclm": "#1f77b4", "expand": "#17becf", "full": "#d62728"}
@@ -161,7 +162,7 @@ def sweep_figure(rows: Sequence[dict]) -> go.Figure:
         tokens = [r["tokens"] for r in mine]
         figure.add_trace(go.Scatter(x=tokens, y=[r["ttft_ms"] for r in mine], mode="lines+markers", name=method,
                                     legendgroup=method, line=dict(color=colour)), row=1, col=1)
-        figure.add_trace(go.Scatter(x=tokens, y=[r["peak_mem_above_weights_bytes"] / 2**20 for r in mine],
+        figure.add_trace(go.Scatter(x=tokens, y=[r["peak_mem_above_weights_bytes"] / MiB for r in mine],
                                     mode="lines+markers", name=method, legendgroup=method, showlegend=False,
                                     line=dict(color=colour)), row=1, col=2)
     figure.update_xaxes(title_text="context length (tokens)")

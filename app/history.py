@@ -11,7 +11,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from app.answer import Answer
 from app.lru import BoundedLRU
+from app.measure import MiB
 
 COLUMNS = (
     "time", "method", "ratio", "tokens", "positions", "ttft_ms", "compress_ms", "prefill_ms", "first_token_ms",
@@ -25,22 +27,19 @@ def rounded(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def run_row(result: dict, method: str) -> dict:
-    """A history row from one answer's result (see Studio.ask)."""
-    mib = 2**20
+def run_row(answer: Answer, method: str) -> dict:
+    """A history row from one answer (see Studio.ask), under the name the page gave its method."""
+    m = answer.measurement
     return {
-        "time": time.strftime("%H:%M:%S"), "method": method, "ratio": result.get("ratio"),
-        "tokens": result.get("tokens"), "positions": result.get("positions"),
-        "prefix_reused_positions": result.get("prefix_reused_positions"),
-        "prefill_positions": result.get("prefill_positions"),
-        "ttft_ms": rounded(result.get("ttft_ms")), "compress_ms": rounded(result.get("compress_ms")),
-        "prefill_ms": rounded(result.get("prefill_ms")), "first_token_ms": rounded(result.get("first_token_ms")),
-        "tokens_per_s": rounded(result.get("tokens_per_s")), "new_tokens": result.get("new_tokens"),
-        "peak_mem_mib": round(result.get("peak_mem_bytes", 0) / mib, 1),
-        "peak_mem_above_weights_mib": round(result.get("peak_mem_above_weights_bytes", 0) / mib, 1),
-        "kv_cache_mib": round(result.get("kv_cache_bytes", 0) / mib, 3),
-        "cached": result.get("cached"), "dtype": result.get("dtype"), "question": result.get("question", ""),
-        "answer": result.get("answer", ""),
+        "time": time.strftime("%H:%M:%S"), "method": method, "ratio": answer.ratio, "tokens": answer.tokens,
+        "positions": m.positions, "prefix_reused_positions": m.prefix_reused_positions,
+        "prefill_positions": m.prefill_positions, "ttft_ms": rounded(m.ttft_ms), "compress_ms": rounded(m.compress_ms),
+        "prefill_ms": rounded(m.prefill_ms), "first_token_ms": rounded(m.first_token_ms),
+        "tokens_per_s": rounded(m.tokens_per_s), "new_tokens": m.new_tokens,
+        "peak_mem_mib": round(m.peak_mem_bytes / MiB, 1),
+        "peak_mem_above_weights_mib": round(m.peak_mem_above_weights_bytes / MiB, 1),
+        "kv_cache_mib": round(m.kv_cache_bytes / MiB, 3), "cached": answer.cached,
+        "dtype": answer.precision.get("dtype"), "question": answer.question, "answer": answer.text,
     }
 
 

@@ -16,11 +16,11 @@ import psutil
 import torch
 
 from app.lru import BoundedLRU
+from app.measure import MiB
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
-MiB = 2**20
 DEFAULT_MAX_MB = 4096  # the default budget is an eighth of the machine's memory, at most this
 
 

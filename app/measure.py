@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
+MiB = 2**20  # bytes in a mebibyte: every MiB figure the studio shows
+
 
 def kv_cache_bytes(decoder_config, positions: int, dtype: torch.dtype) -> int:
     config = (decoder_config.get_text_config(decoder=True) if hasattr(decoder_config, "get_text_config")

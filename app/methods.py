@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.answer import Answer, ExpandTrace, PressTrace
 from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey
 from app.latent_store import DocumentIds, LatentStore
 from app.measure import Measurement, Meter
@@ -43,20 +44,27 @@ from model.lclm import LCLM
 from model.presses import PRESSES, PressSpec, kept_positions, make_press, new_cache, stored_kv_bytes
 from model.prompts import PromptProfile
 
-UNTRAINED_NOTE = "untrained: this LCLM's adapter is freshly initialised, so its latents carry no learned meaning"
 DOCUMENT_MARK = "\x00DOCUMENT\x00"  # where the document goes in a rendered prompt
 
 
 @dataclass
 class AskEvent:
     """One streamed piece of an answer: `kind` is "token", "round" or "done"; the "done" event
-    carries the result dict and the `Measurement` it was built from."""
+    carries the `Answer`."""
 
     kind: str
     text: str = ""
     round: dict | None = None
-    result: dict | None = None
-    measurement: Measurement | None = None
+    answer: Answer | None = None
+
+    @property
+    def result(self) -> dict | None:
+        """The answer as JSON (None before the "done" event)."""
+        return self.answer.to_json() if self.answer is not None else None
+
+    @property
+    def measurement(self) -> Measurement | None:
+        return self.answer.measurement if self.answer is not None else None
 
 
 @dataclass
@@ -263,24 +271,19 @@ class Method:
             variant.text_decoder  # a first use loads it: before the clocks and the memory readout start
         with Meter(model.device, model.decoder.config, model.dtype) as meter:
             fields = yield from self.run(resources, request, meter)
-        m = meter.measurement
-        result = {
-            "answer": fields.pop("answer").strip(), "mode": self.name, "method": self.label,
-            "question": request.question, "ratio": request.compression_ratio if self.uses_ratio else None,
-            "pooling": variant.pooling if self.reads_latents else None, "checkpoint": model.checkpoint_id,
-            "prompt_profile": variant.profile.name, "tokens": len(request.document), "latents": 0,
-            "compress_ms": round(m.compress_ms, 3), "cached": False, "trained": True,
-            **fields, **m.to_dict(), **variant.precision.to_dict(),
-        }
-        if not result["trained"]:
-            result["note"] = UNTRAINED_NOTE
-        yield AskEvent("done", result=result, measurement=m)
+        answer = Answer(
+            text=fields.pop("text").strip(), method=self.name, label=self.label, question=request.question,
+            ratio=request.compression_ratio if self.uses_ratio else None,
+            pooling=variant.pooling if self.reads_latents else None, checkpoint=model.checkpoint_id,
+            prompt_profile=variant.profile.name, tokens=len(request.document), measurement=meter.measurement,
+            precision=variant.precision.to_dict(), **fields)
+        yield AskEvent("done", answer=answer)
 
     @staticmethod
     def finished(replied: Replied, round_warnings: list[str] = (), **fields) -> dict:
-        """The method-specific fields of a result whose answer is `replied`; `warnings` says what
-        a reader must know about it (EXPAND's rounds first)."""
-        return {"answer": replied.text, "stopped": replied.stopped,
+        """The method-specific fields of an `Answer` whose text is `replied`'s; its warnings say
+        what a reader must know about it (EXPAND's rounds first)."""
+        return {"text": replied.text, "stopped": replied.stopped,
                 "warnings": [*round_warnings, *reply_warnings(replied)], **fields}
 
     def run(self, resources: Resources, request: Request, meter: Meter) -> Generator[AskEvent, None, dict]:
@@ -385,13 +388,12 @@ class Expand(Method):
             else:
                 yield item
         last = replies[-1]  # the round whose reply holds the answer
+        trace = ExpandTrace(answer_ttft_ms=round(last.first_token_at_ms, 3),
+                            chunk_tokens=resources.settings.chunk_tokens, chunks=[c.to_dict() for c in chunks],
+                            rounds=rounds, expanded=sorted({n for r in rounds for n in r["expanded"]}))
         return self.finished(Replied(answer, last.tokens, last.stopped, last.first_token_at_ms),
-                             answer_ttft_ms=round(last.first_token_at_ms, 3),
-                             latents=sum(int(r.shape[0]) for r in latents), cached=cached,
-                             trained=model.config.trained, chunk_tokens=resources.settings.chunk_tokens,
-                             chunks=[c.to_dict() for c in chunks],
-                             expanded=sorted({n for r in rounds for n in r["expanded"]}), rounds=rounds,
-                             round_warnings=expand_warnings(rounds))
+                             expand_warnings(rounds), latents=sum(int(r.shape[0]) for r in latents), cached=cached,
+                             trained=model.config.trained, expand=trace)
 
 
 @dataclass(frozen=True)
@@ -463,9 +465,9 @@ class Pressed(Method):
         if stored is not None:
             m.kv_cache_bytes = stored
         replied = yield from reply(request, state, meter, done, decoder)
-        return self.finished(replied, prefilled_positions=context_len + question_len,
-                             press_ratio=round(press.compression_ratio, 4), kv_positions_held=held,
-                             base_decoder=request.variant.reads_text_with_base)
+        trace = PressTrace(prefilled_positions=context_len + question_len,
+                           press_ratio=round(press.compression_ratio, 4), kv_positions_held=held)
+        return self.finished(replied, press=trace, base_decoder=request.variant.reads_text_with_base)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (FullContext(), LatentContext(), Expand(),

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from app.answer import UNTRAINED_NOTE
 from app.kv_cache import PrefixCache
 from app.latent_store import LatentStore, text_document
 from app.measure import PeakMemory
 from app.memory import guard_memory, guard_stream
-from app.methods import UNTRAINED_NOTE, AskEvent, Request, Resources, method
+from app.methods import AskEvent, Request, Resources, method
 from app.models import LoadedVariant, ModelPool, ProgressFn
 from app.settings import Settings
 from model.errors import UserError
@@ -49,6 +50,8 @@ class CompressResult:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(out.pop("precision"))
+        if not self.trained:
+            out["note"] = UNTRAINED_NOTE
         return out
 
 

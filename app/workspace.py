@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 from app import figures, latent_analysis
+from app.answer import Answer
 from app.catalog import Catalog, Variant
 from app.documents import Document, DocumentStore, Layout, layout
 from app.history import RunHistory, run_row, to_csv, to_json
 from app.latent_analysis import latent_set, latent_statistics, project_sets, source_token_set, token_diff
 from app.lru import BoundedLRU
-from app.methods import METHODS, UNTRAINED_NOTE
+from app.measure import MiB
+from app.methods import METHODS
 from app.models import ProgressFn, validate_choice
 from app.service import Studio
 from app.serving import UPLOAD_DIR_ENV, discard_upload
@@ -44,22 +46,21 @@ class MethodRun:
     started: float = 0.0
     live_ttft_ms: float | None = None
     tokens: int = 0
-    result: dict | None = None
+    answer: Answer | None = None
     variant: Variant | None = None  # the variant it answers with (None: the request's)
 
     def readout(self) -> dict:
         """The row shown live: the measured numbers once done (rounded for people; the results
         JSON keeps full precision), wall-clock estimates while streaming. Memory is the peak above
         what the process held when the request started (docs/architecture.md, measurements)."""
-        mib = 2**20
-        if self.result is not None:
-            r = self.result
-            return {"method": self.name, "status": self.status, "TTFT ms": round(r["ttft_ms"], 1),
-                    "answer after ms": round(r.get("answer_ttft_ms", r["ttft_ms"]), 1),
-                    "compress ms": round(r["compress_ms"], 1), "prefill ms": round(r["prefill_ms"], 1),
-                    "tokens/s": round(r["tokens_per_s"], 1), "tokens": r["new_tokens"],
-                    "peak above start MiB": round(r["peak_mem_above_weights_bytes"] / mib, 1),
-                    "KV cache MiB": round(r["kv_cache_bytes"] / mib, 2), "positions": r["positions"]}
+        if self.answer is not None:
+            m, expand = self.answer.measurement, self.answer.expand
+            return {"method": self.name, "status": self.status, "TTFT ms": round(m.ttft_ms, 1),
+                    "answer after ms": round(expand.answer_ttft_ms if expand else m.ttft_ms, 1),
+                    "compress ms": round(m.compress_ms, 1), "prefill ms": round(m.prefill_ms, 1),
+                    "tokens/s": round(m.tokens_per_s, 1), "tokens": m.new_tokens,
+                    "peak above start MiB": round(m.peak_mem_above_weights_bytes / MiB, 1),
+                    "KV cache MiB": round(m.kv_cache_bytes / MiB, 2), "positions": m.positions}
         elapsed = (time.perf_counter() - self.started) if self.started else 0.0
         rate = None
         if self.live_ttft_ms is not None and self.tokens > 1 and elapsed * 1000 > self.live_ttft_ms:
@@ -82,7 +83,8 @@ class AskState:
         return [m.readout() for m in self.methods]
 
     def results(self) -> dict[str, dict]:
-        return {m.name: m.result for m in self.methods if m.result is not None}
+        """Each finished answer as JSON, by the name the page gives its method."""
+        return {m.name: m.answer.to_json() for m in self.methods if m.answer is not None}
 
 
 @dataclass
@@ -136,11 +138,7 @@ class Workspace:
     def compress(self, doc_id: str | None, variant: Variant, progress: ProgressFn | None = None) -> dict:
         text = self.documents.get(doc_id).text
         compressed = self.studio.compress(text, variant.ratio, variant.pooling, variant.spec, progress=progress)
-        result = compressed.result.to_dict()
-        result["variant"] = variant.label
-        if not compressed.result.trained:
-            result["note"] = UNTRAINED_NOTE
-        return result
+        return {**compressed.result.to_dict(), "variant": variant.label}
 
     # ---- latents ---------------------------------------------------------------------
     def latent_map(self, doc_id: str | None, variant: Variant, other_ratios: list[int] = (),
@@ -261,11 +259,12 @@ class Workspace:
                             state.expanded.setdefault(index, event.round["number"])
                     run.text = ""  # the next round's reply streams afresh
                 else:
-                    run.result, run.text = event.result, event.result["answer"]
-                    if not run.text.strip():  # an empty answer says so, rather than an empty box
-                        run.text = "(" + (event.result.get("warnings") or ["the answer is empty"])[-1] + ")"
-                    run.status = "; ".join(["done", *event.result.get("warnings", [])])
-                    self.history.add(session, run_row(event.result, run.name))
+                    answer = run.answer = event.answer
+                    run.text = answer.text
+                    if answer.empty:  # an empty answer says so, rather than an empty box
+                        run.text = "(" + (answer.warnings or ["the answer is empty"])[-1] + ")"
+                    run.status = "; ".join(["done", *answer.warnings])
+                    self.history.add(session, run_row(answer, run.name))
                 yield state
 
         yield state
@@ -323,16 +322,17 @@ class Workspace:
 def sweep_point(studio: Studio, text: str, mode: str, name: str, variant: Variant, length: int) -> dict:
     """One method's TTFT and memory on `text` (one new token, no latent cache); a length the
     method cannot read (e.g. past the decoder's positions) is kept with its reason."""
-    result = {}
+    answer = None
     try:
         for event in studio.ask(text, SWEEP_QUESTION, mode, variant.ratio, variant.pooling, variant.spec,
                                 max_new_tokens=1, use_cache=False):
-            result = event.result or result
+            answer = event.answer or answer
     except UserError as err:
         return {"method": name, "tokens": length, "error": str(err)}
-    keys = ("tokens", "ttft_ms", "compress_ms", "prefill_ms", "positions", "kv_cache_bytes", "peak_mem_bytes",
-            "peak_mem_above_weights_bytes")
-    return {"method": name, **{k: result[k] for k in keys}}
+    m = answer.measurement
+    return {"method": name, "tokens": answer.tokens, "ttft_ms": m.ttft_ms, "compress_ms": m.compress_ms,
+            "prefill_ms": m.prefill_ms, "positions": m.positions, "kv_cache_bytes": m.kv_cache_bytes,
+            "peak_mem_bytes": m.peak_mem_bytes, "peak_mem_above_weights_bytes": m.peak_mem_above_weights_bytes}
 
 
 def sweep_lengths(tokens: int, points: int = 5) -> list[int]:

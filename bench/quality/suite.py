@@ -87,13 +87,14 @@ def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens:
         request = studio.request(example.context, example.question, variant, max_new_tokens, use_cache=False,
                                  ratio=method.ratio if method.is_press else None)
         events = list(studio.run(method.kind, request))
-    done = events[-1].result
-    out = {"reply": done["answer"], "positions": done["positions"], "prompt_profile": done["prompt_profile"]}
-    if method.kind == "expand":
-        holding = sorted({c["index"] for c in done["chunks"] for at in example.answer_offsets
+    done = events[-1].answer
+    out = {"reply": done.text, "positions": done.measurement.positions, "prompt_profile": done.prompt_profile}
+    trace = done.expand
+    if trace is not None:
+        holding = sorted({c["index"] for c in trace.chunks for at in example.answer_offsets
                           if c["start_char"] <= at < c["end_char"]})
-        first = next((r["expanded"] for r in done["rounds"] if r["expanded"]), [])
-        out.update(rounds=len(done["rounds"]), expanded=done["expanded"], chunks=len(done["chunks"]),
+        first = next((r["expanded"] for r in trace.rounds if r["expanded"]), [])
+        out.update(rounds=len(trace.rounds), expanded=trace.expanded, chunks=len(trace.chunks),
                    holding=holding, first_expanded=first)
     return out
 

@@ -96,13 +96,14 @@ class Method:
     def run(self, rig: Rig, case: Case, new_tokens: int) -> Measurement:
         if not self.studio_method:
             return question_only(rig, case, new_tokens)
-        done = None
+        answer = None
         for event in rig.studio.run(self.studio_method, self.request(rig, case, new_tokens)):
-            done = event if event.kind == "done" else done
-        m = done.measurement
-        for fact in ("latents", "kv_positions_held"):  # per-request facts the report shows
-            if done.result.get(fact):
-                m.extra[fact] = done.result[fact]
+            answer = event.answer or answer
+        m = answer.measurement  # with the per-request facts the report shows
+        if answer.latents:
+            m.extra["latents"] = answer.latents
+        if answer.press is not None and answer.press.kv_positions_held:
+            m.extra["kv_positions_held"] = answer.press.kv_positions_held
         return m
 
 

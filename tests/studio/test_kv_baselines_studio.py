@@ -37,8 +37,8 @@ def test_each_new_baseline_answers_one_request(workspace):
         final = list(workspace.ask("s", document.sha256, "What is the code?", workspace.catalog.default,
                                    baselines=[name], max_new_tokens=3))[-1]
         run = {m.method: m for m in final.methods}[name]
-        assert run.result is not None, run.status
-        results[name] = run.result
+        assert run.answer is not None, run.status
+        results[name] = run.answer.to_json()
     compacted, four, two = (results[n] for n in NEW)
     question = four["prefilled_positions"] - four["positions"]  # quantization keeps every position: 0
     assert question == 0 and two["positions"] == four["positions"] == four["prefilled_positions"]

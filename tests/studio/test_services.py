@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from app import figures, latent_analysis
+from app.answer import Answer
 from app.catalog import CHECKPOINT_FAMILY, EMBEDDED_FAMILY, Catalog, Variant, build_catalog
 from app.documents import Cell, DocumentStore
 from app.history import COLUMNS, RunHistory, run_row, to_csv
 from app.latent_analysis import latent_statistics, pca, project, token_diff, token_pieces
+from app.measure import Measurement
 from app.models import share_weights
 from app.service import Studio
 from app.settings import Settings
@@ -201,18 +203,19 @@ def test_ask_streams_states_and_records_the_run(workspace):
     final = states[-1]
     main, full, kvpress = final.methods
     for run in final.methods:  # done, then whatever the reader must be told (a forced round, an empty answer)
-        assert run.status == "; ".join(["done", *run.result["warnings"]])
-        assert run.text == run.result["answer"] or (not run.result["answer"].strip() and run.text.startswith("("))
-    assert main.result["mode"] == "expand" and full.result["mode"] == "full"
-    assert kvpress.name == "SnapKV" and kvpress.result["mode"] == "snapkv"
-    assert main.result["prompt_profile"] == "paper" and final.rounds[0]["action"] in ("expand", "demoted")
+        assert run.status == "; ".join(["done", *run.answer.warnings])
+        assert run.text == run.answer.text or (run.answer.empty and run.text.startswith("("))
+    assert main.answer.method == "expand" and full.answer.method == "full"
+    assert kvpress.name == "SnapKV" and kvpress.answer.method == "snapkv"
+    assert main.answer.prompt_profile == "paper" and final.rounds[0]["action"] in ("expand", "demoted")
     assert final.expanded == {n: r["number"] for r in reversed(final.rounds) for n in r["expanded"]}
-    assert all(1 <= n <= len(main.result["chunks"]) for n in final.expanded)
+    assert all(1 <= n <= len(main.answer.expand.chunks) for n in final.expanded)
+    assert final.results()[main.name] == main.answer.to_json()  # what the page's JSON view shows
     studio_profile = list(workspace.ask("session-a", document.sha256, "What is the vault code?",
                                         workspace.catalog.default, expand=True, max_new_tokens=2,
                                         prompt_profile="studio"))[-1]
     assert (studio_profile.rounds[0]["forced"] == "EXPAND:"
-            and studio_profile.methods[0].result["prompt_profile"] == "studio")
+            and studio_profile.methods[0].answer.prompt_profile == "studio")
     assert [row["method"] for row in workspace.history.rows("session-a")] == [main.name, "full context", "SnapKV",
                                                                               main.name]
     assert workspace.history.rows("session-b") == []
@@ -230,11 +233,19 @@ def test_kvpress_keeps_the_matched_share_of_the_context(workspace):
     assert result["positions"] < result["prefilled_positions"] / 2  # a quarter of the context, plus the question
 
 
+def answer_of(**measured) -> Answer:
+    """An answer with these measured numbers (the rest plain), as a history row reads it."""
+    return Answer(text="x", method="lclm", label="LCLM", question="q", ratio=4, pooling="mean", checkpoint="c",
+                  prompt_profile="studio", tokens=10, measurement=Measurement(**measured),
+                  precision={"dtype": "float32"})
+
+
 def test_history_rows_and_csv():
     history = RunHistory(max_sessions=1)
-    history.add("a", run_row({"ttft_ms": 1.5, "peak_mem_bytes": 2**20, "answer": "x"}, "lclm"))
-    history.add("b", run_row({"ttft_ms": 2.5}, "full context"))
+    history.add("a", run_row(answer_of(ttft_ms=1.5, peak_mem_bytes=2**20), "lclm"))
+    history.add("b", run_row(answer_of(ttft_ms=2.5), "full context"))
     assert history.rows("a") == []  # dropped: only one session is kept
+    assert history.rows("b")[0]["ttft_ms"] == 2.5 and history.rows("b")[0]["dtype"] == "float32"
     csv = to_csv(history.rows("b"))
     assert csv.splitlines()[0] == ",".join(COLUMNS) and "full context" in csv
 
@@ -296,7 +307,7 @@ def test_user_errors_become_one_line_messages():
 def test_follow_up_summary_compares_first_questions_with_follow_ups():
     from app.history import follow_up_summary
 
-    rows = [run_row({"ttft_ms": t, "prefix_reused_positions": r, "dtype": "float32"}, m) for m, t, r in [
+    rows = [run_row(answer_of(ttft_ms=t, prefix_reused_positions=r), m) for m, t, r in [
         ("full context", 900.0, 0), ("full context", 30.0, 500), ("full context", 50.0, 500),
         ("LCLM 1:4 mean", 120.0, 0), ("LCLM 1:4 mean", 100.0, 0)]]
     summary = {row["method"]: row for row in follow_up_summary(rows)}
@@ -316,8 +327,8 @@ def test_ask_answers_at_other_ratios_side_by_side(workspace):
     names = [m.name for m in final.methods]
     assert names == ["LCLM 1:4 mean + EXPAND", "LCLM 1:8 mean + EXPAND", "full context"]
     at_eight = final.methods[1]
-    assert at_eight.result["ratio"] == 8 and at_eight.result["mode"] == "expand"
-    assert len(final.rounds) == len(final.methods[0].result["rounds"])
+    assert at_eight.answer.ratio == 8 and at_eight.answer.method == "expand"
+    assert len(final.rounds) == len(final.methods[0].answer.expand.rounds)
 
 
 def test_a_long_documents_latent_map_is_subsampled_and_says_so(workspace, monkeypatch):
