@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     text = read_file(args.path)  # first: a bad path fails at once, and a pipe is read before any model loads
     # Heavy imports here, so that `--help`, argument errors and bad paths are instant.
-    from app.service import Studio
+    from app.service import AskRequest, Studio
     from app.settings import Settings
 
     check_press(args)
@@ -126,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
                     print(f"Q: {question}", flush=True)
                 answer = None
                 mode = args.press if args.mode == "press" else args.mode
-                events = studio.ask(text, question, mode, args.ratio, args.pooling,
-                                    max_new_tokens=args.max_new_tokens, use_cache=use_cache, progress=progress)
+                asked = AskRequest(text, question, mode, args.ratio, args.pooling,
+                                   max_new_tokens=args.max_new_tokens, use_cache=use_cache)
+                events = studio.ask(asked, progress=progress)
                 for event in events:
                     if event.kind == "token" and stream:
                         print(event.text, end="", flush=True)

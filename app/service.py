@@ -29,6 +29,32 @@ from model.precision import DtypeChoice
 from model.prompts import PromptProfile, memory_region, reconstruction_prompt
 
 
+@dataclass(frozen=True)
+class AskRequest:
+    """A question about a text as a person asks it (the CLI, the Ask tab, the benchmarks): the
+    method (a name in app.methods.METHODS), the variant by checkpoint, ratio and pooling (None:
+    the defaults), the prompt profile, the reply's limit (per EXPAND round with EXPAND; None: the
+    settings') and the caches. Checked when made, so a bad request fails before anything runs."""
+
+    text: str
+    question: str
+    method: str = "lclm"
+    ratio: int | None = None
+    pooling: str | None = None
+    checkpoint: str | None = None
+    max_new_tokens: int | None = None
+    use_cache: bool = True  # the latent cache and the prefix KV cache
+    sampling: Sampling = field(default_factory=Sampling)
+    prompt_profile: str | None = None
+
+    def __post_init__(self):
+        method(self.method)  # a known method, or a UserError naming them
+        if not self.question or not self.question.strip():
+            raise UserError("the question is empty")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UserError("max new tokens must be at least 1")
+
+
 @dataclass
 class CompressResult:
     tokens: int
@@ -142,24 +168,16 @@ class Studio:
         return Compressed(model, document, latents, result)
 
     # ---- ask -----------------------------------------------------------------------
-    def ask(self, text: str, question: str, mode: str = "lclm", ratio: int | None = None,
-            pooling: str | None = None, checkpoint: str | None = None, max_new_tokens: int | None = None,
-            use_cache: bool = True, sampling: Sampling = Sampling(),
-            progress: ProgressFn | None = None, prompt_profile: str | None = None) -> Iterator[AskEvent]:
-        """Stream an answer with the method `mode` (a name in app.methods.METHODS): "token" events,
-        "round" events (EXPAND), then one "done" event. `max_new_tokens` is per EXPAND round in that
-        mode (default `settings.expand_new_tokens`). Running out of memory ends the stream with
-        `OutOfMemory`, the request's memory released."""
-        chosen = method(mode)
-        if not question or not question.strip():
-            raise UserError("the question is empty")
-        max_new_tokens = max_new_tokens or (
-            self.settings.expand_new_tokens if mode == "expand" else self.settings.max_new_tokens)
-        if max_new_tokens < 1:
-            raise UserError("max new tokens must be at least 1")
-        variant = self.variant(checkpoint, ratio, pooling, prompt_profile, progress)
-        request = self.request(text, question, variant, max_new_tokens, sampling, use_cache, progress)
-        return self.run(chosen.name, request)
+    def ask(self, asked: AskRequest, progress: ProgressFn | None = None) -> Iterator[AskEvent]:
+        """Stream the answer to `asked`: "token" events, "round" events (EXPAND), then one "done"
+        event with the `Answer`. The variant is resolved and the document tokenized once, here.
+        Running out of memory ends the stream with `OutOfMemory`, the request's memory released."""
+        max_new_tokens = asked.max_new_tokens or (
+            self.settings.expand_new_tokens if asked.method == "expand" else self.settings.max_new_tokens)
+        variant = self.variant(asked.checkpoint, asked.ratio, asked.pooling, asked.prompt_profile, progress)
+        request = self.request(asked.text, asked.question, variant, max_new_tokens, asked.sampling, asked.use_cache,
+                               progress)
+        return self.run(asked.method, request)
 
     def request(self, text: str, question: str, variant: LoadedVariant, max_new_tokens: int,
                 sampling: Sampling = Sampling(), use_cache: bool = True, progress: ProgressFn | None = None,

@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from app.lru import BoundedLRU
 from app.measure import MiB
 from app.methods import METHODS
 from app.models import ProgressFn, validate_choice
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.serving import UPLOAD_DIR_ENV, discard_upload
 from model.errors import UserError
 
@@ -228,14 +228,13 @@ class Workspace:
         `other_ratios` (that ratio's best trained variant, as comparisons pick it), then each chosen
         baseline's. `prompt_profile`: a name in model.prompts.PROMPT_PROFILES; None: the
         checkpoint's default."""
-        text = self.documents.get(doc_id).text
-        if not question or not question.strip():
-            raise UserError("the question is empty")
+        mode = "expand" if expand else "lclm"
+        asked = AskRequest(self.documents.get(doc_id).text, question, mode, variant.ratio, variant.pooling,
+                           variant.spec, max_new_tokens, prompt_profile=prompt_profile)  # checked here, at once
         comparisons = [name for name, m in METHODS.items() if not m.reads_latents]
         unknown = [b for b in baselines if b not in comparisons]
         if unknown:
             raise UserError(f"unknown comparison {unknown[0]!r}; choose from {', '.join(comparisons)}")
-        mode = "expand" if expand else "lclm"
         suffix = " + EXPAND" if expand else ""
         main = MethodRun(f"LCLM {variant.label}{suffix}", mode, variant=variant)
         siblings = [self.catalog.sibling(variant, int(r))
@@ -268,13 +267,12 @@ class Workspace:
                 yield state
 
         yield state
-        yield from stream(main, self.studio.ask(text, question, mode, variant.ratio, variant.pooling, variant.spec,
-                                                max_new_tokens, prompt_profile=prompt_profile))
+        yield from stream(main, self.studio.ask(asked))
         for run in state.methods[1:]:
             v = run.variant
             try:
-                yield from stream(run, self.studio.ask(text, question, run.method, v.ratio, v.pooling, v.spec,
-                                                       max_new_tokens, prompt_profile=prompt_profile))
+                yield from stream(run, self.studio.ask(replace(asked, method=run.method, ratio=v.ratio,
+                                                               pooling=v.pooling, checkpoint=v.spec)))
             except Exception as err:  # a comparison that fails here says so; the answers so far stay
                 if not isinstance(err, UserError):
                     log.exception("%s failed", run.name)
@@ -324,8 +322,8 @@ def sweep_point(studio: Studio, text: str, mode: str, name: str, variant: Varian
     method cannot read (e.g. past the decoder's positions) is kept with its reason."""
     answer = None
     try:
-        for event in studio.ask(text, SWEEP_QUESTION, mode, variant.ratio, variant.pooling, variant.spec,
-                                max_new_tokens=1, use_cache=False):
+        for event in studio.ask(AskRequest(text, SWEEP_QUESTION, mode, variant.ratio, variant.pooling,
+                                           variant.spec, max_new_tokens=1, use_cache=False)):
             answer = event.answer or answer
     except UserError as err:
         return {"method": name, "tokens": length, "error": str(err)}

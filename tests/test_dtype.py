@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.cli import main
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 
 DOC = ("The quick brown fox jumps over the lazy dog. The vault code is 5521. " * 6).strip()
@@ -20,7 +20,7 @@ def studio_in(tmp_path, checkpoint, dtype: str) -> Studio:
 
 
 def answer(studio: Studio, mode: str) -> dict:
-    events = list(studio.ask(DOC, QUESTION, mode=mode, max_new_tokens=4))
+    events = list(studio.ask(AskRequest(DOC, QUESTION, method=mode, max_new_tokens=4)))
     return events[-1].result
 
 

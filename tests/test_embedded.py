@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 
 pytestmark = pytest.mark.embedded
@@ -57,7 +57,7 @@ def final(events):
 
 
 def test_full_context_answers_the_needle(studio):
-    events, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="full", max_new_tokens=24))
+    events, result = final(studio.ask(AskRequest(NEEDLE_DOC, QUESTION, method="full", max_new_tokens=24)))
     assert "7294" in result["answer"]
     assert result["trained"] is True and result["latents"] == 0
     streamed = "".join(e.text for e in events if e.kind == "token")
@@ -65,7 +65,7 @@ def test_full_context_answers_the_needle(studio):
 
 
 def test_full_context_answers_the_needle_in_bfloat16(bf16_studio):
-    _, result = final(bf16_studio.ask(NEEDLE_DOC, QUESTION, mode="full", max_new_tokens=24))
+    _, result = final(bf16_studio.ask(AskRequest(NEEDLE_DOC, QUESTION, method="full", max_new_tokens=24)))
     assert "7294" in result["answer"] and result["dtype"] == "bfloat16"
     model = bf16_studio.model()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -76,8 +76,9 @@ FOLLOW_UPS = [QUESTION, "What colour is the sky?", QUESTION]
 
 @pytest.mark.parametrize("mode", ["full", "lclm"])
 def test_follow_up_questions_reuse_the_prefix_and_answer_as_without_reuse(studio, plain_studio, mode):
-    reused = [final(studio.ask(NEEDLE_DOC, q, mode=mode, ratio=16, max_new_tokens=16))[1] for q in FOLLOW_UPS]
-    plain = [final(plain_studio.ask(NEEDLE_DOC, q, mode=mode, ratio=16, max_new_tokens=16))[1] for q in FOLLOW_UPS]
+    asked = [AskRequest(NEEDLE_DOC, q, method=mode, ratio=16, max_new_tokens=16) for q in FOLLOW_UPS]
+    reused = [final(studio.ask(a))[1] for a in asked]
+    plain = [final(plain_studio.ask(a))[1] for a in asked]
     assert [r["answer"] for r in reused] == [r["answer"] for r in plain]
     assert all(r["prefix_reused_positions"] > 0 for r in reused[1:]) and reused[0]["answer"] == reused[2]["answer"]
     assert all(r["prefix_reused_positions"] == 0 for r in plain)
@@ -87,8 +88,9 @@ def test_follow_up_questions_reuse_the_prefix_and_answer_as_without_reuse(studio
 
 def test_bfloat16_follow_up_answers_as_without_reuse(bf16_studio, studio):
     plain = Studio(Settings(data_dir=studio.settings.data_dir, device="cpu", dtype="bfloat16", kv_cache_mb=0))
-    reused = [final(bf16_studio.ask(NEEDLE_DOC, q, mode="full", max_new_tokens=16))[1] for q in FOLLOW_UPS]
-    alone = [final(plain.ask(NEEDLE_DOC, q, mode="full", max_new_tokens=16))[1] for q in FOLLOW_UPS]
+    asked = [AskRequest(NEEDLE_DOC, q, method="full", max_new_tokens=16) for q in FOLLOW_UPS]
+    reused = [final(bf16_studio.ask(a))[1] for a in asked]
+    alone = [final(plain.ask(a))[1] for a in asked]
     # in bfloat16 a prefill in two pieces rounds differently from one in one piece (float32 answers
     # are exactly equal, above), so a near-tie late in an answer may go either way
     for with_reuse, without in zip(reused, alone):
@@ -98,21 +100,22 @@ def test_bfloat16_follow_up_answers_as_without_reuse(bf16_studio, studio):
 
 
 def test_lclm_runs_end_to_end_and_says_untrained(studio):
-    events, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="lclm", ratio=8, pooling="mean",
-                                          max_new_tokens=8))
+    events, result = final(studio.ask(AskRequest(NEEDLE_DOC, QUESTION, method="lclm", ratio=8, pooling="mean",
+                                          max_new_tokens=8)))
     assert result["trained"] is False and "untrained" in result["note"]  # no 1:8 mean weights ship
     assert result["latents"] == -(-result["tokens"] // 8)
-    full_positions = final(studio.ask(NEEDLE_DOC, QUESTION, mode="full", max_new_tokens=1))[1]["positions"]
+    full = final(studio.ask(AskRequest(NEEDLE_DOC, QUESTION, method="full", max_new_tokens=1)))[1]
+    full_positions = full["positions"]
     assert result["positions"] < full_positions / 4  # the decoder reads far fewer positions
 
 
 def test_expand_and_reconstruct_run(studio):
-    _, result = final(studio.ask(NEEDLE_DOC, QUESTION, mode="expand", ratio=16, max_new_tokens=8))
+    _, result = final(studio.ask(AskRequest(NEEDLE_DOC, QUESTION, method="expand", ratio=16, max_new_tokens=8)))
     assert result["prompt_profile"] == "studio"  # the embedded model's default
     assert result["rounds"][0]["forced"] == "EXPAND:" and result["rounds"][-1]["action"] in ("answer", "forced")
     assert len(result["chunks"]) > 1 and all(c["tokens"] <= 256 for c in result["chunks"])
-    _, paper = final(studio.ask(NEEDLE_DOC, QUESTION, mode="expand", ratio=16, max_new_tokens=8,
-                                prompt_profile="paper"))
+    _, paper = final(studio.ask(AskRequest(NEEDLE_DOC, QUESTION, method="expand", ratio=16, max_new_tokens=8,
+                                prompt_profile="paper")))
     assert paper["prompt_profile"] == "paper" and paper["cached"] is True  # the chunks' latents from the first run
     assert paper["rounds"][0]["forced"] is None and paper["rounds"][-1]["action"] in ("answer", "forced")
     assert paper["expanded"] and all(1 <= n <= len(paper["chunks"]) for n in paper["expanded"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 from model.errors import UserError
 
@@ -70,9 +70,9 @@ def test_full_context_past_the_decoder_window_names_the_ratio_that_fits(make_stu
     model.decoder.config.max_position_embeddings = 600
     tokens = len(model.tokenize_document(DOC).ids)
     with pytest.raises(UserError, match=r"this decoder reads at most 600 \(an LCLM reads it: at 1:4 its") as err:
-        list(studio.ask(DOC, "Which entry reads 37 units?", "full", max_new_tokens=4))
+        list(studio.ask(AskRequest(DOC, "Which entry reads 37 units?", "full", max_new_tokens=4)))
     assert f"its {tokens:,} tokens become" in str(err.value)
-    lclm = list(studio.ask(DOC, "Which entry reads 37 units?", "lclm", max_new_tokens=4))[-1].result
+    lclm = list(studio.ask(AskRequest(DOC, "Which entry reads 37 units?", "lclm", max_new_tokens=4)))[-1].result
     assert lclm["positions"] + 4 <= 600  # and the suggested path reads it
 
 
@@ -82,4 +82,4 @@ def test_latents_that_do_not_fit_say_the_largest_document_the_ratio_takes(make_s
     model.decoder.config.max_position_embeddings = 120
     with pytest.raises(UserError, match=r"at 1:4 this decoder takes documents of up to about [\d,]+ tokens; a higher "
                                         r"ratio \(1:16\) takes longer ones"):
-        list(studio.ask(DOC, "Which entry reads 37 units?", "lclm", max_new_tokens=4))
+        list(studio.ask(AskRequest(DOC, "Which entry reads 37 units?", "lclm", max_new_tokens=4)))

@@ -8,7 +8,7 @@ import torch
 from app.cli import build_parser
 from app.latent_store import DocumentIds
 from app.methods import METHODS, PRESS_METHODS, Request, prompt_parts
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 from bench.quality.suite import methods as quality_methods
 from bench.speed.methods import METHODS as SPEED_METHODS
@@ -49,7 +49,7 @@ def test_each_method_answers_one_request(studio, name):
     if name == "kvzip":
         pytest.skip("kvpress's KVzip cannot mask the keys of a tiny checkpoint; tests/test_bench_speed.py runs it "
                     "on the tiny random Qwen3 pair")
-    events = list(studio.ask(DOC, QUESTION, name, max_new_tokens=3))
+    events = list(studio.ask(AskRequest(DOC, QUESTION, name, max_new_tokens=3)))
     result = events[-1].result
     assert events[-1].kind == "done" and events[-1].measurement.ttft_ms == pytest.approx(result["ttft_ms"], abs=1e-3)
     assert result["ttft_ms"] > 0
@@ -68,9 +68,9 @@ def test_full_context_reads_the_prompt_cut_around_the_document(studio):
     variant = studio.variant()
     before, after = prompt_parts(variant.model, variant.profile, QUESTION)
     document = studio.request(DOC, QUESTION, variant, 2).document
-    result = list(studio.ask(DOC, QUESTION, "full", max_new_tokens=2, use_cache=False))[-1].result
+    result = list(studio.ask(AskRequest(DOC, QUESTION, "full", max_new_tokens=2, use_cache=False)))[-1].result
     assert result["positions"] == len(before) + len(document.decoder_ids) + len(after)
-    lclm = list(studio.ask(DOC, QUESTION, "lclm", max_new_tokens=2, use_cache=False))[-1].result
+    lclm = list(studio.ask(AskRequest(DOC, QUESTION, "lclm", max_new_tokens=2, use_cache=False)))[-1].result
     assert lclm["positions"] == len(before) + lclm["latents"] + 2 + len(after)  # + the memory start and end tags
 
 
@@ -133,14 +133,14 @@ def test_full_context_and_the_presses_read_text_with_a_decoder_loras_base(tmp_pa
             return super().__enter__()
 
     monkeypatch.setattr(app.methods, "Meter", Recording)
-    list(lora.ask(DOC, QUESTION, "full", max_new_tokens=1))
+    list(lora.ask(AskRequest(DOC, QUESTION, "full", max_new_tokens=1)))
     monkeypatch.undo()
     assert loaded_at_meter == [1]  # before the clocks and the memory readout start
     assert variant.text_decoder is not variant.model.decoder
     assert variant.text_decoder is lora.variant().text_decoder  # loaded once
 
     def answer(studio, mode, use_cache=False):
-        return list(studio.ask(DOC, QUESTION, mode, max_new_tokens=8, use_cache=use_cache))[-1].result
+        return list(studio.ask(AskRequest(DOC, QUESTION, mode, max_new_tokens=8, use_cache=use_cache)))[-1].result
 
     for mode in ("full", "snapkv"):
         by_lora, by_plain = answer(lora, mode), answer(plain, mode)
@@ -226,7 +226,7 @@ def test_expand_rounds_that_read_nothing_and_a_forced_answer_are_named():
 
 def test_every_result_says_how_it_ended(studio):
     for name in ("full", "lclm", "expand"):
-        result = list(studio.ask(DOC, QUESTION, name, max_new_tokens=3))[-1].result
+        result = list(studio.ask(AskRequest(DOC, QUESTION, name, max_new_tokens=3)))[-1].result
         assert result["stopped"] in ("end", "limit", "repeat") and isinstance(result["warnings"], list)
         if name == "expand":
             assert result["answer_ttft_ms"] >= result["ttft_ms"] > 0

@@ -13,7 +13,7 @@ import app.methods
 import app.models
 from app.cli import main
 from app.memory import is_out_of_memory
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.lclm import LCLM
@@ -23,7 +23,7 @@ ERROR_LINE = f"error: {OUT_OF_MEMORY}"
 
 
 def answer(studio, mode="lclm", **kwargs):
-    events = list(studio.ask(DOC, QUESTION, mode=mode, max_new_tokens=8, **kwargs))
+    events = list(studio.ask(AskRequest(DOC, QUESTION, method=mode, max_new_tokens=8, **kwargs)))
     return events[-1].result["answer"]
 
 
@@ -55,7 +55,7 @@ def test_out_of_memory_while_generating(studio, out_of_memory, mode, call):
     calls = out_of_memory(studio.model().decoder, "forward", call=call)
     streamed = []
     with pytest.raises(OutOfMemory, match=OUT_OF_MEMORY):
-        for event in studio.ask(DOC, QUESTION, mode=mode, max_new_tokens=8):
+        for event in studio.ask(AskRequest(DOC, QUESTION, method=mode, max_new_tokens=8)):
             streamed.append(event.kind)
     assert len(calls) == call and "done" not in streamed
     assert answer(studio, mode) == reference
@@ -80,7 +80,7 @@ def test_a_failed_request_leaves_no_tensors_behind(studio, out_of_memory, monkey
     monkeypatch.setattr(app.methods, "prefill", tracked(app.methods.prefill))
     out_of_memory(model.decoder, "forward", call=3)  # inside the decode loop
     with pytest.raises(OutOfMemory) as failure:
-        list(studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=8, use_cache=False))
+        list(studio.ask(AskRequest(DOC, QUESTION, method="lclm", max_new_tokens=8, use_cache=False)))
     assert len(held) >= 2  # the latents (one tensor per window) and the KV cache were made
     # ... and are gone while the error is still held (as the CLI or the UI holds it to show it)
     assert failure.value is not None and [ref() for ref in held] == [None] * len(held)

@@ -9,7 +9,7 @@ import torch
 from app.cli import main
 from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey, cache_bytes
 from app.memory import release_memory
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 from model.errors import OutOfMemory
 from model.generation import fork_cache, prefill
@@ -26,7 +26,7 @@ def make_studio(tmp_path, checkpoint, kv_cache_mb: int = 64) -> Studio:
 
 
 def ask(studio: Studio, question: str, mode: str, text: str = DOC, **kwargs) -> dict:
-    return list(studio.ask(text, question, mode=mode, max_new_tokens=10, **kwargs))[-1].result
+    return list(studio.ask(AskRequest(text, question, method=mode, max_new_tokens=10, **kwargs)))[-1].result
 
 
 @pytest.mark.slow
@@ -208,7 +208,7 @@ def test_cli_several_questions_as_text(capsys, tmp_path, tiny_checkpoint):
 def test_press_follow_ups_start_from_the_kept_compressed_context(tmp_path, tiny_checkpoint, press):
     reusing = make_studio(tmp_path / "a", tiny_checkpoint)
     plain = make_studio(tmp_path / "b", tiny_checkpoint, kv_cache_mb=0)
-    answers = lambda studio: [list(studio.ask(DOC, q, press, max_new_tokens=8))[-1].result  # noqa: E731
+    answers = lambda studio: [list(studio.ask(AskRequest(DOC, q, press, max_new_tokens=8)))[-1].result  # noqa: E731
                               for q in QUESTIONS]
     with_reuse, without = answers(reusing), answers(plain)
     assert [r["answer"] for r in with_reuse] == [r["answer"] for r in without]

@@ -5,7 +5,7 @@ import torch
 
 import app.methods
 from app.measure import kv_cache_bytes
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 from model.agent import ACTIONS
 from model.errors import UserError
@@ -28,15 +28,15 @@ def done(events):
 
 
 def test_streamed_tokens_make_the_answer(studio):
-    events, result = done(studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=12))
+    events, result = done(studio.ask(AskRequest(DOC, QUESTION, method="lclm", max_new_tokens=12)))
     assert "".join(e.text for e in events if e.kind == "token").strip() == result["answer"]
     assert result["new_tokens"] >= 1
 
 
 @pytest.mark.slow
 def test_lclm_prefills_fewer_positions_than_full_context(studio):
-    _, full = done(studio.ask(DOC, QUESTION, mode="full", max_new_tokens=2))
-    _, lclm = done(studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=2))
+    _, full = done(studio.ask(AskRequest(DOC, QUESTION, method="full", max_new_tokens=2)))
+    _, lclm = done(studio.ask(AskRequest(DOC, QUESTION, method="lclm", max_new_tokens=2)))
     model = studio.model()
     profile = PROMPT_PROFILES[lclm["prompt_profile"]]
     assert lclm["prompt_profile"] == full["prompt_profile"] == "paper"  # the default for a checkpoint directory
@@ -50,7 +50,7 @@ def test_lclm_prefills_fewer_positions_than_full_context(studio):
 
 
 def test_measurement_fields_are_consistent(studio):
-    _, r = done(studio.ask(DOC, QUESTION, mode="lclm", max_new_tokens=4, use_cache=False))
+    _, r = done(studio.ask(AskRequest(DOC, QUESTION, method="lclm", max_new_tokens=4, use_cache=False)))
     assert r["compress_ms"] > 0 and r["prefill_ms"] > 0 and r["first_token_ms"] >= 0
     parts = r["compress_ms"] + r["prefill_ms"] + r["first_token_ms"]
     assert r["ttft_ms"] >= parts - 0.01
@@ -92,7 +92,7 @@ def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
         return (yield from run(self, question, chunk_latents, chunk_texts, generate))
 
     monkeypatch.setattr(app.methods.ExpandAgent, "run", recording)
-    events, result = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=4))
+    events, result = done(studio.ask(AskRequest(DOC, QUESTION, method="expand", max_new_tokens=4)))
     model = studio.model()
     chunks = studio.store.chunks(model, DOC)
     latents, texts = seen[0]
@@ -115,12 +115,12 @@ def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
 
 @pytest.mark.slow
 def test_expand_encodes_a_document_once_then_reads_the_cache(studio, monkeypatch):
-    _, first = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=2))
+    _, first = done(studio.ask(AskRequest(DOC, QUESTION, method="expand", max_new_tokens=2)))
     model = studio.model()
     calls = []
     compress_group = model.compress_group
     monkeypatch.setattr(model, "compress_group", lambda windows: calls.append(1) or compress_group(windows))
-    _, second = done(studio.ask(DOC, "Another question?", mode="expand", max_new_tokens=2))
+    _, second = done(studio.ask(AskRequest(DOC, "Another question?", method="expand", max_new_tokens=2)))
     assert first["cached"] is False and first["compress_ms"] > 0
     assert second["cached"] is True and second["compress_ms"] == 0 and calls == []
     # the whole document (plain LCLM mode): its windows are cached by their own token ids, so only
@@ -131,11 +131,11 @@ def test_expand_encodes_a_document_once_then_reads_the_cache(studio, monkeypatch
 
 @pytest.mark.slow
 def test_expand_with_the_studio_profile_prefills_the_first_reply(studio):
-    _, result = done(studio.ask(DOC, QUESTION, mode="expand", max_new_tokens=2, prompt_profile="studio"))
+    _, result = done(studio.ask(AskRequest(DOC, QUESTION, method="expand", max_new_tokens=2, prompt_profile="studio")))
     assert result["prompt_profile"] == "studio"
     assert result["rounds"][0]["forced"] == "EXPAND:" and result["rounds"][0]["raw_output"].startswith("EXPAND:")
     with pytest.raises(UserError, match="prompt profile must be one of paper, studio"):
-        list(studio.ask(DOC, QUESTION, mode="expand", prompt_profile="mine"))
+        list(studio.ask(AskRequest(DOC, QUESTION, method="expand", prompt_profile="mine")))
 
 
 def test_reconstruct_accuracy_of_a_perfect_copy_is_one():
@@ -145,14 +145,14 @@ def test_reconstruct_accuracy_of_a_perfect_copy_is_one():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"mode": "summarise"}, "mode must be one of"),
+    ({"method": "summarise"}, "mode must be one of"),
     ({"ratio": 5}, "ratio must be one of 4, 8, 16"),
     ({"pooling": "max"}, "pooling must be one of mean, concat, eos"),
     ({"max_new_tokens": -1}, "max new tokens must be at least 1"),
 ])
 def test_invalid_choices_are_user_errors(studio, kwargs, message):
     with pytest.raises(UserError, match=message):
-        list(studio.ask(DOC, QUESTION, **kwargs))
+        list(studio.ask(AskRequest(DOC, QUESTION, **kwargs)))
 
 
 def test_prompt_longer_than_the_decoder_is_refused(studio):
@@ -160,7 +160,7 @@ def test_prompt_longer_than_the_decoder_is_refused(studio):
     limit = model.decoder.config.max_position_embeddings
     long_doc = " ".join(["word"] * (limit * 2))
     with pytest.raises(UserError, match="decoder positions"):
-        list(studio.ask(long_doc, QUESTION, mode="full", max_new_tokens=2))
+        list(studio.ask(AskRequest(long_doc, QUESTION, method="full", max_new_tokens=2)))
 
 
 def test_models_are_loaded_once_per_process(studio):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from app.methods import METHODS as STUDIO_METHODS
 from app.methods import PRESS_METHODS
-from app.service import Studio
+from app.service import AskRequest, Studio
 from bench.quality.metrics import bleu, rouge_l
 from model.training.data.synthetic import Haystack, TaskExample, eval_seed, make_task, score
 
@@ -79,9 +79,10 @@ def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens:
     the rounds used and the chunks read (numbered from 1)."""
     if STUDIO_METHODS[method.kind].reads_latents:
         tokens = expand_new_tokens if method.kind == "expand" else max_new_tokens  # None: 256 per EXPAND round
-        events = list(studio.ask(example.context, example.question, mode=method.kind, ratio=method.ratio,
-                                 pooling=method.pooling, max_new_tokens=tokens, use_cache=False,
-                                 prompt_profile=prompt_profile))
+        asked = AskRequest(example.context, example.question, method=method.kind, ratio=method.ratio,
+                           pooling=method.pooling, max_new_tokens=tokens, use_cache=False,
+                           prompt_profile=prompt_profile)
+        events = list(studio.ask(asked))
     else:  # full context and the presses read the raw text with the default variant's decoder
         variant = studio.variant(prompt_profile=prompt_profile)
         request = studio.request(example.context, example.question, variant, max_new_tokens, use_cache=False,

@@ -16,7 +16,7 @@ from app.history import COLUMNS, RunHistory, run_row, to_csv
 from app.latent_analysis import latent_statistics, pca, project, token_diff, token_pieces
 from app.measure import Measurement
 from app.models import share_weights
-from app.service import Studio
+from app.service import AskRequest, Studio
 from app.settings import Settings
 from app.workspace import Workspace, sweep_lengths
 from model.checkpoint import has_layout
@@ -226,8 +226,8 @@ def test_ask_streams_states_and_records_the_run(workspace):
 def test_kvpress_keeps_the_matched_share_of_the_context(workspace):
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     variant = workspace.catalog.default
-    events = list(workspace.studio.ask(document.text, "What is the code?", "knorm", variant.ratio, variant.pooling,
-                                       variant.spec, 3))
+    events = list(workspace.studio.ask(AskRequest(document.text, "What is the code?", "knorm", variant.ratio,
+                                                  variant.pooling, variant.spec, 3)))
     result = events[-1].result
     assert result["press_ratio"] == 0.75 and result["ttft_ms"] > 0
     assert result["positions"] < result["prefilled_positions"] / 2  # a quarter of the context, plus the question
