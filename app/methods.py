@@ -82,7 +82,8 @@ class Request:
     ratio: int | None = None  # N of a press's matched ratio 1 - 1/N; None: the variant's
 
     @property
-    def compression_ratio(self) -> int:
+    def ratio_n(self) -> int:
+        """The N of 1:N this request runs at: a press's matched ratio, else the variant's."""
         return self.ratio or self.variant.ratio
 
     @property
@@ -273,7 +274,7 @@ class Method:
             fields = yield from self.run(resources, request, meter)
         answer = Answer(
             text=fields.pop("text").strip(), method=self.name, label=self.label, question=request.question,
-            ratio=request.compression_ratio if self.uses_ratio else None,
+            ratio=request.ratio_n if self.uses_ratio else None,
             pooling=variant.pooling if self.reads_latents else None, checkpoint=model.checkpoint_id,
             prompt_profile=variant.profile.name, tokens=len(request.document), measurement=meter.measurement,
             precision=variant.precision.to_dict(), **fields)
@@ -434,9 +435,9 @@ class Pressed(Method):
         context_len, question_len = len(context_ids), len(after)
         check_positions(model, context_len + question_len, request.max_new_tokens, lambda: text_too_long_hint(
             model, len(request.document.encoder_ids), len(before) + question_len, request.max_new_tokens))
-        press = make_press(self.name, request.compression_ratio, residual_length=resources.settings.kv_residual_length)
+        press = make_press(self.name, request.ratio_n, residual_length=resources.settings.kv_residual_length)
         start = meter.clock.ms()
-        key = prefix_key(request, self.name, request.compression_ratio, None, request.variant.text_reader_id)
+        key = prefix_key(request, self.name, request.ratio_n, None, request.variant.text_reader_id)
         # a press with a cache of its own (quantization) changes it in place: not kept for follow-ups
         reusable = request.prefix_cache and resources.prefix_cache.enabled and not hasattr(press, "new_cache")
         entry = resources.prefix_cache.get(key) if reusable else None
@@ -465,8 +466,9 @@ class Pressed(Method):
         if stored is not None:
             m.kv_cache_bytes = stored
         replied = yield from reply(request, state, meter, done, decoder)
+        removed_fraction = press.compression_ratio  # kvpress's name for the share of KV pairs removed: 1 - 1/N
         trace = PressTrace(prefilled_positions=context_len + question_len,
-                           press_ratio=round(press.compression_ratio, 4), kv_positions_held=held)
+                           press_ratio=round(removed_fraction, 4), kv_positions_held=held)
         return self.finished(replied, press=trace, base_decoder=request.variant.reads_text_with_base)
 
 

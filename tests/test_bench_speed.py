@@ -12,7 +12,7 @@ from transformers import Qwen3Config
 
 from bench.speed.__main__ import main
 from bench.speed.analytic import Shape, cached_ttft_gain_limit, ttft_gain_limit
-from bench.speed.methods import METHODS
+from bench.speed.methods import TIMED_METHODS
 from bench.speed.rigs import QWEN3_4B_INSTRUCT_2507, QWEN3_EMBEDDING_0_6B
 from bench.speed.sweep import MEASURED_FIELDS, Plan
 from model.presses import PRESSES
@@ -42,7 +42,7 @@ def test_paper_decoder_full_context_kv_cache_at_1m_tokens_is_144_gib():
 
 def test_plan_caps_and_registry():
     scenarios = {"full", "lclm", "lclm_cached", "full_followup", "lclm_followup", "question_only"}
-    assert set(METHODS) == scenarios | set(PRESSES)  # every press of the registry is measured
+    assert set(TIMED_METHODS) == scenarios | set(PRESSES)  # every press of the registry is measured
     plan = Plan(lengths=[1024, 4096], ratios=[16, 4], methods=["kvzip"], max_length={"kvzip": 4096},
                 sweep_max_length={"kvzip": 1024})
     assert plan.main_ratio == 16 and plan.ratios == [4, 16]
@@ -155,7 +155,7 @@ def test_memory_prediction_scales_by_positions_reached_not_kept():
     peak = 2 * 2**30  # well above the prior guess of the KV cache plus one layer's activations per position
     measured = Point("snapkv", 16, 1000, status="ok", samples=[{
         **{f: 1.0 for f in MEASURED_FIELDS}, "peak_mem_above_weights_bytes": peak, "positions": 90}])
-    reached = METHODS["snapkv"].positions_needed(rig, 2000, 16, 4)
+    reached = TIMED_METHODS["snapkv"].positions_needed(rig, 2000, 16, 4)
     assert reached == 10 + 2000 + 20 + 4
     predicted = predicted_bytes(rig, {measured.key: measured}, "snapkv", reached, new_tokens=4)
     assert predicted == int(peak / (10 + 1000 + 20 + 4) * reached)  # about twice the measured peak

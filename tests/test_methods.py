@@ -11,7 +11,7 @@ from app.methods import METHODS, PRESS_METHODS, Request, prompt_parts
 from app.service import AskRequest, Studio
 from app.settings import Settings
 from bench.quality.suite import methods as quality_methods
-from bench.speed.methods import METHODS as SPEED_METHODS
+from bench.speed.methods import TIMED_METHODS as SPEED_METHODS
 from model.generation import decode, prefill
 from model.presses import PRESSES
 from views.ask import kvpress_choices

@@ -6,7 +6,7 @@ import pytest
 from app.service import Studio
 from app.settings import Settings
 from bench.quality.report import expand_table, task_table
-from bench.quality.suite import Method, ruler_examples, run_ruler
+from bench.quality.suite import ScoredMethod, ruler_examples, run_ruler
 from model.training.data.synthetic import Haystack
 from tests.tiny_models import CORPUS
 
@@ -18,8 +18,8 @@ def test_expand_cases_record_rounds_and_chunks_read(tmp_path, tiny_checkpoint):
     model = studio.model()
     haystack = Haystack(CORPUS, lambda t: len(model.encoder_tokenizer(t, add_special_tokens=False)["input_ids"]))
     examples = ruler_examples(haystack, ["niah_single"], [96], 1)
-    methods = [Method("LCLM 1:4 mean", "lclm", 4, "mean"), Method("LCLM 1:4 mean + EXPAND", "expand", 4, "mean"),
-               Method("knorm 1:4", "knorm", 4)]
+    methods = [ScoredMethod("LCLM 1:4 mean", "lclm", 4, "mean"),
+               ScoredMethod("LCLM 1:4 mean + EXPAND", "expand", 4, "mean"), ScoredMethod("knorm 1:4", "knorm", 4)]
     records = run_ruler(studio, methods, examples, max_new_tokens=3, expand_new_tokens=3)
     lclm, expand = records[:2]
     assert {r["prompt_profile"] for r in records} == {"paper"} and "rounds" not in lclm

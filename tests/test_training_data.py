@@ -10,7 +10,7 @@ import pytest
 from bench.quality.metrics import bleu, rouge_l
 from model.training.data.corpus import (
     COMMON_LICENSES,
-    Document,
+    CorpusDocument,
     FileTreeSource,
     is_licence_file,
     split_of,
@@ -124,8 +124,8 @@ def test_prepare_shards_split_and_pack(tmp_path):
     assert manifest["splits"]["validation"]["tokens"] > 0 and len(manifest["splits"]["train"]["files"]) > 1
     assert manifest["sources"][0]["licence"] == "test"
     # the split is a function of the document's identity only
-    doc = Document("test-text", "doc3", "")
-    assert split_of(doc, 300) == split_of(Document("test-text", "doc3", "other text"), 300)
+    doc = CorpusDocument("test-text", "doc3", "")
+    assert split_of(doc, 300) == split_of(CorpusDocument("test-text", "doc3", "other text"), 300)
     info = pack(tmp_path / "shards", tmp_path / "corpus.safetensors.xz")
     assert info["bytes"] < info["raw_bytes"]
     a, b = load_corpus(tmp_path / "shards"), load_corpus(tmp_path / "corpus.safetensors.xz")

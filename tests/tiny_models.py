@@ -28,7 +28,7 @@ from model.config import LCLMConfig
 from model.lclm import LCLM
 from model.loading import save_lclm
 from model.prompts import CHATML_TEMPLATE
-from model.training.data.corpus import Document, Source
+from model.training.data.corpus import CorpusDocument, Source
 
 SEED = 1234
 ATTN = "sdpa"
@@ -88,7 +88,7 @@ class TextSource(Source):
 
     def documents(self):
         for i, text in enumerate(self.docs):
-            yield Document(self.name, f"doc{i}", text)
+            yield CorpusDocument(self.name, f"doc{i}", text)
 
 
 def corpus_rotations(copies: int) -> list[str]:

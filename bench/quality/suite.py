@@ -27,7 +27,7 @@ from model.training.data.synthetic import Haystack, TaskExample, eval_seed, make
 
 
 @dataclass(frozen=True)
-class Method:
+class ScoredMethod:
     """One row of the RULER table: a studio method (app.methods.METHODS, by `kind`: full, lclm,
     expand or a press's name) at one ratio and pooling."""
 
@@ -50,19 +50,19 @@ class Method:
         return STUDIO_METHODS[self.kind].label
 
 
-def methods(ratios: list[int], poolings: list[str], presses: list[str], expand_ratio: int = 16) -> list[Method]:
+def methods(ratios: list[int], poolings: list[str], presses: list[str], expand_ratio: int = 16) -> list[ScoredMethod]:
     unknown = [p for p in presses if p not in PRESS_METHODS]
     if unknown:
         raise ValueError(f"unknown presses {unknown}; known: {', '.join(PRESS_METHODS)}")
-    out = [Method("full context", "full")]
-    out += [Method(f"LCLM 1:{n} {p}", "lclm", n, p) for p in poolings for n in ratios]
+    out = [ScoredMethod("full context", "full")]
+    out += [ScoredMethod(f"LCLM 1:{n} {p}", "lclm", n, p) for p in poolings for n in ratios]
     if expand_ratio:
-        out.append(Method(f"LCLM 1:{expand_ratio} mean + EXPAND", "expand", expand_ratio, "mean"))
+        out.append(ScoredMethod(f"LCLM 1:{expand_ratio} mean + EXPAND", "expand", expand_ratio, "mean"))
     for press in presses:
         if STUDIO_METHODS[press].uses_ratio:
-            out += [Method(f"{press} 1:{n}", press, n) for n in ratios]
+            out += [ScoredMethod(f"{press} 1:{n}", press, n) for n in ratios]
         else:  # every position kept: no ratio, once
-            out.append(Method(press, press, 1))
+            out.append(ScoredMethod(press, press, 1))
     return out
 
 
@@ -73,7 +73,8 @@ def ruler_examples(haystack: Haystack, tasks: list[str], lengths: list[int],
             for length in lengths for task in tasks for i in range(samples)]
 
 
-def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens: int, prompt_profile: str = "paper",
+def answer(studio: Studio, method: ScoredMethod, example: TaskExample, max_new_tokens: int,
+           prompt_profile: str = "paper",
            expand_new_tokens: int | None = None) -> dict:
     """One method on one example: reply, decoder positions, the prompt profile and, for EXPAND,
     the rounds used and the chunks read (numbered from 1)."""
@@ -100,8 +101,8 @@ def answer(studio: Studio, method: Method, example: TaskExample, max_new_tokens:
     return out
 
 
-def run_ruler(studio: Studio, all_methods: list[Method], examples: list[tuple[int, TaskExample]], max_new_tokens: int,
-              on_record: Callable[[dict], None] | None = None, prompt_profile: str = "paper",
+def run_ruler(studio: Studio, all_methods: list[ScoredMethod], examples: list[tuple[int, TaskExample]],
+              max_new_tokens: int, on_record: Callable[[dict], None] | None = None, prompt_profile: str = "paper",
               expand_new_tokens: int | None = None) -> list[dict]:
     records = []
     bar = tqdm(total=len(all_methods) * len(examples), desc="ruler", unit="answer")

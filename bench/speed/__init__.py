@@ -7,6 +7,6 @@ ratio, over a context-length sweep and the ratios 1:4, 1:8, 1:16.
     python -m bench.speed --preset gpu     # GPU: random weights shaped like the paper's pair, 4k to 1M
 
 Modules: analytic (the FLOP limit of the TTFT gain), rigs (what is measured), methods (one
-class per method, registered in METHODS), sweep (runs, medians, what fits), report (JSON,
+class per method, registered in TIMED_METHODS), sweep (runs, medians, what fits), report (JSON,
 plots, Markdown table).
 """

@@ -15,7 +15,7 @@ STARTED = time.perf_counter()
 
 import torch  # noqa: E402
 
-from bench.speed.methods import DEFAULT_METHODS, METHODS, quiet_kvpress  # noqa: E402
+from bench.speed.methods import DEFAULT_METHODS, TIMED_METHODS, quiet_kvpress  # noqa: E402
 from bench.speed.report import (  # noqa: E402
     dtype_comparison,
     dtype_table,
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="override the preset's device")
     parser.add_argument("--lengths", type=int, nargs="+", help="document lengths in tokens")
     parser.add_argument("--ratios", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    parser.add_argument("--methods", nargs="+", choices=list(TIMED_METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--runs", type=int, help="timed runs per point (median), after one warm-up per method")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per request")
     parser.add_argument("--budget-min", type=float, help="stop starting new runs after this many minutes")

@@ -50,7 +50,7 @@ class Case:
 
 
 @dataclass(frozen=True)
-class Method:
+class TimedMethod:
     name: str  # the benchmark's name for it (--methods)
     label: str
     studio_method: str  # a name in app.methods.METHODS ("" for question_only)
@@ -125,18 +125,18 @@ def question_only(rig: Rig, case: Case, new_tokens: int) -> Measurement:
     return meter.measurement
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("full", "full context", "full"),
-    Method("lclm", "LCLM (cold)", "lclm"),
-    Method("lclm_cached", "LCLM (cached latents)", "lclm", "cached"),
-    Method("full_followup", "full context, follow-up", "full", "followup"),
-    Method("lclm_followup", "LCLM, follow-up", "lclm", "followup"),
-    Method("question_only", "question only (no document)", ""),
-    *(Method(name, STUDIO_METHODS[name].label, name) for name in PRESS_METHODS),
+TIMED_METHODS: dict[str, TimedMethod] = {m.name: m for m in (
+    TimedMethod("full", "full context", "full"),
+    TimedMethod("lclm", "LCLM (cold)", "lclm"),
+    TimedMethod("lclm_cached", "LCLM (cached latents)", "lclm", "cached"),
+    TimedMethod("full_followup", "full context, follow-up", "full", "followup"),
+    TimedMethod("lclm_followup", "LCLM, follow-up", "lclm", "followup"),
+    TimedMethod("question_only", "question only (no document)", ""),
+    *(TimedMethod(name, STUDIO_METHODS[name].label, name) for name in PRESS_METHODS),
 )}
 # What a plain `python -m bench.speed` measures: every method above but the three kvpress presses
 # that the paper does not compare against (they run when named with --methods).
-DEFAULT_METHODS = [name for name in METHODS if name not in ("expected_attention", "knorm", "streaming_llm")]
+DEFAULT_METHODS = [name for name in TIMED_METHODS if name not in ("expected_attention", "knorm", "streaming_llm")]
 
 
 # ---- one request ------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def quiet_kvpress() -> None:
     logging.getLogger("kvpress").setLevel(logging.ERROR)
 
 
-def measure(rig: Rig, method: Method, case: Case, new_tokens: int) -> Measurement:
+def measure(rig: Rig, method: TimedMethod, case: Case, new_tokens: int) -> Measurement:
     """One request, timed and measured as Studio.ask measures an answer."""
     method.prepare(rig, case)
     settle(rig.device)

@@ -16,7 +16,7 @@ import psutil
 import torch
 
 from bench.speed.analytic import cached_ttft_gain_limit, encoder_share, ttft_gain_limit
-from bench.speed.methods import METHODS
+from bench.speed.methods import TIMED_METHODS
 from bench.speed.rigs import Rig
 from bench.speed.sweep import MEASURED_FIELDS, Plan, Point
 from model.precision import cpu_name
@@ -96,7 +96,7 @@ def analytic_gain(rig: Rig, method: str, tokens: int, ratio: int) -> float | Non
 
 
 def record(rig: Rig, point: Point, full: Point | None, peak: dict | None = None) -> dict:
-    out = {"method": point.method, "label": METHODS[point.method].label, "ratio": point.ratio,
+    out = {"method": point.method, "label": TIMED_METHODS[point.method].label, "ratio": point.ratio,
            "tokens": point.tokens, "status": point.status, "reason": point.reason, "runs": len(point.samples)}
     if point.predicted_bytes:
         out["predicted_peak_above_weights_bytes"] = point.predicted_bytes
@@ -203,8 +203,9 @@ def series(data: dict) -> list[tuple[str, int | None, str]]:
     main = max(data["plan"]["ratios"])
     out = [("full", None, "full context")]
     out += [("lclm", r, f"LCLM 1:{r} cold") for r in sorted(data["plan"]["ratios"], reverse=True)]
-    out += [(m, main, f"{METHODS[m].label} 1:{main}") for m in ("lclm_cached", "snapkv", "kvzip", "lclm_followup")]
-    out += [(m, None, METHODS[m].label) for m in ("full_followup", "question_only")]
+    out += [(m, main, f"{TIMED_METHODS[m].label} 1:{main}")
+            for m in ("lclm_cached", "snapkv", "kvzip", "lclm_followup")]
+    out += [(m, None, TIMED_METHODS[m].label) for m in ("full_followup", "question_only")]
     return [s for s in out if s[0] in data["plan"]["methods"]]
 
 
@@ -260,7 +261,7 @@ def compress_plot(data: dict, title: str, path: Path) -> Path:
             rows.sort(key=lambda r: r["ratio"])
             color, style, marker = STYLE[method]
             ax.plot([r["ratio"] for r in rows], [r["median"]["compress_ms"] for r in rows], color=color,
-                    linestyle=style, marker=marker, label=f"{METHODS[method].label}, {tokens:,} tokens")
+                    linestyle=style, marker=marker, label=f"{TIMED_METHODS[method].label}, {tokens:,} tokens")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ratios, [f"1:{r}" for r in ratios])
     ax.set_yscale("log")
@@ -301,7 +302,7 @@ def markdown_table(data: dict) -> str:
     head = ("| tokens | method | 1:N | TTFT ms | TTFT gain | analytic limit | compress ms | prefill ms | decode tok/s "
             "| peak above weights MiB (× full) | KV cache MiB | positions |")
     lines = [head, "|" + "|".join(["---"] * 12) + "|"]
-    order = {name: i for i, name in enumerate(METHODS)}
+    order = {name: i for i, name in enumerate(TIMED_METHODS)}
     rows = sorted(data["records"], key=lambda r: (r["tokens"], order[r["method"]], r["ratio"] or 0))
     for r in rows:
         if r["status"] in ("not_planned",):
@@ -358,7 +359,7 @@ def dtype_table(comparison: dict) -> str:
     head = ["tokens", "method", "1:N"] + [f"TTFT ms {n}" for n in names] + [f"{first} / {n}" for n in names[1:]] + [
         f"TTFT gain vs full, {n}" for n in names] + [f"share of bf16 peak, {n}" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    order = {name: i for i, name in enumerate(METHODS)}
+    order = {name: i for i, name in enumerate(TIMED_METHODS)}
     for r in sorted(comparison["rows"], key=lambda r: (r["tokens"], order[r["method"]], r["ratio"] or 0)):
         cells = [f"{r['tokens']:,}", r["method"], f"1:{r['ratio']}" if r["ratio"] else "–"]
         cells += [fmt(r.get(f"{n}_ttft_ms")) for n in names]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from bench.speed.methods import METHODS, Case, measure
+from bench.speed.methods import TIMED_METHODS, Case, measure
 from bench.speed.rigs import Rig
 
 MEASURED_FIELDS = ("ttft_ms", "compress_ms", "prefill_ms", "first_token_ms", "other_ms", "decode_ms",
@@ -45,9 +45,9 @@ class Plan:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.methods) - set(METHODS)
+        unknown = set(self.methods) - set(TIMED_METHODS)
         if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
+            raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(TIMED_METHODS)}")
         if not self.lengths or min(self.lengths) < 1 or not self.ratios or min(self.ratios) < 1 or self.runs < 1:
             raise ValueError("lengths, ratios and runs must be positive")
         self.lengths, self.ratios = sorted(set(self.lengths)), sorted(set(self.ratios))
@@ -106,7 +106,7 @@ def predicted_bytes(rig: Rig, points: dict, method: str, positions: int, new_tok
         3 * shape.intermediate + 4 * shape.hidden + 2 * shape.heads * shape.head_dim)
     for point in points.values():
         if point.method == method and point.samples:
-            reached = METHODS[method].positions_needed(rig, point.tokens, point.ratio, new_tokens)
+            reached = TIMED_METHODS[method].positions_needed(rig, point.tokens, point.ratio, new_tokens)
             per_position = max(per_position, point.median()["peak_mem_above_weights_bytes"] / reached)
     return int(per_position * positions)
 
@@ -120,7 +120,7 @@ class Sweep:
         self.free = free_memory(rig.device, plan.memory_limit_bytes, rig.weights_bytes())
         for length in plan.lengths:
             for method in plan.methods:
-                for ratio in (plan.ratios if METHODS[method].uses_ratio else [None]):
+                for ratio in (plan.ratios if TIMED_METHODS[method].uses_ratio else [None]):
                     point = Point(method, ratio, length)
                     self.points[point.key] = point
 
@@ -176,7 +176,7 @@ class Sweep:
         """Set the status of a pending point that cannot or need not run: memory first (a
         full-context point beyond the plan's caps still says whether it would fit), then
         positions, then the plan's caps."""
-        method = METHODS[point.method]
+        method = TIMED_METHODS[point.method]
         positions = method.positions_needed(self.rig, point.tokens, point.ratio, self.plan.new_tokens)
         too_many = self.rig.max_positions and positions > self.rig.max_positions
         beyond = f"needs {positions:,} positions; the decoder has {self.rig.max_positions:,}" if too_many else ""
@@ -199,7 +199,7 @@ class Sweep:
         case = self.case(point)
         began = time.perf_counter()
         try:
-            m = measure(self.rig, METHODS[point.method], case, self.plan.new_tokens)
+            m = measure(self.rig, TIMED_METHODS[point.method], case, self.plan.new_tokens)
         except torch.OutOfMemoryError as err:
             point.status, point.reason = "oom", str(err).split("\n")[0][:200]
             self.cases.pop(self.case_key(point), None)

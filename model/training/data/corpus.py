@@ -72,7 +72,7 @@ def stable_hash(text: str) -> int:
 
 
 @dataclass
-class Document:
+class CorpusDocument:
     source: str
     doc_id: str  # path or module name, unique within the source
     text: str
@@ -84,7 +84,7 @@ class Source:
     name: str
     licence: str
 
-    def documents(self) -> Iterator[Document]:
+    def documents(self) -> Iterator[CorpusDocument]:
         raise NotImplementedError
 
     def available(self) -> bool:
@@ -112,9 +112,9 @@ class FileTreeSource(Source):
     def available(self) -> bool:
         return any(Path(r).is_dir() for r in self.roots)
 
-    def documents(self) -> Iterator[Document]:
+    def documents(self) -> Iterator[CorpusDocument]:
         for path in self.files():
-            yield Document(self.name, str(path), read_text(path))
+            yield CorpusDocument(self.name, str(path), read_text(path))
 
 
 @dataclass
@@ -140,9 +140,9 @@ class PythonPackagesSource(Source):
                           if not is_licence_file(p) and "/tests/" not in str(p)]
         return sorted(found, key=lambda item: stable_hash(item[0]))  # a fixed shuffle across packages
 
-    def documents(self) -> Iterator[Document]:
+    def documents(self) -> Iterator[CorpusDocument]:
         for doc_id, path in self.files():
-            yield Document(self.name, doc_id, read_text(path))
+            yield CorpusDocument(self.name, doc_id, read_text(path))
 
 
 def package_licence(package: str) -> str:
@@ -191,6 +191,6 @@ def clean(text: str, forbidden: list[str]) -> str:
     return text
 
 
-def split_of(doc: Document, validation_permille: int) -> str:
+def split_of(doc: CorpusDocument, validation_permille: int) -> str:
     """Deterministic train/validation split by a hash of the document's identity."""
     return "validation" if stable_hash(f"{doc.source}:{doc.doc_id}") % 1000 < validation_permille else "train"
