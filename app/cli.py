@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "ask questions over them, and see what the decoder can reconstruct.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, ratio_default: int | None = 16) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("path", help="document: a text, Markdown, HTML or PDF file, a pipe such as <(cmd), "
                        "or - for standard input")
         p.add_argument("--ratio", type=int, choices=RATIOS, default=None,

@@ -9,12 +9,12 @@ from pathlib import Path
 from app.kv_cache import default_size_mb
 from model.agent import DEFAULT_ROUNDS
 from model.chunking import DEFAULT_CHUNK_TOKENS
+from model.config import RATIOS  # noqa: F401 (the studio's choices: app.settings.RATIOS)
 from model.embedded import default_data_dir
 from model.pooling import POOLINGS as POOLING_CLASSES
 from model.precision import DTYPE_CHOICES
 from model.prompts import PROMPT_PROFILES
 
-RATIOS = (4, 8, 16)
 POOLINGS = tuple(POOLING_CLASSES)  # model/pooling.py registers them
 PROFILES = tuple(PROMPT_PROFILES)
 

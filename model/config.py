@@ -7,6 +7,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 MASK_TYPES = ("causal", "bidirectional")
+# The compression ratios (encoder tokens per latent) the paper trains and this project offers,
+# and the variant a checkpoint without its own says is: the one list every CLI, tab, benchmark
+# and training campaign reads.
+RATIOS = (4, 8, 16)
+DEFAULT_RATIO = 16
+DEFAULT_POOLING = "mean"
 
 
 @dataclass
@@ -17,9 +23,9 @@ class LCLMConfig:
     (and so its latents) comes from random initialisation.
     """
 
-    compression_ratio: int = 16
+    compression_ratio: int = DEFAULT_RATIO
     encoder_window_size: int = 1024
-    pooling: str = "mean"
+    pooling: str = DEFAULT_POOLING
     encoder_mask_type: str = "causal"
     boundary_overlap: int = 0
     adapter_type: str = "mlp"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model.checkpoint import CheckpointParts, add_memory_tokens, has_layout, parts_from_directory, quiet_transformers
-from model.config import LCLMConfig
+from model.config import DEFAULT_POOLING, DEFAULT_RATIO, RATIOS, LCLMConfig
 from model.errors import CheckpointError
 
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -177,9 +177,6 @@ def trained_dir(config: LCLMConfig) -> Path:
     return TRAINED_WEIGHTS / f"smollm2-135m-{config.name}"
 
 
-EMBEDDED_RATIOS = (4, 8, 16)
-
-
 def shipped_quality(ratio: int, pooling: str) -> float | None:
     """The shipped variant's free-running reconstruction token accuracy on the held-back spans,
     from its model card (None: no trained weights ship for it, or its card does not say)."""
@@ -196,16 +193,16 @@ def best_variant(ratio: int | None = None, pooling: str | None = None) -> tuple[
     `pooling`) when given; where nothing there is trained, 1:16 (or `ratio`) mean (or `pooling`)."""
     from model.pooling import POOLINGS
 
-    candidates = [(r, p) for r in EMBEDDED_RATIOS for p in POOLINGS
+    candidates = [(r, p) for r in RATIOS for p in POOLINGS
                   if (ratio is None or r == ratio) and (pooling is None or p == pooling)]
     scored = [(quality, r, p) for r, p in candidates if (quality := shipped_quality(r, p)) is not None]
     if not scored:
-        return ratio or 16, pooling or "mean"
+        return ratio or DEFAULT_RATIO, pooling or DEFAULT_POOLING
     _, best_ratio, best_pooling = max(scored)
     return best_ratio, best_pooling
 
 
-def embedded_parts(data_dir: Path | None = None, ratio: int = 16, pooling: str = "mean",
+def embedded_parts(data_dir: Path | None = None, ratio: int = DEFAULT_RATIO, pooling: str = DEFAULT_POOLING,
                    progress: Callable[[str], None] | None = None) -> CheckpointParts:
     """Parts of the embedded variant at 1:ratio with this pooling: trained weights where shipped."""
     try:

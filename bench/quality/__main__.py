@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from model.config import DEFAULT_POOLING, DEFAULT_RATIO, RATIOS
 from model.presses import PRESSES
 
 # every registered press but two that the paper does not compare against (they run when named)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="data/corpus.safetensors.xz", help="prepared corpus (validation split)")
-    parser.add_argument("--ratios", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--ratios", type=int, nargs="+", default=list(RATIOS))
     parser.add_argument("--poolings", nargs="+", default=["mean", "concat"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="RULER context lengths (tokens)")
     parser.add_argument("--samples", type=int, default=1, help="examples per task and length")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     studio = Studio(Settings.from_env(device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
                                       stop_at_repeat=False))  # plain greedy, as RULER scores it
-    model = studio.model(ratio=16, pooling="mean")
+    model = studio.model(ratio=DEFAULT_RATIO, pooling=DEFAULT_POOLING)
     if args.haystack:
         validation = TextSource(Path(args.haystack).read_text(errors="replace"), model.decoder_tokenizer)
     else:

@@ -29,6 +29,7 @@ from bench.speed.report import (  # noqa: E402
 )
 from bench.speed.rigs import PAIRS, checkpoint_rig, random_pair_rig  # noqa: E402
 from bench.speed.sweep import Plan, Sweep  # noqa: E402
+from model.config import RATIOS  # noqa: E402
 from model.precision import DTYPE_CHOICES, choose_dtype  # noqa: E402
 
 K = 1024
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pair", choices=sorted(PAIRS), default="paper", help="random pair shape for the gpu preset")
     parser.add_argument("--device", help="override the preset's device")
     parser.add_argument("--lengths", type=int, nargs="+", help="document lengths in tokens")
-    parser.add_argument("--ratios", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--ratios", type=int, nargs="+", default=list(RATIOS))
     parser.add_argument("--methods", nargs="+", choices=list(TIMED_METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--runs", type=int, help="timed runs per point (median), after one warm-up per method")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per request")

@@ -64,6 +64,7 @@ from tqdm import tqdm
 
 from model import precision
 from model.chunking import DEFAULT_CHUNK_TOKENS, chunk_text
+from model.config import RATIOS
 from model.fidelity import token_accuracy
 from model.generation import decode, prefill, stop_token_ids
 from model.precision import fast_dtype
@@ -204,7 +205,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 VARIANTS = {f"cs{n}-{p}": f"smollm2-l6-smollm2-135m-cs{n}-{p}-w1024-causal-mlp"
-            for n in (4, 8, 16) for p in ("concat", "mean")}
+            for n in RATIOS for p in ("concat", "mean")}
 
 
 # ---- the model ---------------------------------------------------------------------------------
