@@ -22,11 +22,11 @@ from app.methods import AskEvent, Request, Resources, method
 from app.models import LoadedVariant, ModelPool, ProgressFn
 from app.settings import Settings
 from model.errors import UserError
-from model.fidelity import token_accuracy
-from model.generation import Sampling, decode, prefill, stop_token_ids
+from model.fidelity import reconstruct, token_accuracy
+from model.generation import Sampling
 from model.lclm import LCLM, DocumentTokens
 from model.precision import DtypeChoice
-from model.prompts import PromptProfile, memory_region, reconstruction_prompt
+from model.prompts import PromptProfile
 
 
 @dataclass(frozen=True)
@@ -218,14 +218,11 @@ class Studio:
         all_chunks = self.store.chunks(model, text, chunk_tokens)
         chunks = all_chunks[: max_chunks or None]
         latents, compress_ms, cached = self.store.chunk_latents(model, chunks, use_cache, progress)
-        stops = stop_token_ids(model.decoder_tokenizer, model.decoder)
         results: list[ChunkReconstruction] = []
         for done, (chunk, region) in enumerate(zip(chunks, latents)):  # region: [M_i, D], the chunk alone
             original = chunk.text
             reference = model.decoder_tokenizer(original, add_special_tokens=False)["input_ids"]
-            prompt = model.chat(reconstruction_prompt(memory_region(int(region.shape[0]))))
-            state = prefill(model.decoder, model.prepare(prompt, [region]).inputs_embeds)
-            generated = list(decode(model.decoder, state, len(reference) + 8, stops))
+            generated = reconstruct(model, region, len(reference) + 8)
             results.append(ChunkReconstruction(
                 index=chunk.number, original=original,
                 reconstructed=model.decoder_tokenizer.decode(generated, skip_special_tokens=True),

@@ -1,9 +1,22 @@
-"""How faithfully a reconstruction reproduces its source, in tokens: shared by the studio's
-Reconstruction tab, the quality benchmark and training's validation."""
+"""Reconstruction and how faithfully it reproduces its source, in tokens: the one path shared by
+the studio's Reconstruction tab, the quality benchmark and training's validation."""
 
 from __future__ import annotations
 
 import difflib
+
+import torch
+
+from model.generation import decode, prefill, stop_token_ids
+from model.prompts import memory_region, reconstruction_prompt
+
+
+def reconstruct(lclm, latents: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """The decoder's greedy reproduction of the text behind `latents` ([M, dec_hidden], one
+    memory region in the reconstruction prompt), up to `max_new_tokens` or its end of turn."""
+    prompt = lclm.chat(reconstruction_prompt(memory_region(int(latents.shape[0]))))
+    state = prefill(lclm.decoder, lclm.prepare(prompt, [latents]).inputs_embeds)
+    return list(decode(lclm.decoder, state, max_new_tokens, stop_token_ids(lclm.decoder_tokenizer, lclm.decoder)))
 
 
 def token_accuracy(reference: list[int], generated: list[int]) -> float:

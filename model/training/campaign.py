@@ -65,7 +65,7 @@ from tqdm import tqdm
 from model import precision
 from model.chunking import DEFAULT_CHUNK_TOKENS, chunk_text
 from model.config import RATIOS
-from model.fidelity import token_accuracy
+from model.fidelity import reconstruct, token_accuracy
 from model.generation import decode, prefill, stop_token_ids
 from model.precision import fast_dtype
 from model.prompts import PROMPT_PROFILES, memory_region, reconstruction_prompt
@@ -617,13 +617,8 @@ def validate(lclm, builder: ExampleBuilder, spans: list[list[int]], pad_id: int,
                 hits = (logits.argmax(-1) == targets).view(-1, len(spans[0]) + 1)[:, :-1]  # [b, span], no end of turn
                 correct[which] += int(hits.sum())
             total += hits.numel()
-        stops = stop_token_ids(lclm.decoder_tokenizer, lclm.decoder)
-        scores = []
-        for ids in spans[:free_running]:
-            latents = lclm.encode(builder.to_encoder(ids))  # [M, D]
-            prompt = lclm.chat(reconstruction_prompt(memory_region(int(latents.shape[0]))))
-            state = prefill(lclm.decoder, lclm.prepare(prompt, [latents]).inputs_embeds)
-            scores.append(token_accuracy(ids, list(decode(lclm.decoder, state, len(ids) + 8, stops))))
+        scores = [token_accuracy(ids, reconstruct(lclm, lclm.encode(builder.to_encoder(ids)), len(ids) + 8))
+                  for ids in spans[:free_running]]
     lclm.train(was_training)
     return {"teacher_forced": round(correct["own"] / max(total, 1), 4),
             "teacher_forced_other": round(correct["other"] / max(total, 1), 4),
