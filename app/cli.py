@@ -9,10 +9,10 @@ import argparse
 import json
 import sys
 
-from app.answer import Answer
-from app.measure import Measurement, MiB
-from app.methods import METHODS, PRESS_METHODS
-from app.settings import POOLINGS, PROFILES, RATIOS
+from app.engine.answer import Answer
+from app.engine.measure import Measurement, MiB
+from app.engine.methods import METHODS, PRESS_METHODS
+from app.engine.settings import POOLINGS, PROFILES, RATIOS
 from model.precision import DTYPE_CHOICES
 
 EXIT_USER_ERROR = 2
@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     text = read_file(args.path)  # first: a bad path fails at once, and a pipe is read before any model loads
     # Heavy imports here, so that `--help`, argument errors and bad paths are instant.
-    from app.service import AskRequest, Studio
-    from app.settings import Settings
+    from app.engine.service import AskRequest, Studio
+    from app.engine.settings import Settings
 
     check_press(args)
     if args.chunk_tokens is not None and args.chunk_tokens < 1:

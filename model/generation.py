@@ -1,5 +1,5 @@
 """Streaming generation from prepared input embeddings, split into prefill and decode steps
-so that callers can time each part (see app/measure.py)."""
+so that callers can time each part (see app/engine/measure.py)."""
 
 from __future__ import annotations
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 import app.ingest
-from app.catalog import CHECKPOINT_FAMILY, Catalog, Variant
 from app.cli import main
-from app.documents import DocumentStore
+from app.engine.service import Studio
+from app.engine.settings import Settings
 from app.ingest import MAX_FILE_BYTES
-from app.service import Studio
-from app.settings import Settings
-from app.workspace import Workspace
+from app.studio.catalog import CHECKPOINT_FAMILY, Catalog, Variant
+from app.studio.documents import DocumentStore
+from app.studio.workspace import Workspace
 from model.errors import UserError
 from tests.bad_files import BAD_FILES
 

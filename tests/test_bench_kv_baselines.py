@@ -1,14 +1,14 @@
 """A tiny rehearsal of both benchmarks with Attention Matching and the quantized KV caches: the
 speed benchmark's records (positions follow the ratio; quantization keeps every position and
-stores fewer bytes) and the quality suite's RULER cases through the studio's press methods (app.methods)."""
+stores fewer bytes) and the quality suite's RULER cases through the studio's press methods (app.engine.methods)."""
 
 import json
 import math
 
 import pytest
 
-from app.service import Studio
-from app.settings import Settings
+from app.engine.service import Studio
+from app.engine.settings import Settings
 from bench.quality.suite import methods as suite_methods
 from bench.quality.suite import ruler_examples, run_ruler
 from bench.speed.__main__ import main

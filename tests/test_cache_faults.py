@@ -21,7 +21,7 @@ import diskcache
 import pytest
 import torch
 
-from app.service import Studio
+from app.engine.service import Studio
 from cache import LatentCache, document_sha256, latent_key
 from cache.latents import BytesOnlyDisk
 from tests.cache_writer import latents_of

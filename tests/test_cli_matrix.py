@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from app.methods import PRESS_METHODS
+from app.engine.methods import PRESS_METHODS
 
 DOC = ("Alpha beta gamma delta. The vault code is 5521. " * 12).strip()
 CASES = [("compress", None), ("ask", "full"), ("ask", "lclm"), ("ask", "expand"), ("reconstruct", None)]

@@ -5,8 +5,8 @@ streaming, and the studio started with `--device cuda` answering one gradio_clie
 import pytest
 import torch
 
-from app.service import AskRequest, Studio
-from app.settings import Settings
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
 
 pytestmark = pytest.mark.cuda
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from app.cli import main
-from app.service import AskRequest, Studio
-from app.settings import Settings
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
 
 DOC = ("The quick brown fox jumps over the lazy dog. The vault code is 5521. " * 6).strip()
 QUESTION = "What is the vault code?"

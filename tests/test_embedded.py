@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from app.service import AskRequest, Studio
-from app.settings import Settings
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
 
 pytestmark = pytest.mark.embedded
 

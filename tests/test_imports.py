@@ -7,6 +7,7 @@ functions alike.
 - Layers: model/ and cache/ never import app, views or bench; app/ never imports views or
   bench (the UI in views/ calls app/; the entry points app.py at the top and app/__main__.py,
   `python -m app`, join the two and are the only exception).
+- Inside app/: the engine (app/engine/) never imports the studio's state (app/studio/) or the CLI.
 
 An import of `a.b.c` is an edge to the module a.b.c (`from a.b import c`: to a.b.c where c is
 a module, else to a.b); the packages a and a.b that Python runs first are not counted.
@@ -25,6 +26,8 @@ FORBIDDEN = {
     "cache": ("app", "views", "bench"),
     "app": ("views", "bench"),
 }
+# app/ in two rooms: the engine (answering) never imports the studio's state, the CLI or the console
+ENGINE_FORBIDDEN = ("app.studio", "app.cli", "app.__main__")
 ENTRY_POINTS = {"app.__main__"}  # `python -m app`: starts the studio, as app.py does
 
 
@@ -105,7 +108,7 @@ def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 def test_the_parser_sees_module_and_function_level_imports():
     imports = {(imp.source, imp.target) for imp in all_imports()}
     assert ("model.loading", "model.embedded") in imports  # module level
-    assert ("app.catalog", "model.embedded") in imports  # inside a function
+    assert ("app.studio.catalog", "model.embedded") in imports  # inside a function
 
 
 def test_find_cycles_names_each_cycle():
@@ -133,3 +136,10 @@ def test_lower_layers_never_import_higher_ones():
         if imp.target.split(".")[0] in FORBIDDEN.get(imp.source.split(".")[0], ()) and imp.source not in ENTRY_POINTS
     ]
     assert not wrong, "imports against the layers (model, cache < app < views, bench):\n" + "\n".join(wrong)
+
+
+def test_the_engine_never_imports_the_studios_state():
+    wrong = [f"{imp.where}: {imp.source} imports {imp.target}" for imp in all_imports()
+             if imp.source.startswith("app.engine") and imp.target.startswith(ENGINE_FORBIDDEN)]
+    assert not wrong, "the engine (app/engine/) imports what stands above it:\n" + "\n".join(wrong)
+

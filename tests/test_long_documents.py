@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.service import AskRequest, Studio
-from app.settings import Settings
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
 from model.errors import UserError
 
 DOC = " ".join(f"Entry {i} of the ledger reads {i * 37 % 1000} units." for i in range(60))  # ~ 40 windows of 16

@@ -2,7 +2,7 @@
 
 import threading
 
-from app.lru import BoundedLRU
+from app.engine.lru import BoundedLRU
 
 
 def test_count_bound_drops_the_least_recently_used():

@@ -1,4 +1,4 @@
-"""The method registry (app/methods.py) and the press registry (model/presses.py): every entry
+"""The method registry (app/engine/methods.py) and the press registry (model/presses.py): every entry
 answers through the studio, and every list of choices (CLI, Ask tab, both benchmarks) is the
 registry itself, so adding a press is one line in model/presses.py."""
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from app.cli import build_parser
-from app.latent_store import DocumentIds
-from app.methods import METHODS, PRESS_METHODS, Request, prompt_parts
-from app.service import AskRequest, Studio
-from app.settings import Settings
+from app.engine.latent_store import DocumentIds
+from app.engine.methods import METHODS, PRESS_METHODS, Request, prompt_parts
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
 from bench.quality.suite import methods as quality_methods
 from bench.speed.methods import TIMED_METHODS as SPEED_METHODS
 from model.generation import decode, prefill
@@ -123,16 +123,16 @@ def test_full_context_and_the_presses_read_text_with_a_decoder_loras_base(tmp_pa
     variant = lora.variant()
     assert variant.reads_text_with_base and not plain.variant().reads_text_with_base
     assert not lora.models._base_decoders  # loaded on first use
-    import app.methods
+    import app.engine.methods
 
     loaded_at_meter = []
 
-    class Recording(app.methods.Meter):
+    class Recording(app.engine.methods.Meter):
         def __enter__(self):
             loaded_at_meter.append(len(lora.models._base_decoders))
             return super().__enter__()
 
-    monkeypatch.setattr(app.methods, "Meter", Recording)
+    monkeypatch.setattr(app.engine.methods, "Meter", Recording)
     list(lora.ask(AskRequest(DOC, QUESTION, "full", max_new_tokens=1)))
     monkeypatch.undo()
     assert loaded_at_meter == [1]  # before the clocks and the memory readout start
@@ -173,8 +173,8 @@ def test_the_repetition_guard_stops_at_a_repeated_sentence_only():
 
 def scripted_reply(studio, monkeypatch, text: str, stop_at_repeat: bool, max_new_tokens: int = 64):
     """`reply` over a decode that yields the ids of `text` (then stops), as a method runs it."""
-    import app.methods as methods
-    from app.measure import Meter
+    import app.engine.methods as methods
+    from app.engine.measure import Meter
 
     variant = studio.variant()
     model = variant.model
@@ -192,7 +192,7 @@ def scripted_reply(studio, monkeypatch, text: str, stop_at_repeat: bool, max_new
 
 
 def test_a_looping_reply_stops_at_its_repeat_and_says_so(studio, monkeypatch):
-    from app.methods import reply_warnings
+    from app.engine.methods import reply_warnings
 
     loop = "The user sync is a daemon. " * 4
     replied, _ = scripted_reply(studio, monkeypatch, loop, stop_at_repeat=True, max_new_tokens=1000)
@@ -205,7 +205,7 @@ def test_a_looping_reply_stops_at_its_repeat_and_says_so(studio, monkeypatch):
 
 
 def test_an_empty_answer_says_so(studio, monkeypatch):
-    from app.methods import reply_warnings
+    from app.engine.methods import reply_warnings
 
     replied, _ = scripted_reply(studio, monkeypatch, "", stop_at_repeat=True)
     assert replied.text == "" and replied.stopped == "end"
@@ -213,7 +213,7 @@ def test_an_empty_answer_says_so(studio, monkeypatch):
 
 
 def test_expand_rounds_that_read_nothing_and_a_forced_answer_are_named():
-    from app.methods import expand_warnings
+    from app.engine.methods import expand_warnings
 
     rounds = [{"number": 1, "action": "expand", "expanded": [], "ignored": ["9: no such chunk (1-3)"]},
               {"number": 2, "action": "forced", "expanded": [], "ignored": []}]
@@ -240,8 +240,8 @@ def test_full_contexts_cached_prefix_survives_a_change_of_ratio():
     from pathlib import Path
     from types import SimpleNamespace
 
-    from app.methods import prefix_key
-    from app.models import LoadedVariant
+    from app.engine.methods import prefix_key
+    from app.engine.models import LoadedVariant
 
     def variant(checkpoint, base):
         model = SimpleNamespace(checkpoint_id=checkpoint, dtype=torch.float32, device="cpu")

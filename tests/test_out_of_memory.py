@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-import app.methods
-import app.models
+import app.engine.methods
+import app.engine.models
 from app.cli import main
-from app.memory import is_out_of_memory
-from app.service import AskRequest, Studio
-from app.settings import Settings
+from app.engine.memory import is_out_of_memory
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
 from model.lclm import LCLM
 from tests.test_service import DOC, QUESTION, studio  # noqa: F401 - the Studio fixture on the tiny checkpoint
@@ -77,7 +77,7 @@ def test_a_failed_request_leaves_no_tensors_behind(studio, out_of_memory, monkey
         return wrapper
 
     monkeypatch.setattr(model, "compress_group", tracked(model.compress_group))
-    monkeypatch.setattr(app.methods, "prefill", tracked(app.methods.prefill))
+    monkeypatch.setattr(app.engine.methods, "prefill", tracked(app.engine.methods.prefill))
     out_of_memory(model.decoder, "forward", call=3)  # inside the decode loop
     with pytest.raises(OutOfMemory) as failure:
         list(studio.ask(AskRequest(DOC, QUESTION, method="lclm", max_new_tokens=8, use_cache=False)))
@@ -91,7 +91,7 @@ def test_memory_errors_of_the_host_are_caught_too(studio, monkeypatch):
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(app.methods, "prefill", no_memory)
+    monkeypatch.setattr(app.engine.methods, "prefill", no_memory)
     with pytest.raises(OutOfMemory, match=OUT_OF_MEMORY):
         answer(studio, "full")
 
@@ -100,7 +100,7 @@ def test_other_runtime_errors_are_not_taken_for_memory(studio, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(app.methods, "prefill", bug)
+    monkeypatch.setattr(app.engine.methods, "prefill", bug)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         answer(studio, "full")
 
@@ -118,7 +118,7 @@ def test_out_of_memory_while_reconstructing(studio, out_of_memory):
 @pytest.mark.parametrize("command, target", [
     (["compress"], lambda: (LCLM, "compress_group", 1)),
     (["ask", "-q", QUESTION, "--mode", "lclm"], lambda: (Qwen3ForCausalLM, "forward", 2)),  # 2nd forward: decoding
-    (["ask", "-q", QUESTION, "--mode", "full"], lambda: (app.methods, "prefill", 1)),
+    (["ask", "-q", QUESTION, "--mode", "full"], lambda: (app.engine.methods, "prefill", 1)),
 ], ids=["compress", "ask-decode", "ask-prefill"])
 @pytest.mark.slow
 def test_cli_prints_one_line_and_the_next_run_works(capsys, tmp_path, tiny_checkpoint, out_of_memory, command,
@@ -143,7 +143,7 @@ def test_out_of_memory_while_loading_a_model(tmp_path, tiny_checkpoint, monkeypa
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(app.models, "build_lclm", no_room)
+        patch.setattr(app.engine.models, "build_lclm", no_room)
         with pytest.raises(OutOfMemory, match=r"^out of memory while loading .*; free memory on the device"):
             studio.model()
     assert isinstance(studio.model(), LCLM)  # nothing half-loaded was kept: the next start works

@@ -1,4 +1,4 @@
-"""The prefix KV cache (app/kv_cache.py): a follow-up question about the same document prefills
+"""The prefix KV cache (app/engine/kv_cache.py): a follow-up question about the same document prefills
 only its own tokens, and its greedy answer is the one a process without reuse gives."""
 
 import json
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from app.cli import main
-from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey, cache_bytes
-from app.memory import release_memory
-from app.service import AskRequest, Studio
-from app.settings import Settings
+from app.engine.kv_cache import PrefixCache, PrefixEntry, PrefixKey, cache_bytes
+from app.engine.memory import release_memory
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
 from model.errors import OutOfMemory
 from model.generation import fork_cache, prefill
 from model.prompts import PROMPT_PROFILES, QUESTION_MARK
@@ -122,12 +122,12 @@ def test_fork_cache_grows_apart_from_its_source(tiny_lclm_factory):
 
 @pytest.mark.slow
 def test_running_out_of_memory_drops_the_kept_prefixes_first(tmp_path, tiny_checkpoint, out_of_memory):
-    import app.methods
+    import app.engine.methods
 
     studio = make_studio(tmp_path, tiny_checkpoint)
     ask(studio, QUESTIONS[0], "full")
     assert len(studio.prefix_cache) == 1
-    calls = out_of_memory(app.methods, "prefill", call=1)
+    calls = out_of_memory(app.engine.methods, "prefill", call=1)
     with pytest.raises(OutOfMemory):
         ask(studio, QUESTIONS[1], "full")
     assert calls and len(studio.prefix_cache) == 0 and studio.prefix_cache.bytes == 0

@@ -3,8 +3,8 @@ prompt profile and records, per case, the rounds it used and the chunks it read.
 
 import pytest
 
-from app.service import Studio
-from app.settings import Settings
+from app.engine.service import Studio
+from app.engine.settings import Settings
 from bench.quality.report import expand_table, task_table
 from bench.quality.suite import ScoredMethod, ruler_examples, run_ruler
 from model.training.data.synthetic import Haystack

@@ -11,9 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.catalog import CHECKPOINT_FAMILY, Catalog, Variant
-from app.service import Studio
-from app.serving import (
+from app.engine.service import Studio
+from app.engine.settings import Settings
+from app.studio.catalog import CHECKPOINT_FAMILY, Catalog, Variant
+from app.studio.serving import (
     AUTH_ENV,
     auth_from,
     bind_warning,
@@ -23,8 +24,7 @@ from app.serving import (
     private_upload_dir,
     remove_stale_upload_dirs,
 )
-from app.settings import Settings
-from app.workspace import Workspace
+from app.studio.workspace import Workspace
 from cache import LatentCache
 from model.errors import UserError
 

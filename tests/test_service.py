@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import app.methods
-from app.measure import kv_cache_bytes
-from app.service import AskRequest, Studio
-from app.settings import Settings
+import app.engine.methods
+from app.engine.measure import kv_cache_bytes
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
 from model.agent import ACTIONS
 from model.errors import UserError
 from model.fidelity import token_accuracy
@@ -85,13 +85,13 @@ def test_cache_hit_then_corruption_is_rebuilt(studio):
 @pytest.mark.slow
 def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
     seen = []
-    run = app.methods.ExpandAgent.run
+    run = app.engine.methods.ExpandAgent.run
 
     def recording(self, question, chunk_latents, chunk_texts, generate):
         seen.append((list(chunk_latents), list(chunk_texts)))
         return (yield from run(self, question, chunk_latents, chunk_texts, generate))
 
-    monkeypatch.setattr(app.methods.ExpandAgent, "run", recording)
+    monkeypatch.setattr(app.engine.methods.ExpandAgent, "run", recording)
     events, result = done(studio.ask(AskRequest(DOC, QUESTION, method="expand", max_new_tokens=4)))
     model = studio.model()
     chunks = studio.store.chunks(model, DOC)

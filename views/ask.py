@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from app import figures
-from app.methods import METHODS, PRESS_METHODS
-from app.settings import PROFILES, RATIOS
+from app.engine.methods import METHODS, PRESS_METHODS
+from app.engine.settings import PROFILES, RATIOS
+from app.studio import figures
 from views.common import MODEL_SLOT, Shared, user_errors
 
 NO_KVPRESS = "none"
 CHECKPOINT_PROFILE = "checkpoint default"  # paper for published checkpoints, studio for the embedded model
-FULL = "full"  # the full-context method (app.methods)
+FULL = "full"  # the full-context method (app.engine.methods)
 TRANSCRIPT_COLUMNS = ["round", "prefilled", "action", "expanded", "ignored", "prompt tokens", "reply"]
 READOUT_COLUMNS = ["method", "status", "TTFT ms", "answer after ms", "compress ms", "prefill ms", "tokens/s",
                    "tokens", "peak above start MiB", "KV cache MiB", "positions"]

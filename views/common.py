@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from app.memory import is_out_of_memory, release_memory
+from app.engine.memory import is_out_of_memory, release_memory
 from model.errors import OUT_OF_MEMORY, UserError
 
 MODEL_SLOT = "model"  # concurrency id of every event that runs a model: one at a time, the rest queue

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app.settings import POOLINGS, RATIOS
+from app.engine.settings import POOLINGS, RATIOS
 from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app import figures
+from app.studio import figures
 from views.common import Shared, user_errors
 
 

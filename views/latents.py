@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app.figures import COLOUR_BY
-from app.settings import RATIOS
+from app.engine.settings import RATIOS
+from app.studio.figures import COLOUR_BY
 from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
 
 CAPTION = ("**How to read the map.** UMAP places latents that are similar (cosine) near each other and keeps "

@@ -32,11 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def create_workspace(args: argparse.Namespace):
     """The process-wide workspace with its default model loaded; progress printed as it goes."""
-    from app.catalog import build_catalog
-    from app.latent_analysis import warm_umap_in_background
-    from app.service import Studio
-    from app.settings import Settings
-    from app.workspace import Workspace
+    from app.engine.service import Studio
+    from app.engine.settings import Settings
+    from app.studio.catalog import build_catalog
+    from app.studio.latent_analysis import warm_umap_in_background
+    from app.studio.workspace import Workspace
 
     warm_umap_in_background()
     studio = Studio(Settings.from_env(device=args.device, dtype=args.dtype), checkpoint=(args.checkpoint or [None])[0])
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from app.serving import auth_from, bind_warning, private_upload_dir
+    from app.studio.serving import auth_from, bind_warning, private_upload_dir
     from model.errors import UserError
 
     try:

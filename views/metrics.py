@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from app.history import COLUMNS, FOLLOW_UP_COLUMNS, follow_up_summary
+from app.studio.history import COLUMNS, FOLLOW_UP_COLUMNS, follow_up_summary
 from views.ask import readout_table
 from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app.settings import RATIOS
+from app.engine.settings import RATIOS
 from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
 
 DIFF_COLOURS = {"kept": "#b7e4c7", "changed": "#ffd166", "lost": "#ef476f", "added": "#a0c4ff"}

@@ -12,7 +12,7 @@ CSS = ".lclm-strip { border-radius: 4px; overflow: hidden; }"
 
 
 def build_app(workspace) -> gr.Blocks:
-    """The whole UI over a process-wide `app.workspace.Workspace`."""
+    """The whole UI over a process-wide `app.studio.workspace.Workspace`."""
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nCompress a document into latent tokens, see what they keep and lose, ask with "
                     "EXPAND, and watch time-to-first-token and memory.")

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: str(v) for k, v in paths.items()}))
         return 0
 
-    from app.service import Studio
-    from app.settings import Settings
+    from app.engine.service import Studio
+    from app.engine.settings import Settings
     from bench.quality import report
     from bench.quality.suite import methods, ruler_examples, run_fidelity, run_ruler
     from model.training.data.shards import load_corpus

@@ -1,4 +1,4 @@
-"""Text-fidelity metrics for reconstruction: token accuracy (app.service's definition),
+"""Text-fidelity metrics for reconstruction: token accuracy (app.engine.service's definition),
 BLEU (sacrebleu) and ROUGE-L F1 on whitespace words."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   ROUGE-L against the original.
 - ruler: the synthetic suite (model/training/data/synthetic.py) generated with evaluation
   seeds at several context lengths; every method answers every example through the studio's
-  own method registry (app/methods.py, `Studio.ask`); the score is the
+  own method registry (app/engine/methods.py, `Studio.ask`); the score is the
   share of answers found in the reply (case-insensitive substring match). Questions use one
   prompt profile (`paper` by default: the authors' layout and EXPAND agent), and each EXPAND
   case records the rounds it used and the chunks it read.
@@ -19,16 +19,16 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from app.methods import METHODS as STUDIO_METHODS
-from app.methods import PRESS_METHODS
-from app.service import AskRequest, Studio
+from app.engine.methods import METHODS as STUDIO_METHODS
+from app.engine.methods import PRESS_METHODS
+from app.engine.service import AskRequest, Studio
 from bench.quality.metrics import bleu, rouge_l
 from model.training.data.synthetic import Haystack, TaskExample, eval_seed, make_task, score
 
 
 @dataclass(frozen=True)
 class ScoredMethod:
-    """One row of the RULER table: a studio method (app.methods.METHODS, by `kind`: full, lclm,
+    """One row of the RULER table: a studio method (app.engine.methods.METHODS, by `kind`: full, lclm,
     expand or a press's name) at one ratio and pooling."""
 
     name: str

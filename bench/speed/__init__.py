@@ -1,4 +1,4 @@
-"""Speed and memory benchmark: TTFT (split as app/measure.py defines it), compression time,
+"""Speed and memory benchmark: TTFT (split as app/engine/measure.py defines it), compression time,
 decode tokens per second, peak memory, KV-cache bytes and positions of an LCLM (cold and
 cached latents) against full context and kvpress presses (SnapKV, KVzip) at the matched
 ratio, over a context-length sweep and the ratios 1:4, 1:8, 1:16.

@@ -1,4 +1,4 @@
-"""The measured methods: each is an answer method of the studio's registry (app/methods.py) in
+"""The measured methods: each is an answer method of the studio's registry (app/engine/methods.py) in
 one scenario, run through `Studio.run` exactly as the studio answers, on a document of random
 token ids (`DocumentIds.from_ids`):
 
@@ -13,7 +13,7 @@ token ids (`DocumentIds.from_ids`):
 One reference is not a studio method: `question_only`, the question's tokens prefilled alone
 with no document before them, the floor a follow-up's prefill can approach; it runs through the
 same shared prefill, decode and `Meter`. Generation ignores stop tokens (`stop_at_end` off) so
-that every request decodes the same number of tokens. TTFT parts follow app/measure.py.
+that every request decodes the same number of tokens. TTFT parts follow app/engine/measure.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from functools import cached_property
 
 import torch
 
-from app.latent_store import DocumentIds
-from app.measure import Measurement, Meter
-from app.methods import METHODS as STUDIO_METHODS
-from app.methods import PRESS_METHODS, Request, prompt_parts, reply
+from app.engine.latent_store import DocumentIds
+from app.engine.measure import Measurement, Meter
+from app.engine.methods import METHODS as STUDIO_METHODS
+from app.engine.methods import PRESS_METHODS, Request, prompt_parts, reply
 from bench.speed.rigs import QUESTION, Rig
 from model.generation import prefill
 
@@ -53,7 +53,7 @@ class Case:
 class TimedMethod:
     name: str  # the benchmark's name for it (--methods)
     label: str
-    studio_method: str  # a name in app.methods.METHODS ("" for question_only)
+    studio_method: str  # a name in app.engine.methods.METHODS ("" for question_only)
     scenario: str = "cold"  # cold | cached | followup
 
     @property

@@ -158,7 +158,7 @@ def results(rig: Rig, plan: Plan, points: dict, machine_info: dict, wall_s: floa
         "wall_s": round(wall_s, 1),
         "definitions": {
             "ttft_ms": "request to first generated token = compress_ms + prefill_ms + first_token_ms + other_ms "
-                       "(app/measure.py)",
+                       "(app/engine/measure.py)",
             "compress_ms": "LCLM: encoder + adapter (0 with cached latents); presses: context prefill with the press "
                            "(builds and compresses the KV cache)",
             "prefill_ms": "prompt building + decoder forward (presses: the question over the compressed cache)",

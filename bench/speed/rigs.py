@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from app.methods import prompt_parts
-from app.models import LoadedVariant
-from app.service import Studio
-from app.settings import Settings
+from app.engine.methods import prompt_parts
+from app.engine.models import LoadedVariant
+from app.engine.service import Studio
+from app.engine.settings import Settings
 from bench.speed.analytic import Shape
 from model.config import LCLMConfig
 from model.lclm import LCLM

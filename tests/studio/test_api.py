@@ -12,7 +12,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
-from app.latent_analysis import CONTENT_CLASSES
+from app.studio.latent_analysis import CONTENT_CLASSES
 from tests.studio.conftest import DOCUMENT, ROOT, wait_until
 
 pytestmark = pytest.mark.server

@@ -14,11 +14,11 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
-import app.service
-from app.catalog import build_catalog
-from app.service import Studio
-from app.settings import Settings
-from app.workspace import Workspace
+import app.engine.methods
+from app.engine.service import Studio
+from app.engine.settings import Settings
+from app.studio.catalog import build_catalog
+from app.studio.workspace import Workspace
 from model.errors import OUT_OF_MEMORY
 from tests.studio.conftest import DOCUMENT, ROOT, free_port, wait_until
 
@@ -79,7 +79,7 @@ def test_out_of_memory_shows_one_message_and_the_next_request_works(inprocess, t
 
 def test_a_cancelled_answer_stops_generating(inprocess, tmp_path, monkeypatch):
     workspace, url = inprocess
-    monkeypatch.setattr(app.service, "stop_token_ids", lambda tokenizer, decoder: set())  # never stops early
+    monkeypatch.setattr(app.engine.methods, "stop_token_ids", lambda tokenizer, decoder: set())  # never stops early
     tokens, closed = [], []
     ask = workspace.studio.ask
 

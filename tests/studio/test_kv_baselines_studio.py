@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from app.catalog import build_catalog
 from app.cli import main
-from app.service import Studio
-from app.settings import Settings
-from app.workspace import Workspace
+from app.engine.service import Studio
+from app.engine.settings import Settings
+from app.studio.catalog import build_catalog
+from app.studio.workspace import Workspace
 from tests.studio.conftest import DOCUMENT
 from views.ask import kvpress_choices
 

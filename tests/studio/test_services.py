@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from app import figures, latent_analysis
-from app.answer import Answer
-from app.catalog import CHECKPOINT_FAMILY, EMBEDDED_FAMILY, Catalog, Variant, build_catalog
-from app.documents import Cell, DocumentStore
-from app.history import COLUMNS, RunHistory, run_row, to_csv
-from app.latent_analysis import latent_statistics, pca, project, token_diff, token_pieces
-from app.measure import Measurement
-from app.models import share_weights
-from app.service import AskRequest, Studio
-from app.settings import Settings
-from app.workspace import Workspace, sweep_lengths
+from app.engine.answer import Answer
+from app.engine.measure import Measurement
+from app.engine.models import share_weights
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
+from app.studio import figures, latent_analysis
+from app.studio.catalog import CHECKPOINT_FAMILY, EMBEDDED_FAMILY, Catalog, Variant, build_catalog
+from app.studio.documents import Cell, DocumentStore
+from app.studio.history import COLUMNS, RunHistory, run_row, to_csv
+from app.studio.latent_analysis import latent_statistics, pca, project, token_diff, token_pieces
+from app.studio.workspace import Workspace, sweep_lengths
 from model.checkpoint import has_layout
 from model.embedded import embedded_config, trained_dir
 from model.errors import OUT_OF_MEMORY, OutOfMemory, UserError
@@ -129,20 +129,20 @@ def test_layout_cuts_windows_and_chunks(workspace):
     ("Debian Project Leader Sam Hartman", "names"), ("the grass is green and the sky", "prose"),
     (" .,;  ", "punctuation and space")])
 def test_content_class_by_surface_rules(text, expected):
-    from app.latent_analysis import content_class
+    from app.studio.latent_analysis import content_class
 
     assert content_class(text) == expected
 
 
 def test_chunk_of_a_character():
-    from app.latent_analysis import chunk_of
+    from app.studio.latent_analysis import chunk_of
 
     starts = [0, 100, 250]
     assert [chunk_of(c, starts) for c in (0, 99, 100, 249, 250, 10_000)] == [1, 1, 2, 2, 3, 3]
 
 
 def test_latent_map_colours_by_position_chunk_or_content():
-    from app.latent_analysis import PointSet, Projection
+    from app.studio.latent_analysis import PointSet, Projection
 
     points = PointSet("latents", np.zeros((3, 4), np.float32), np.array([0.1, 0.5, 0.9], np.float32),
                       ["the sky is blue", "12 345 678", "def f(): return 1"], chunks=[1, 1, 2])
@@ -305,7 +305,7 @@ def test_user_errors_become_one_line_messages():
 
 
 def test_follow_up_summary_compares_first_questions_with_follow_ups():
-    from app.history import follow_up_summary
+    from app.studio.history import follow_up_summary
 
     rows = [run_row(answer_of(ttft_ms=t, prefix_reused_positions=r), m) for m, t, r in [
         ("full context", 900.0, 0), ("full context", 30.0, 500), ("full context", 50.0, 500),
@@ -332,7 +332,7 @@ def test_ask_answers_at_other_ratios_side_by_side(workspace):
 
 
 def test_a_long_documents_latent_map_is_subsampled_and_says_so(workspace, monkeypatch):
-    from app import latent_analysis
+    from app.studio import latent_analysis
 
     monkeypatch.setattr(latent_analysis, "MAX_MAP_LATENTS", 20)
     monkeypatch.setattr(latent_analysis.subsample, "__defaults__", (20,))

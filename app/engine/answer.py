@@ -1,4 +1,4 @@
-"""What an answer method returns (app/methods.py): one `Answer`, read by attribute by the CLI,
+"""What an answer method returns (app/engine/methods.py): one `Answer`, read by attribute by the CLI,
 the studio, the history and the benchmarks, and written as JSON by `to_json()` with the keys the
 CLI and the studio's API have always given (tests/golden/cli_json_keys.json)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from app.measure import Measurement
+from app.engine.measure import Measurement
 
 UNTRAINED_NOTE = "untrained: this LCLM's adapter is freshly initialised, so its latents carry no learned meaning"
 
@@ -34,7 +34,7 @@ class PressTrace:
 @dataclass
 class Answer:
     text: str
-    method: str  # its name in app.methods.METHODS ("lclm", "full", "snapkv", ...)
+    method: str  # its name in app.engine.methods.METHODS ("lclm", "full", "snapkv", ...)
     label: str  # how the page names it ("LCLM", "full context", ...)
     question: str
     ratio: int | None  # the LCLM's 1:N or a press's matched N; None where no ratio applies
@@ -44,7 +44,7 @@ class Answer:
     tokens: int  # the document's encoder tokens
     measurement: Measurement
     precision: dict  # DtypeChoice.to_dict()
-    stopped: str = "end"  # how the reply ended: end, limit or repeat (app.methods.STOPS)
+    stopped: str = "end"  # how the reply ended: end, limit or repeat (app.engine.methods.STOPS)
     warnings: list[str] = field(default_factory=list)  # what a reader must be told about it
     latents: int = 0
     cached: bool = False  # every latent from the latent cache

@@ -12,9 +12,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.documents import Cell
-from app.latent_analysis import PointSet, Projection
-from app.measure import MiB
+from app.engine.measure import MiB
+from app.studio.documents import Cell
+from app.studio.latent_analysis import PointSet, Projection
 
 SYMBOLS = ("circle", "diamond", "square", "triangle-up", "x")
 METHOD_COLOURS = {"lclm": "#1f77b4", "expand": "#17becf", "full": "#d62728"}
@@ -96,7 +96,7 @@ CONTENT_COLOURS = {"numbers": "#d62728", "code": "#9467bd", "names": "#ff7f0e", 
 def latent_map_figure(projection: Projection, title: str = "", colour_by: str = "position") -> go.Figure:
     """Scatter of the projected sets; hover shows the source text. Colours: the position of each
     point's text in the document (a continuous scale), the EXPAND chunk it is from, or its content
-    class (app.latent_analysis.content_class: numbers, code, names, prose, punctuation)."""
+    class (app.studio.latent_analysis.content_class: numbers, code, names, prose, punctuation)."""
     if colour_by not in COLOUR_BY:
         raise ValueError(f"colour_by must be one of {', '.join(COLOUR_BY)}, got {colour_by!r}")
     figure = go.Figure()

@@ -1,9 +1,9 @@
 """The studio's requests, shared by the CLI and the UI: compress, ask (any method of
-app/methods.py: full context, LCLM, LCLM + EXPAND, the presses) and reconstruct. Models
-(app/models.py) and the caches are process-wide; a request carries only the document text and
-its choices. Running out of memory is handled in app/memory.py.
+app/engine/methods.py: full context, LCLM, LCLM + EXPAND, the presses) and reconstruct. Models
+(app/engine/models.py) and the caches are process-wide; a request carries only the document text and
+its choices. Running out of memory is handled in app/engine/memory.py.
 
-The latents come from app/latent_store.py; a method (app/methods.py) receives the request and
+The latents come from app/engine/latent_store.py; a method (app/engine/methods.py) receives the request and
 `Studio.resources` (latent store, prefix KV cache, settings), never the studio."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from app.answer import UNTRAINED_NOTE
-from app.kv_cache import PrefixCache
-from app.latent_store import LatentStore, text_document
-from app.measure import PeakMemory
-from app.memory import guard_memory, guard_stream
-from app.methods import AskEvent, Request, Resources, method
-from app.models import LoadedVariant, ModelPool, ProgressFn
-from app.settings import Settings
+from app.engine.answer import UNTRAINED_NOTE
+from app.engine.kv_cache import PrefixCache
+from app.engine.latent_store import LatentStore, text_document
+from app.engine.measure import PeakMemory
+from app.engine.memory import guard_memory, guard_stream
+from app.engine.methods import AskEvent, Request, Resources, method
+from app.engine.models import LoadedVariant, ModelPool, ProgressFn
+from app.engine.settings import Settings
 from model.errors import UserError
 from model.fidelity import reconstruct, token_accuracy
 from model.generation import Sampling
@@ -32,7 +32,7 @@ from model.prompts import PromptProfile
 @dataclass(frozen=True)
 class AskRequest:
     """A question about a text as a person asks it (the CLI, the Ask tab, the benchmarks): the
-    method (a name in app.methods.METHODS), the variant by checkpoint, ratio and pooling (None:
+    method (a name in app.engine.methods.METHODS), the variant by checkpoint, ratio and pooling (None:
     the defaults), the prompt profile, the reply's limit (per EXPAND round with EXPAND; None: the
     settings') and the caches. Checked when made, so a bad request fails before anything runs."""
 

@@ -2,7 +2,7 @@
 encoder/decoder pair (the embedded ratios and poolings) sharing its weights; and the variant
 object every request runs on.
 
-A `LoadedVariant` is what the services, the methods (app/methods.py) and the benchmarks pass
+A `LoadedVariant` is what the services, the methods (app/engine/methods.py) and the benchmarks pass
 around instead of loose (checkpoint, ratio, pooling, dtype, prompt profile) arguments.
 
 A variant whose decoder is a LoRA (trained to read latents; the embedded trained variants)
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from app.memory import guard_memory
-from app.settings import POOLINGS, RATIOS, Settings
+from app.engine.memory import guard_memory
+from app.engine.settings import POOLINGS, RATIOS, Settings
 from model.checkpoint import CheckpointParts, quiet_transformers
 from model.errors import UserError
 from model.lclm import LCLM

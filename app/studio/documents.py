@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.engine.lru import BoundedLRU
 from app.ingest import clean_text, read_file
-from app.lru import BoundedLRU
 from cache import document_sha256
 from model.errors import UserError
 

@@ -6,7 +6,7 @@ Every method runs one `Request` (a document, a question, a `LoadedVariant` and i
 same way: it prepares its context (latents, a pressed KV cache, ...; timed as compress_ms),
 prefills the decoder (prefill_ms) and streams the reply through the one shared decode
 (model.generation.decode, from the prompt's last position), all inside one `Meter`
-(app/measure.py). The studio's services, the CLI, bench.speed and bench.quality all answer
+(app/engine/measure.py). The studio's services, the CLI, bench.speed and bench.quality all answer
 through METHODS, so every number they report comes from the path the studio runs.
 
 The question prompt is cut around the document (`prompt_parts`): the same decoder ids come
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.answer import Answer, ExpandTrace, PressTrace
-from app.kv_cache import PrefixCache, PrefixEntry, PrefixKey
-from app.latent_store import DocumentIds, LatentStore
-from app.measure import Measurement, Meter
-from app.models import LoadedVariant, ProgressFn
-from app.settings import RATIOS, Settings
+from app.engine.answer import Answer, ExpandTrace, PressTrace
+from app.engine.kv_cache import PrefixCache, PrefixEntry, PrefixKey
+from app.engine.latent_store import DocumentIds, LatentStore
+from app.engine.measure import Measurement, Meter
+from app.engine.models import LoadedVariant, ProgressFn
+from app.engine.settings import RATIOS, Settings
 from model.agent import ExpandAgent, Round
 from model.encoder import count_latents
 from model.errors import UserError
@@ -293,7 +293,7 @@ class Method:
 
 class FullContext(Method):
     """The uncompressed baseline: the document's ids where the document goes, read by the text
-    decoder (a decoder LoRA's base model: app/models.py)."""
+    decoder (a decoder LoRA's base model: app/engine/models.py)."""
 
     name, label, prepares, uses_ratio = "full", "full context", "nothing: the decoder reads the document's ids", False
     reads_text = True
@@ -401,7 +401,7 @@ class Expand(Method):
 class Pressed(Method):
     """A press (model/presses.py) over the decoder's KV cache of the document, at the matched
     ratio 1 - 1/N, as kvpress's own pipeline applies it, read by the text decoder as full context
-    is (app/models.py): the context (everything before the
+    is (app/engine/models.py): the context (everything before the
     question) is prefilled under the press (compress_ms), then the question over the pressed
     cache at its uncompressed positions (prefill_ms). Positions = KV pairs kept + the question.
     The pressed context does not depend on the question, so it is kept in the prefix cache and

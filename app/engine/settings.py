@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.kv_cache import default_size_mb
+from app.engine.kv_cache import default_size_mb
 from model.agent import DEFAULT_ROUNDS
 from model.chunking import DEFAULT_CHUNK_TOKENS
-from model.config import RATIOS  # noqa: F401 (the studio's choices: app.settings.RATIOS)
+from model.config import RATIOS  # noqa: F401 (the studio's choices: app.engine.settings.RATIOS)
 from model.embedded import default_data_dir
 from model.pooling import POOLINGS as POOLING_CLASSES
 from model.precision import DTYPE_CHOICES

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-from app import figures, latent_analysis
-from app.answer import Answer
-from app.catalog import Catalog, Variant
-from app.documents import Document, DocumentStore, Layout, layout
-from app.history import RunHistory, run_row, to_csv, to_json
-from app.latent_analysis import latent_set, latent_statistics, project_sets, source_token_set, token_diff
-from app.lru import BoundedLRU
-from app.measure import MiB
-from app.methods import METHODS
-from app.models import ProgressFn, validate_choice
-from app.service import AskRequest, Studio
-from app.serving import UPLOAD_DIR_ENV, discard_upload
+from app.engine.answer import Answer
+from app.engine.lru import BoundedLRU
+from app.engine.measure import MiB
+from app.engine.methods import METHODS
+from app.engine.models import ProgressFn, validate_choice
+from app.engine.service import AskRequest, Studio
+from app.studio import figures, latent_analysis
+from app.studio.catalog import Catalog, Variant
+from app.studio.documents import Document, DocumentStore, Layout, layout
+from app.studio.history import RunHistory, run_row, to_csv, to_json
+from app.studio.latent_analysis import latent_set, latent_statistics, project_sets, source_token_set, token_diff
+from app.studio.serving import UPLOAD_DIR_ENV, discard_upload
 from model.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class MethodRun:
     """One method's answer as it streams, with its live readout."""
 
     name: str  # as the page shows it
-    method: str  # its name in app.methods.METHODS
+    method: str  # its name in app.engine.methods.METHODS
     status: str = "waiting"  # waiting, running, done, or an error / unavailable message
     text: str = ""
     started: float = 0.0

@@ -1,6 +1,6 @@
 """The latents a request reads, from the latent cache (cache/, on disk) or the encoder: a whole
 document's, window group by window group, and each EXPAND or reconstruction chunk's, compressed
-on its own. The methods (app/methods.py) and the studio's services (app/service.py) both read
+on its own. The methods (app/engine/methods.py) and the studio's services (app/engine/service.py) both read
 latents here; this module knows neither of them.
 
 Plain LCLM answers read the whole document's latents, each encoder window cached under its own
@@ -19,11 +19,11 @@ from functools import cached_property
 
 import torch
 
-from app.lru import BoundedLRU
-from app.measure import Clock
-from app.memory import guard_memory
-from app.models import ProgressFn
-from app.settings import Settings
+from app.engine.lru import BoundedLRU
+from app.engine.measure import Clock
+from app.engine.memory import guard_memory
+from app.engine.models import ProgressFn
+from app.engine.settings import Settings
 from cache import LatentCache, document_sha256, latent_key
 from model.chunking import Chunk, chunk_text
 from model.lclm import LCLM

@@ -4,7 +4,7 @@ prefills only its own tokens, as prefix caching does in vLLM (APC) and SGLang (R
 
 Entries are keyed by everything the prefix's KV depends on (`PrefixKey`) and bounded by bytes,
 least recently used dropped first. Nothing here is ever written to disk. Running out of memory
-anywhere drops every entry first (`drop_all`, called by `app.service.release_memory`)."""
+anywhere drops every entry first (`drop_all`, called by `app.engine.service.release_memory`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import psutil
 import torch
 
-from app.lru import BoundedLRU
-from app.measure import MiB
+from app.engine.lru import BoundedLRU
+from app.engine.measure import MiB
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -36,7 +36,7 @@ class PrefixKey:
 
     document_sha256: str
     checkpoint: str
-    method: str  # a name in app.methods.METHODS: "full", "lclm", "snapkv", ...
+    method: str  # a name in app.engine.methods.METHODS: "full", "lclm", "snapkv", ...
     ratio: int | None  # the LCLM's 1:N, or a press's matched ratio; None for full context
     pooling: str | None
     dtype: str

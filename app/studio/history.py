@@ -11,9 +11,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from app.answer import Answer
-from app.lru import BoundedLRU
-from app.measure import MiB
+from app.engine.answer import Answer
+from app.engine.lru import BoundedLRU
+from app.engine.measure import MiB
 
 COLUMNS = (
     "time", "method", "ratio", "tokens", "positions", "ttft_ms", "compress_ms", "prefill_ms", "first_token_ms",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from app.documents import preview
+from app.studio.documents import preview
 
 UMAP_MIN_POINTS = 8  # below this UMAP's neighbour graph is meaningless: use PCA
 MAX_SOURCE_POINTS = 1500  # source-token embeddings are subsampled evenly to this many

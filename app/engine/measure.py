@@ -10,7 +10,7 @@ every answer method is measured inside one `Meter`.
   sampled by a thread during the request.
 - KV-cache bytes: 2 x layers x kv_heads x head_dim x positions x bytes per element.
 - Positions: tokens the decoder prefills. Of these, `prefix_reused_positions` have their KV
-  from the prefix cache (app/kv_cache.py: a follow-up question about the same document) and
+  from the prefix cache (app/engine/kv_cache.py: a follow-up question about the same document) and
   `prefill_positions` are computed by this request.
 """
 

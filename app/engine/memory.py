@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import torch
 
-from app.kv_cache import drop_all
+from app.engine.kv_cache import drop_all
 from model.errors import OUT_OF_MEMORY, OutOfMemory
 
 T = TypeVar("T")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.settings import POOLINGS, RATIOS
+from app.engine.settings import POOLINGS, RATIOS
 from model.errors import UserError
 
 EMBEDDED_FAMILY = "embedded SmolLM2-135M"
