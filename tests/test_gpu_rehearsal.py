@@ -78,10 +78,10 @@ def test_the_probe_measures_growing_batches_and_leaves_the_weights_alone(pair):
 
 
 def test_the_probe_stops_at_out_of_memory_and_keeps_what_it_measured(pair, out_of_memory, monkeypatch):
-    import model.training.campaign as campaign
+    from model.training.campaign import loop  # where probe looks up step_loss
 
     lclm, groups, data, pad = probe_setup(pair)
-    calls = out_of_memory(campaign, "step_loss", call=3)  # the second candidate's first step
+    calls = out_of_memory(loop, "step_loss", call=3)  # the second candidate's first step
     found = probe(lclm, data, groups, pad, autocast=False, seconds=0.0, scales=(1, 2, 4))
     assert len(calls) >= 3 and found["stopped"] == "out of memory at 64"
     assert found["batch_tokens"] == 32 and list(found["tokens_per_s"]) == [32]
