@@ -51,3 +51,18 @@ def test_the_task_table_gives_each_method_as_a_share_of_full_context():
     assert table["LCLM 1:4 concat"]["of full context"] == "33%"  # 25% of 75%
     assert table["LCLM 1:4 concat"]["niah_single of full"] == "50%"
     assert table["EXPAND"]["EXPAND first hit"] == "1/2" and table["LCLM 1:4 concat"]["EXPAND first hit"] == "-"
+
+
+def test_a_registered_text_method_gets_its_own_row(monkeypatch):
+    """A new answer method that reads the text appears in the RULER table by registering it alone."""
+    from app.engine.methods import METHODS, FullContext
+    from bench.quality.suite import methods
+
+    class Plain(FullContext):
+        name, label = "plain", "plain text"
+
+    before = [m.kind for m in methods([4], ["mean"], [])]
+    assert before[0] == "full" and "plain" not in before
+    monkeypatch.setitem(METHODS, "plain", Plain())
+    rows = {m.kind: m for m in methods([4], ["mean"], [])}
+    assert rows["plain"].name == "plain text" and rows["plain"].family == "plain text"

@@ -55,6 +55,9 @@ def methods(ratios: list[int], poolings: list[str], presses: list[str], expand_r
     if unknown:
         raise ValueError(f"unknown presses {unknown}; known: {', '.join(PRESS_METHODS)}")
     out = [ScoredMethod("full context", "full")]
+    # any other registered method that reads the text and is not a press: one row, as full context
+    out += [ScoredMethod(m.label, name) for name, m in STUDIO_METHODS.items()
+            if m.reads_text and name != "full" and name not in PRESS_METHODS]
     out += [ScoredMethod(f"LCLM 1:{n} {p}", "lclm", n, p) for p in poolings for n in ratios]
     if expand_ratio:
         out.append(ScoredMethod(f"LCLM 1:{expand_ratio} mean + EXPAND", "expand", expand_ratio, "mean"))
