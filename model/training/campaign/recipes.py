@@ -103,6 +103,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            question_lengths=(256, 512), qa_target="reference",
            question_kinds={"fact": 0.4, "distractors": 0.25, "table": 0.25, "chain": 0.1}, train_decoder=True,
            lr={"adapter": 5e-4, "encoder": 5e-4, "decoder": 2.5e-4, "tags": 5e-4}),
+    Recipe("answer-single", "answer-digits narrowed to the single look-up (a fact alone, or among distractors) with "
+           "half its steps on questions: more answer tokens on the kind whose digits come back permuted inside a "
+           "latent's group, and the reconstruction of the values' own spans beside them",
+           phases=(Phase(64),), objectives={"qa": 0.5, "reconstruction_facts": 0.3, "reconstruction": 0.12,
+                                            "anchor": 0.08},
+           question_lengths=(256, 512), qa_target="reference",
+           question_kinds={"fact": 0.7, "distractors": 0.3}, train_decoder=True,
+           lr={"adapter": 5e-4, "encoder": 5e-4, "decoder": 2.5e-4, "tags": 5e-4}),
     Recipe("answer-frozen", "the answer recipe with the encoder and adapter frozen (the latents exactly as shipped): "
            "replies take the answer's form but carry no digits of the document (0 of 12 after 339 steps)",
            phases=(Phase(64),), objectives={"qa": 0.45, "expand": 0.15, "anchor": 0.15, "reconstruction": 0.15,
