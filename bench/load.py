@@ -63,7 +63,7 @@ def ask(client, model: tuple, question: str, max_new_tokens: int, session: int, 
     from gradio_client.utils import Status
 
     start = time.perf_counter()
-    job = client.submit(*model, question, False, False, "none", max_new_tokens, api_name="/ask")
+    job = client.submit(*model, question, "lclm", False, "none", max_new_tokens, api_name="/ask")
     ranks: list[int] = []
     while not job.done():
         status = job.status()

@@ -72,7 +72,7 @@ def test_the_studio_on_cuda_answers_through_gradio_client(tiny_checkpoint, tmp_p
     try:
         client = Client(server.wait(), verbose=False, analytics_enabled=False, download_files=str(tmp_path))
         client.predict(DOCUMENT, None, "--checkpoint", 4, "mean", api_name="/load_document")
-        job = client.submit("--checkpoint", 4, "mean", QUESTION, False, False, "none", 6, api_name="/ask")
+        job = client.submit("--checkpoint", 4, "mean", QUESTION, "lclm", False, "none", 6, api_name="/ask")
         job.result()
         assert job.outputs()
     finally:

@@ -66,3 +66,27 @@ def test_a_registered_text_method_gets_its_own_row(monkeypatch):
     monkeypatch.setitem(METHODS, "plain", Plain())
     rows = {m.kind: m for m in methods([4], ["mean"], [])}
     assert rows["plain"].name == "plain text" and rows["plain"].family == "plain text"
+
+
+def test_a_registered_latent_method_gets_rows_at_each_ratio_and_a_place_on_the_ask_tab(monkeypatch):
+    """A new answer method that reads latents appears in the RULER table (one row per ratio and
+    pooling, one plot line per pooling) and in the Ask tab's choice by registering it alone."""
+    from app.engine import methods as registry
+    from bench.quality.suite import methods
+    from views.ask import latent_method_choices
+
+    class Sketch(registry.LatentContext):
+        name, label = "sketch", "Sketch"
+
+    assert "sketch" not in [m.kind for m in methods([4, 8], ["mean"], [])]
+    monkeypatch.setitem(registry.METHODS, "sketch", Sketch())
+    monkeypatch.setattr(registry, "LATENT_METHODS", [*registry.LATENT_METHODS, "sketch"])
+    monkeypatch.setattr("views.ask.LATENT_METHODS", registry.LATENT_METHODS)
+    rows = [m for m in methods([4, 8], ["mean", "concat"], []) if m.kind == "sketch"]
+    assert [(m.name, m.ratio, m.pooling) for m in rows] == [
+        ("Sketch 1:4 mean", 4, "mean"), ("Sketch 1:8 mean", 8, "mean"),
+        ("Sketch 1:4 concat", 4, "concat"), ("Sketch 1:8 concat", 8, "concat")]
+    assert {m.family for m in rows} == {"Sketch mean", "Sketch concat"}
+    assert ("Sketch", "sketch") in latent_method_choices()
+    lclm_rows = [m.name for m in methods([4], ["mean"], []) if m.kind in ("lclm", "expand")]
+    assert lclm_rows == ["LCLM 1:4 mean", "LCLM 1:16 mean + EXPAND"]  # the names the published tables use

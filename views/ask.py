@@ -1,6 +1,7 @@
-"""Ask tab: a question answered from the compressed context, streaming; EXPAND on or off with
-the agent's transcript and the expanded chunks on the document strip; optional side-by-side
-answers from the full-context decoder and a kvpress baseline, with live readouts."""
+"""Ask tab: a question answered from the compressed context, streaming, by any registered method
+that reads latents (LCLM; LCLM + EXPAND with the agent's transcript and the expanded chunks on
+the document strip); optional side-by-side answers from the full-context decoder and a kvpress
+baseline, with live readouts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from app.engine.methods import METHODS, PRESS_METHODS
+from app.engine.methods import LATENT_METHODS, METHODS, PRESS_METHODS
 from app.engine.settings import PROFILES, RATIOS
 from app.studio import figures
 from views.common import MODEL_SLOT, Shared, user_errors
@@ -30,6 +31,11 @@ def kvpress_choices() -> list[tuple[str, str]]:
     return [(NO_KVPRESS, NO_KVPRESS)] + [(METHODS[name].label, name) for name in PRESS_METHODS]
 
 
+def latent_method_choices() -> list[tuple[str, str]]:
+    """(label, method name) of every registered method that answers from latents."""
+    return [(METHODS[name].label, name) for name in LATENT_METHODS]
+
+
 def readout_table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=READOUT_COLUMNS, dtype=object)
 
@@ -38,7 +44,8 @@ def build(max_new_tokens: int) -> SimpleNamespace:
     question = gr.Textbox(label="Question", lines=2, elem_id="question",
                           placeholder="Ask something the document answers")
     with gr.Row():
-        expand = gr.Checkbox(False, label="EXPAND: let the model read chunks in full", elem_id="expand")
+        latent_method = gr.Radio(latent_method_choices(), value="lclm", label="Answer from the latents with",
+                                 info="LCLM + EXPAND lets the model read chunks in full", elem_id="latent-method")
         full = gr.Checkbox(False, label="Also answer from the full context", elem_id="compare-full")
         kvpress = gr.Dropdown(kvpress_choices(), value=NO_KVPRESS, label="Also answer with a KV-cache press",
                               elem_id="compare-kvpress")
@@ -64,8 +71,8 @@ def build(max_new_tokens: int) -> SimpleNamespace:
                               elem_id="transcript")
     with gr.Accordion("All numbers", open=False):
         results = gr.JSON(label="Results", elem_id="ask-results")
-    return SimpleNamespace(question=question, expand=expand, full=full, kvpress=kvpress, new_tokens=new_tokens,
-                           profile=profile, other_ratios=other_ratios, run=run, answers=answers,
+    return SimpleNamespace(question=question, latent_method=latent_method, full=full, kvpress=kvpress,
+                           new_tokens=new_tokens, profile=profile, other_ratios=other_ratios, run=run, answers=answers,
                            at_ratios=at_ratios, ttft=ttft, readout=readout, strip=strip, transcript=transcript,
                            results=results)
 
@@ -115,14 +122,14 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
     """`live_readouts`: other tabs' readout tables, updated with this one. Returns the ask event."""
 
     @user_errors
-    def ask(document: str | None, family: str, ratio: int, pooling: str, question: str, expand: bool, full: bool,
-            kvpress: str, max_new_tokens: float, profile: str | None, other_ratios: list[int] | None,
+    def ask(document: str | None, family: str, ratio: int, pooling: str, question: str, latent_method: str,
+            full: bool, kvpress: str, max_new_tokens: float, profile: str | None, other_ratios: list[int] | None,
             request: gr.Request):
         variant = workspace.variant(family, ratio, pooling)
         cells = workspace.layout(document, variant).cells
         baselines = ([FULL] if full else []) + ([kvpress] if kvpress and kvpress != NO_KVPRESS else [])
         profile = None if not profile or profile == CHECKPOINT_PROFILE else profile
-        states = workspace.ask(request.session_hash, document, question, variant, bool(expand), baselines,
+        states = workspace.ask(request.session_hash, document, question, variant, latent_method or "lclm", baselines,
                                int(max_new_tokens or 0) or None, prompt_profile=profile,
                                other_ratios=other_ratios or [])
         press = kvpress if kvpress and kvpress != NO_KVPRESS else None
@@ -140,7 +147,7 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
                    gr.Textbox(value="\n\n".join(f"{m.name}: {m.text}" for m in lclms), visible=bool(lclms)),
                    *[readout] * len(live_readouts))
 
-    inputs = [shared.document, *shared.model_inputs, ui.question, ui.expand, ui.full, ui.kvpress, ui.new_tokens,
+    inputs = [shared.document, *shared.model_inputs, ui.question, ui.latent_method, ui.full, ui.kvpress, ui.new_tokens,
               ui.profile, ui.other_ratios]
     outputs = [*ui.answers, ui.ttft, ui.readout, ui.strip, ui.transcript, ui.results, ui.at_ratios, *live_readouts]
     return ui.run.click(ask, inputs, outputs, api_name="ask", concurrency_id=MODEL_SLOT, concurrency_limit=1)

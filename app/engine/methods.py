@@ -265,6 +265,11 @@ class Method:
     reads_text = False  # reads the document's text with the variant's text decoder
     uses_ratio = True  # the compression ratio changes what it does
 
+    def run_name(self, variant_label: str) -> str:
+        """How the page, the history and the benchmarks name this method's answer from a latent
+        variant ("LCLM 1:4 concat"); a method that reads no latents is named by its label."""
+        return f"{self.label} {variant_label}" if self.reads_latents else self.label
+
     @torch.inference_mode()
     def answer(self, resources: Resources, request: Request) -> Iterator[AskEvent]:
         model, variant = request.model, request.variant
@@ -347,6 +352,9 @@ class Expand(Method):
 
     name, label, reads_latents = "expand", "LCLM + EXPAND", True
     prepares = "each chunk's latents (encoded alone, cached per chunk)"
+
+    def run_name(self, variant_label: str) -> str:
+        return f"LCLM {variant_label} + EXPAND"
 
     def run(self, resources, request, meter):
         model, m, text = request.model, meter.measurement, request.document.text
@@ -475,6 +483,7 @@ class Pressed(Method):
 METHODS: dict[str, Method] = {m.name: m for m in (FullContext(), LatentContext(), Expand(),
                                                   *(Pressed(spec) for spec in PRESSES.values()))}
 PRESS_METHODS = [name for name, m in METHODS.items() if isinstance(m, Pressed)]
+LATENT_METHODS = [name for name, m in METHODS.items() if m.reads_latents]  # the Ask tab's "answer from latents" choice
 
 
 def method(name: str) -> Method:

@@ -19,7 +19,7 @@ import torch
 from app.engine.answer import Answer
 from app.engine.lru import BoundedLRU
 from app.engine.measure import MiB
-from app.engine.methods import METHODS
+from app.engine.methods import LATENT_METHODS, METHODS
 from app.engine.models import ProgressFn, validate_choice
 from app.engine.service import AskRequest, Studio
 from app.studio import figures, latent_analysis
@@ -221,25 +221,26 @@ class Workspace:
         return strip, token_diff(tokenizer, chosen["original"], chosen["reconstructed"])
 
     # ---- ask ---------------------------------------------------------------------------
-    def ask(self, session: str, doc_id: str | None, question: str, variant: Variant, expand: bool = False,
+    def ask(self, session: str, doc_id: str | None, question: str, variant: Variant, method: str = "lclm",
             baselines: list[str] = (), max_new_tokens: int | None = None,
             prompt_profile: str | None = None, other_ratios: Sequence[int] = ()) -> Iterator[AskState]:
-        """Stream the LCLM's answer (with EXPAND where asked), then the same method's at each of
-        `other_ratios` (that ratio's best trained variant, as comparisons pick it), then each chosen
-        baseline's. `prompt_profile`: a name in model.prompts.PROMPT_PROFILES; None: the
-        checkpoint's default."""
-        mode = "expand" if expand else "lclm"
-        asked = AskRequest(self.documents.get(doc_id).text, question, mode, variant.ratio, variant.pooling,
+        """Stream the answer of `method` (a method that reads latents: LCLM, LCLM + EXPAND, ...)
+        from `variant`, then the same method's at each of `other_ratios` (that ratio's best trained
+        variant, as comparisons pick it), then each chosen baseline's. `prompt_profile`: a name in
+        model.prompts.PROMPT_PROFILES; None: the checkpoint's default."""
+        if method not in LATENT_METHODS:
+            raise UserError(f"answer from the latents with one of {', '.join(LATENT_METHODS)}, got {method!r}")
+        asked = AskRequest(self.documents.get(doc_id).text, question, method, variant.ratio, variant.pooling,
                            variant.spec, max_new_tokens, prompt_profile=prompt_profile)  # checked here, at once
         comparisons = [name for name, m in METHODS.items() if not m.reads_latents]
         unknown = [b for b in baselines if b not in comparisons]
         if unknown:
             raise UserError(f"unknown comparison {unknown[0]!r}; choose from {', '.join(comparisons)}")
-        suffix = " + EXPAND" if expand else ""
-        main = MethodRun(f"LCLM {variant.label}{suffix}", mode, variant=variant)
+        latent_method = METHODS[method]
+        main = MethodRun(latent_method.run_name(variant.label), method, variant=variant)
         siblings = [self.catalog.sibling(variant, int(r))
                     for r in sorted({int(r) for r in other_ratios} - {variant.ratio})]
-        others = [MethodRun(f"LCLM {v.label}{suffix}", mode, variant=v) for v in siblings if v is not None]
+        others = [MethodRun(latent_method.run_name(v.label), method, variant=v) for v in siblings if v is not None]
         state = AskState([main, *others] + [MethodRun(METHODS[name].label, name, variant=variant)
                                             for name in baselines])
 

@@ -41,12 +41,16 @@ class ScoredMethod:
         return self.kind in PRESS_METHODS
 
     @property
+    def reads_latents(self) -> bool:
+        return STUDIO_METHODS[self.kind].reads_latents
+
+    @property
     def family(self) -> str:
         """The plot line this method belongs to."""
-        if self.kind == "lclm":
-            return f"LCLM {self.pooling}"
         if self.kind == "expand":
             return f"LCLM 1:{self.ratio} + EXPAND"
+        if self.reads_latents:  # one line per pooling across the ratios
+            return f"{STUDIO_METHODS[self.kind].label} {self.pooling}"
         return STUDIO_METHODS[self.kind].label
 
 
@@ -58,9 +62,15 @@ def methods(ratios: list[int], poolings: list[str], presses: list[str], expand_r
     # any other registered method that reads the text and is not a press: one row, as full context
     out += [ScoredMethod(m.label, name) for name, m in STUDIO_METHODS.items()
             if m.reads_text and name != "full" and name not in PRESS_METHODS]
-    out += [ScoredMethod(f"LCLM 1:{n} {p}", "lclm", n, p) for p in poolings for n in ratios]
-    if expand_ratio:
-        out.append(ScoredMethod(f"LCLM 1:{expand_ratio} mean + EXPAND", "expand", expand_ratio, "mean"))
+    # every method that reads latents: at each ratio and pooling asked for; EXPAND at its one ratio, mean
+    for name, m in STUDIO_METHODS.items():
+        if not m.reads_latents:
+            continue
+        if name == "expand":
+            if expand_ratio:
+                out.append(ScoredMethod(m.run_name(f"1:{expand_ratio} mean"), name, expand_ratio, "mean"))
+            continue
+        out += [ScoredMethod(m.run_name(f"1:{n} {p}"), name, n, p) for p in poolings for n in ratios]
     for press in presses:
         if STUDIO_METHODS[press].uses_ratio:
             out += [ScoredMethod(f"{press} 1:{n}", press, n) for n in ratios]
@@ -116,7 +126,7 @@ def run_ruler(studio: Studio, all_methods: list[ScoredMethod], examples: list[tu
             reply = got.pop("reply")
             kind = "press" if method.is_press else method.kind
             record = {"method": method.name, "family": method.family, "kind": kind, "ratio": method.ratio,
-                      "pooling": method.pooling if kind in ("lclm", "expand") else None,
+                      "pooling": method.pooling if method.reads_latents else None,
                       **({"press": method.kind} if method.is_press else {}),
                       "task": example.kind, "length": length, "example": index, "depth": round(example.depth, 3),
                       "score": score(example, reply), "reply": reply[:200], "answers": example.answers,

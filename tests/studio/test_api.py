@@ -28,8 +28,8 @@ def loaded(client):
     return client
 
 
-def ask(client, question="What is the vault code?", expand=False, full=False, kvpress="none", max_new_tokens=6):
-    job = client.submit(*MODEL, question, expand, full, kvpress, max_new_tokens, api_name="/ask")
+def ask(client, question="What is the vault code?", method="lclm", full=False, kvpress="none", max_new_tokens=6):
+    job = client.submit(*MODEL, question, method, full, kvpress, max_new_tokens, api_name="/ask")
     job.result()
     return job.outputs()
 
@@ -129,7 +129,7 @@ def test_reconstruct_side_by_side_and_select_chunk(loaded):
 
 
 def test_ask_streams_with_ttft_expand_and_baselines(loaded):
-    outputs = ask(loaded, expand=True, full=True, kvpress="snapkv")
+    outputs = ask(loaded, method="expand", full=True, kvpress="snapkv")
     assert len(outputs) >= 2  # the first state, then the streamed answer
     lclm, full, kvpress, ttft, readout, strip, transcript, results = outputs[-1][:8]
     rows = {row[0]: dict(zip(readout["headers"], row)) for row in readout["data"]}
@@ -190,7 +190,7 @@ def test_a_second_user_waits_in_the_queue(studio_url, tmp_path):
                      for _ in range(2))
     for c in (first, second):
         c.predict(DOCUMENT, None, *MODEL, api_name="/load_document")
-    long_answer = first.submit(*MODEL, "Tell me everything.", False, True, "none", 400, api_name="/ask")
+    long_answer = first.submit(*MODEL, "Tell me everything.", "lclm", True, "none", 400, api_name="/ask")
     wait_until(lambda: long_answer.status().code in (Status.PROCESSING, Status.ITERATING))
     queued = second.submit(*MODEL, api_name="/compress")
     seen = []
@@ -204,7 +204,7 @@ def test_a_second_user_waits_in_the_queue(studio_url, tmp_path):
 
 
 def test_ask_at_other_ratios_fills_its_own_box(loaded):
-    job = loaded.submit(*MODEL, "What is the vault code?", False, False, "none", 3, "checkpoint default", [8],
+    job = loaded.submit(*MODEL, "What is the vault code?", "lclm", False, "none", 3, "checkpoint default", [8],
                         api_name="/ask")
     job.result()
     outputs = job.outputs()[-1]

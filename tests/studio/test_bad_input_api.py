@@ -98,7 +98,7 @@ def test_no_document_and_empty_question(client):
         "no document loaded: paste text or upload a file on the Document tab first"
     still_works(client)
     for question in ("", "  \n "):
-        assert refused(client.predict, *MODEL, question, False, False, "none", 4, api_name="/ask") == \
+        assert refused(client.predict, *MODEL, question, "lclm", False, "none", 4, api_name="/ask") == \
             "the question is empty"
     still_works(client)
 
@@ -108,7 +108,7 @@ def test_ratio_and_pooling_outside_the_allowed_set(client, ratio, pooling, messa
     """Gradio's own check answers first; the services check again (tests/test_bad_input.py)."""
     client.predict(DOCUMENT, None, *MODEL, api_name="/load_document")
     assert refused(client.predict, "--checkpoint", ratio, pooling, api_name="/compress") == message
-    assert refused(client.predict, "--checkpoint", ratio, pooling, "Why?", False, False, "none", 4,
+    assert refused(client.predict, "--checkpoint", ratio, pooling, "Why?", "lclm", False, "none", 4,
                    api_name="/ask") == message
     still_works(client)
 

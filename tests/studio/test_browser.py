@@ -105,7 +105,7 @@ def test_paste_compress_map_reconstruct_ask_and_sweep(page: Page, url, shots):
     # Ask: an answer streams, with a TTFT number; EXPAND's transcript and the full-context answer beside it
     open_tab(page, "Ask")
     page.locator("#question textarea").fill(question)
-    page.locator("#expand").get_by_role("checkbox").check()
+    page.locator("#latent-method").get_by_label("LCLM + EXPAND").check()
     page.locator("#compare-full").get_by_role("checkbox").check()
     page.locator("#max-new-tokens input").fill("12")
     expect(page.locator("#answer-kvpress")).to_be_hidden()  # only the boxes asked for

@@ -21,7 +21,7 @@ def test_the_embedded_default_starts_compresses_and_answers(embedded_server, tmp
     client.predict(NEEDLE_DOC, None, *MODEL, api_name="/load_document")
     summary, details = client.predict(*MODEL, api_name="/compress")
     assert details["latents"] == -(-details["tokens"] // 16) and "untrained" not in summary  # 1:16 mean ships
-    job = client.submit(*MODEL, "What is the special magic number?", False, True, "none", 24, api_name="/ask")
+    job = client.submit(*MODEL, "What is the special magic number?", "lclm", True, "none", 24, api_name="/ask")
     job.result()
     results = job.outputs()[-1][7]
     assert "7294" in results["full context"]["answer"]

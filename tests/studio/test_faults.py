@@ -30,7 +30,7 @@ LONG = 2000  # new tokens: far longer than any test waits for
 
 
 def ask_args(max_new_tokens: int, question: str = QUESTION, full: bool = False) -> tuple:
-    return (*MODEL, question, False, full, "none", max_new_tokens)
+    return (*MODEL, question, "lclm", full, "none", max_new_tokens)
 
 
 def short_answer(client: Client) -> str:

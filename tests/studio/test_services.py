@@ -199,7 +199,7 @@ def test_latent_map_of_two_ratios_and_the_source_tokens(workspace, monkeypatch):
 def test_ask_streams_states_and_records_the_run(workspace):
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     states = list(workspace.ask("session-a", document.sha256, "What is the vault code?", workspace.catalog.default,
-                                expand=True, baselines=["full", "snapkv"], max_new_tokens=4))
+                                method="expand", baselines=["full", "snapkv"], max_new_tokens=4))
     final = states[-1]
     main, full, kvpress = final.methods
     for run in final.methods:  # done, then whatever the reader must be told (a forced round, an empty answer)
@@ -212,7 +212,7 @@ def test_ask_streams_states_and_records_the_run(workspace):
     assert all(1 <= n <= len(main.answer.expand.chunks) for n in final.expanded)
     assert final.results()[main.name] == main.answer.to_json()  # what the page's JSON view shows
     studio_profile = list(workspace.ask("session-a", document.sha256, "What is the vault code?",
-                                        workspace.catalog.default, expand=True, max_new_tokens=2,
+                                        workspace.catalog.default, method="expand", max_new_tokens=2,
                                         prompt_profile="studio"))[-1]
     assert (studio_profile.rounds[0]["forced"] == "EXPAND:"
             and studio_profile.methods[0].answer.prompt_profile == "studio")
@@ -221,6 +221,8 @@ def test_ask_streams_states_and_records_the_run(workspace):
     assert workspace.history.rows("session-b") == []
     with pytest.raises(UserError, match="the question is empty"):
         next(workspace.ask("s", document.sha256, "  ", workspace.catalog.default))
+    with pytest.raises(UserError, match="answer from the latents with one of lclm, expand"):
+        next(workspace.ask("s", document.sha256, "Q?", workspace.catalog.default, method="full"))
 
 
 def test_kvpress_keeps_the_matched_share_of_the_context(workspace):
@@ -323,7 +325,7 @@ def test_ask_answers_at_other_ratios_side_by_side(workspace):
     family does not offer are left out; the transcript stays the chosen variant's."""
     document, _ = workspace.load_document(DOCUMENT, None, workspace.catalog.default)
     final = list(workspace.ask("session-r", document.sha256, "What is the vault code?", workspace.catalog.default,
-                               expand=True, baselines=["full"], max_new_tokens=3, other_ratios=[4, 8, 16]))[-1]
+                               method="expand", baselines=["full"], max_new_tokens=3, other_ratios=[4, 8, 16]))[-1]
     names = [m.name for m in final.methods]
     assert names == ["LCLM 1:4 mean + EXPAND", "LCLM 1:8 mean + EXPAND", "full context"]
     at_eight = final.methods[1]
