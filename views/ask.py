@@ -15,7 +15,7 @@ import pandas as pd
 from app.engine.methods import LATENT_METHODS, METHODS, PRESS_METHODS
 from app.engine.settings import PROFILES, RATIOS
 from app.studio import figures
-from views.common import MODEL_SLOT, Shared, user_errors
+from views.common import MODEL_SLOT, Page, user_errors
 
 NO_KVPRESS = "none"
 CHECKPOINT_PROFILE = "checkpoint default"  # paper for published checkpoints, studio for the embedded model
@@ -40,7 +40,8 @@ def readout_table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=READOUT_COLUMNS, dtype=object)
 
 
-def build(max_new_tokens: int) -> SimpleNamespace:
+def build(page: Page) -> SimpleNamespace:
+    max_new_tokens = page.workspace.studio.settings.max_new_tokens
     question = gr.Textbox(label="Question", lines=2, elem_id="question",
                           placeholder="Ask something the document answers")
     with gr.Row():
@@ -118,8 +119,11 @@ def throttled(states: Iterable, interval_s: float = STREAM_INTERVAL_S) -> Iterat
         yield state
 
 
-def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) -> gr.events.Dependency:
-    """`live_readouts`: other tabs' readout tables, updated with this one. Returns the ask event."""
+def bind(ui: SimpleNamespace, page: Page) -> None:
+    """Asks; every other tab's live readout table is updated with this one's, and the tabs that
+    follow answers (page.answer_events) run after each."""
+    shared, workspace = page.shared, page.workspace
+    live_readouts = page.offered("live", by_other_than=ui)
 
     @user_errors
     def ask(document: str | None, family: str, ratio: int, pooling: str, question: str, latent_method: str,
@@ -150,4 +154,5 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, live_readouts: list) ->
     inputs = [shared.document, *shared.model_inputs, ui.question, ui.latent_method, ui.full, ui.kvpress, ui.new_tokens,
               ui.profile, ui.other_ratios]
     outputs = [*ui.answers, ui.ttft, ui.readout, ui.strip, ui.transcript, ui.results, ui.at_ratios, *live_readouts]
-    return ui.run.click(ask, inputs, outputs, api_name="ask", concurrency_id=MODEL_SLOT, concurrency_limit=1)
+    page.answer_events.append(ui.run.click(ask, inputs, outputs, api_name="ask", concurrency_id=MODEL_SLOT,
+                                           concurrency_limit=1))

@@ -1,12 +1,14 @@
-"""What every tab shares: the controls that pick the model variant, turning the services'
-errors into one-line messages in the page, and progress callbacks onto gr.Progress."""
+"""What every tab shares: the page object every tab's build and bind receive, the controls that
+pick the model variant, turning the services' errors into one-line messages in the page, and
+progress callbacks onto gr.Progress."""
 
 from __future__ import annotations
 
 import functools
 import html
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -28,6 +30,25 @@ class Shared:
     @property
     def model_inputs(self) -> list:
         return [self.family, self.ratio, self.pooling]
+
+
+@dataclass
+class Page:
+    """What every tab's `build(page)` and `bind(ui, page)` receive (views/studio.py calls them in
+    the order of its TABS). A tab offers the others components by the names of its `ui`: every
+    `strip` is a document strip (redrawn for each new document), every `live` a readout table
+    (updated with the Ask tab's); an event that other tabs follow goes in `answer_events`."""
+
+    workspace: object  # app.studio.workspace.Workspace
+    demo: gr.Blocks
+    shared: Shared | None = None  # set once every tab is built
+    tabs: dict[str, gr.Tab] = field(default_factory=dict)  # tab id -> the tab itself
+    uis: dict[str, SimpleNamespace] = field(default_factory=dict)  # tab id -> the components its build made
+    answer_events: list = field(default_factory=list)  # the events after which an answer is in the history
+
+    def offered(self, name: str, by_other_than: SimpleNamespace | None = None) -> list:
+        """Every tab's component called `name` (e.g. "strip", "live"), in tab order."""
+        return [getattr(ui, name) for ui in self.uis.values() if ui is not by_other_than and hasattr(ui, name)]
 
 
 def user_errors(fn):

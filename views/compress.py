@@ -7,16 +7,17 @@ from types import SimpleNamespace
 import gradio as gr
 
 from app.engine.settings import POOLINGS, RATIOS
-from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
+from views.common import MODEL_SLOT, Page, progress_callback, user_errors
 
 
 def ratio_choices(catalog, family: str) -> list[tuple[str, int]]:
     return [(f"1:{r}", r) for r in catalog.ratios(family)]
 
 
-def build(catalog) -> SimpleNamespace:
+def build(page: Page) -> SimpleNamespace:
     """Ratio and pooling start with every choice (so that API calls may name any variant; a
     missing one is a clear error); a page narrows them to its model's variants on load."""
+    catalog = page.workspace.catalog
     default = catalog.default
     with gr.Row():
         family = gr.Dropdown(catalog.families(), value=default.family, label="Model", elem_id="model-family",
@@ -48,7 +49,8 @@ def summary_markdown(result: dict) -> str:
     return text
 
 
-def bind(ui: SimpleNamespace, shared: Shared, workspace, demo: gr.Blocks) -> None:
+def bind(ui: SimpleNamespace, page: Page) -> None:
+    shared, workspace, demo = page.shared, page.workspace, page.demo
     catalog = workspace.catalog
 
     def family_changed(family: str, ratio: int, pooling: str):

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import gradio as gr
 
 from app.studio import figures
-from views.common import Shared, user_errors
+from views.common import Page, user_errors
 
 
-def build() -> SimpleNamespace:
+def build(page: Page) -> SimpleNamespace:
     gr.Markdown("Paste a document or upload a file (text, Markdown, HTML or PDF, whatever its name). "
                 "It stays on this machine.")
     with gr.Row():
@@ -32,8 +32,10 @@ def summary_markdown(document, layout, variant) -> str:
     )
 
 
-def bind(ui: SimpleNamespace, shared: Shared, workspace, strips: list) -> None:
-    """`strips`: the other tabs' document strips, redrawn for each new document."""
+def bind(ui: SimpleNamespace, page: Page) -> None:
+    """Loads the document; every other tab's document strip is redrawn with it."""
+    shared, workspace = page.shared, page.workspace
+    strips = page.offered("strip", by_other_than=ui)
 
     @user_errors
     def load_document(text: str, path: str | None, family: str, ratio: int, pooling: str):

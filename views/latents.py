@@ -9,7 +9,7 @@ import gradio as gr
 
 from app.engine.settings import RATIOS
 from app.studio.figures import COLOUR_BY
-from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
+from views.common import MODEL_SLOT, Page, progress_callback, user_errors
 
 CAPTION = ("**How to read the map.** UMAP places latents that are similar (cosine) near each other and keeps "
            "neighbourhoods, not distances: how far apart two clusters lie, their sizes and the axes mean nothing. "
@@ -19,7 +19,7 @@ CAPTION = ("**How to read the map.** UMAP places latents that are similar (cosin
            "Content classes come from simple rules on each latent's text (digits, code marks, capitalised words).")
 
 
-def build() -> SimpleNamespace:
+def build(page: Page) -> SimpleNamespace:
     gr.Markdown("Each point is one latent token; hover to read the text it stands for. Colour it by where "
                 "its text sits in the document, by the EXPAND chunk it comes from, or by what its text is.")
     with gr.Row():
@@ -37,7 +37,8 @@ def build() -> SimpleNamespace:
                            summary=summary, latent_map=latent_map, stats=stats)
 
 
-def bind(ui: SimpleNamespace, shared: Shared, workspace) -> None:
+def bind(ui: SimpleNamespace, page: Page) -> None:
+    shared, workspace = page.shared, page.workspace
     @user_errors
     def latent_map(document: str | None, family: str, ratio: int, pooling: str, other_ratios: list[int],
                    show_source: bool, colour_by: str = "position", progress=gr.Progress()):

@@ -10,10 +10,10 @@ import pandas as pd
 
 from app.studio.history import COLUMNS, FOLLOW_UP_COLUMNS, follow_up_summary
 from views.ask import readout_table
-from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
+from views.common import MODEL_SLOT, Page, progress_callback, user_errors
 
 
-def build() -> SimpleNamespace:
+def build(page: Page) -> SimpleNamespace:
     live = gr.Dataframe(readout_table([]), label="Live readouts (the answer in progress, each method side by side)",
                         interactive=False, elem_id="metrics-live")
     with gr.Row():
@@ -34,7 +34,9 @@ def build() -> SimpleNamespace:
                            sweep=sweep, chart=chart)
 
 
-def bind(ui: SimpleNamespace, shared: Shared, workspace, tab: gr.Tab, ask_event) -> None:
+def bind(ui: SimpleNamespace, page: Page) -> None:
+    """The history refreshes on its button, when the tab is opened and after every answer."""
+    shared, workspace, tab = page.shared, page.workspace, page.tabs["metrics"]
     def metrics(request: gr.Request):
         session = request.session_hash
         rows, chart = workspace.metrics(session)
@@ -46,7 +48,8 @@ def bind(ui: SimpleNamespace, shared: Shared, workspace, tab: gr.Tab, ask_event)
     outputs = [ui.history, ui.chart, ui.csv, ui.json, ui.follow_ups]
     ui.refresh.click(metrics, None, outputs, api_name="metrics")
     tab.select(metrics, None, outputs, api_name="metrics_on_select", api_visibility="private")
-    ask_event.then(metrics, None, outputs, api_name="metrics_after_ask", api_visibility="private")
+    for event in page.answer_events:
+        event.then(metrics, None, outputs, api_name="metrics_after_ask", api_visibility="private")
 
     @user_errors
     def sweep(document: str | None, family: str, ratio: int, pooling: str, request: gr.Request,

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import gradio as gr
 
 from app.engine.settings import RATIOS
-from views.common import MODEL_SLOT, Shared, progress_callback, user_errors
+from views.common import MODEL_SLOT, Page, progress_callback, user_errors
 
 DIFF_COLOURS = {"kept": "#b7e4c7", "changed": "#ffd166", "lost": "#ef476f", "added": "#a0c4ff"}
 NO_COMPARISON = "none"
 
 
-def build() -> SimpleNamespace:
+def build(page: Page) -> SimpleNamespace:
     gr.Markdown("Green: kept; yellow: changed (followed, in blue, by what the decoder wrote instead); "
                 "red: lost. This is what compression loses.")
     with gr.Row():
@@ -43,7 +43,8 @@ def build() -> SimpleNamespace:
                            details=details)
 
 
-def bind(ui: SimpleNamespace, shared: Shared, workspace) -> None:
+def bind(ui: SimpleNamespace, page: Page) -> None:
+    shared, workspace = page.shared, page.workspace
     catalog = workspace.catalog
 
     def side(document, variant, max_chunks, chunk_tokens, chunk, progress):
