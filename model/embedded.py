@@ -187,18 +187,30 @@ def shipped_quality(ratio: int, pooling: str) -> float | None:
         return None
 
 
-def best_variant(ratio: int | None = None, pooling: str | None = None) -> tuple[int, str]:
-    """(ratio, pooling) of the embedded variant to use when they are not given: the shipped one
-    whose card reports the best free-running reconstruction, among those at `ratio` (and with
-    `pooling`) when given; where nothing there is trained, 1:16 (or `ratio`) mean (or `pooling`)."""
+def variant_order() -> list[tuple[int, str]]:
+    """Every embedded (ratio, pooling), in the order the studio lists them: high ratios first."""
     from model.pooling import POOLINGS
 
-    candidates = [(r, p) for r in RATIOS for p in POOLINGS
+    return [(r, p) for r in sorted(RATIOS, reverse=True) for p in POOLINGS]
+
+
+def variant_rank(trained: bool, quality: float | None) -> tuple[bool, float]:
+    """How variants are ranked where none is named (here, and by the studio's catalog): trained
+    before untrained, then by the free-running reconstruction their model card reports; equals
+    keep their `variant_order`."""
+    return trained, quality if quality is not None else -1.0
+
+
+def best_variant(ratio: int | None = None, pooling: str | None = None) -> tuple[int, str]:
+    """(ratio, pooling) of the embedded variant to use when they are not given: the best by
+    `variant_rank` among those at `ratio` (and with `pooling`) when given; where nothing there
+    is trained, 1:16 (or `ratio`) mean (or `pooling`)."""
+    candidates = [(r, p) for r, p in variant_order()
                   if (ratio is None or r == ratio) and (pooling is None or p == pooling)]
-    scored = [(quality, r, p) for r, p in candidates if (quality := shipped_quality(r, p)) is not None]
+    scored = [(r, p, quality) for r, p in candidates if (quality := shipped_quality(r, p)) is not None]
     if not scored:
         return ratio or DEFAULT_RATIO, pooling or DEFAULT_POOLING
-    _, best_ratio, best_pooling = max(scored)
+    best_ratio, best_pooling, _ = max(scored, key=lambda c: variant_rank(True, c[2]))  # max keeps the first of equals
     return best_ratio, best_pooling
 
 

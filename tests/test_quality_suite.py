@@ -1,6 +1,8 @@
 """The quality harness's RULER-style suite on a tiny checkpoint: EXPAND runs with the paper's
 prompt profile and records, per case, the rounds it used and the chunks it read."""
 
+import json
+
 import pytest
 
 from app.engine.service import Studio
@@ -90,3 +92,24 @@ def test_a_registered_latent_method_gets_rows_at_each_ratio_and_a_place_on_the_a
     assert ("Sketch", "sketch") in latent_method_choices()
     lclm_rows = [m.name for m in methods([4], ["mean"], []) if m.kind in ("lclm", "expand")]
     assert lclm_rows == ["LCLM 1:4 mean", "LCLM 1:16 mean + EXPAND"]  # the names the published tables use
+
+
+def test_the_readme_status_table_is_the_one_made_from_the_shipped_cards():
+    """README.md's variant table is bench.status's, made from the registry, the model cards and
+    the published suite results (`python -m bench.status --write` after new weights or results)."""
+    from bench.status import README, readme_table, table
+
+    assert readme_table(README.read_text(encoding="utf-8")) == table()
+
+
+def test_the_status_table_follows_the_cards_and_the_results(tmp_path):
+    from bench.status import suite_scores, table
+
+    results = tmp_path / "quality.json"
+    results.write_text(json.dumps({"ruler": [
+        {"method": "full context", "score": 1.0}, {"method": "full context", "score": 0.0},
+        {"method": "LCLM 1:4 concat", "score": 0.5}, {"method": "LCLM 1:4 concat", "score": 0.0}]}))
+    rows = {line.split(" | ")[0].strip("| "): line for line in table(suite_scores(results)).splitlines()[2:]}
+    assert rows["1:4 concat"].endswith("| 25.0% |") and rows["full context (not an LCLM)"].endswith("| 50.0% |")
+    assert rows["1:16 mean"].endswith("| not run on the suite |")
+    assert suite_scores(tmp_path / "missing.json") == {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.engine.settings import POOLINGS, RATIOS
+from model.embedded import variant_rank
 from model.errors import UserError
 
 EMBEDDED_FAMILY = "embedded SmolLM2-135M"
@@ -60,8 +60,7 @@ class Catalog:
             return None
 
         def rank(v: Variant) -> tuple:
-            return (v.trained, v.quality if v.quality is not None else -1.0,
-                    like is not None and v.pooling == like.pooling)
+            return *variant_rank(v.trained, v.quality), like is not None and v.pooling == like.pooling
         return max(offered, key=rank)  # max keeps the first of equals: display order
 
     def families(self) -> list[str]:
@@ -91,14 +90,13 @@ class Catalog:
 def embedded_variants() -> list[Variant]:
     """The embedded family: every ratio and pooling; trained where weights are shipped."""
     from model.checkpoint import has_layout
-    from model.embedded import embedded_config, shipped_quality, trained_dir
+    from model.embedded import embedded_config, shipped_quality, trained_dir, variant_order
 
     variants = []
-    for ratio in sorted(RATIOS, reverse=True):
-        for pooling in POOLINGS:
-            trained = has_layout(trained_dir(embedded_config(ratio, pooling)))
-            variants.append(Variant(EMBEDDED_FAMILY, "embedded", ratio, pooling, trained,
-                                    shipped_quality(ratio, pooling) if trained else None))
+    for ratio, pooling in variant_order():
+        trained = has_layout(trained_dir(embedded_config(ratio, pooling)))
+        variants.append(Variant(EMBEDDED_FAMILY, "embedded", ratio, pooling, trained,
+                                shipped_quality(ratio, pooling) if trained else None))
     return variants
 
 
