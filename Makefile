@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVING := .venv-serving
+SERVING_STAMP := $(SERVING)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser lint test test-fast test-embedded run corpus smoke gpu-bundle clean
+.PHONY: install serving browser lint test test-fast test-embedded run corpus smoke gpu-bundle clean
 
 install: $(STAMP) browser
 
@@ -20,6 +22,19 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
+# The serving environment: vLLM (CPU build) serves the decoder from prompt embeddings for many
+# users (docs/serving.md). Its own environment: it needs a newer transformers than kvpress allows.
+# PyPI's torchvision, torchaudio and torchcodec come with it and fail to import against this
+# torch; a text-only decoder needs none of them, so they are removed.
+serving: $(SERVING_STAMP)
+
+$(SERVING_STAMP): requirements-serving.txt Makefile
+	test -x $(SERVING)/bin/python || $(PYTHON) -m venv $(SERVING)
+	$(SERVING)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-serving.txt
+	$(SERVING)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(SERVING)/bin/python -c 'import vllm, vllm.entrypoints.openai.api_server'
+	touch $(SERVING_STAMP)
+
 # Debian's Chromium for the browser test (Playwright cannot download a browser here).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -30,7 +45,7 @@ browser:
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint
+test: install serving lint
 	$(PY) -m pytest -q
 
 test-fast: install lint
@@ -58,4 +73,4 @@ gpu-bundle: install
 	$(PY) -m bench.gpu_bundle build
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(SERVING) .pytest_cache

@@ -12,7 +12,7 @@ import sys
 from app.engine.answer import Answer
 from app.engine.measure import Measurement, MiB
 from app.engine.methods import METHODS, PRESS_METHODS
-from app.engine.settings import POOLINGS, PROFILES, RATIOS
+from app.engine.settings import DECODERS, POOLINGS, PROFILES, RATIOS
 from model.precision import DTYPE_CHOICES
 
 EXIT_USER_ERROR = 2
@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--prompt-profile", choices=PROFILES, default=None,
                      help="paper: the authors' prompts (default for --checkpoint); studio: the studio's short "
                           "prompts (default for the embedded model)")
+    ask.add_argument("--decoder", choices=DECODERS, default=None,
+                     help="who decodes full context, LCLM and EXPAND: transformers in this process (default, or "
+                          "$LCLM_STUDIO_DECODER), or vllm: a vLLM server from the serving environment (make serving), "
+                          "started for the call, or the one at --decoder-url")
+    ask.add_argument("--decoder-url", action="append", default=None, metavar="URL",
+                     help="a vLLM server already running (lclm serve-decoder); implies --decoder vllm; repeatable")
+    served = sub.add_parser("serve-decoder", help="serve a variant's decoder with vLLM from prompt embeddings, for "
+                            "the studio and the CLI (--decoder-url); runs until interrupted")
+    served.add_argument("--ratio", type=int, choices=RATIOS, default=None)
+    served.add_argument("--pooling", choices=POOLINGS, default=None)
+    served.add_argument("--checkpoint", default=None, help="as for ask (default: the embedded model)")
+    served.add_argument("--text", action="store_true",
+                        help="serve the decoder that reads raw text (full context: a decoder LoRA's base model)")
+    served.add_argument("--port", type=int, default=None, help="default: a free port")
+    served.add_argument("--dtype", choices=DTYPE_CHOICES, default=None)
     rec = sub.add_parser("reconstruct", help="let the decoder reproduce each chunk from its latents")
     common(rec)
     rec.add_argument("--max-chunks", type=int, default=None, help="reconstruct only the first K chunks")
@@ -94,7 +109,36 @@ class Progress:
             bar.close()
 
 
+def serve_decoder(args: argparse.Namespace) -> int:
+    """Export the decoder and run its vLLM server in the foreground until interrupted."""
+    from app.engine.decoder_server import DecoderServer, export_decoder, fingerprint
+    from app.engine.service import Studio
+    from app.engine.settings import Settings
+
+    studio = Studio(Settings.from_env(dtype=args.dtype), checkpoint=args.checkpoint)
+    variant = studio.variant(args.checkpoint, args.ratio, args.pooling, progress=Progress())
+    model = variant.model
+    decoder, decoder_id = ((variant.text_decoder, variant.text_reader_id) if args.text
+                           else (model.decoder, model.checkpoint_id))
+    dtype = next(decoder.parameters()).dtype
+    directory = export_decoder(decoder, model.decoder_tokenizer, decoder_id, studio.settings.data_dir)
+    server = DecoderServer(directory, fingerprint(decoder_id, dtype), dtype,
+                           int(getattr(decoder.config, "max_position_embeddings", 4096)), port=args.port)
+    reads = "the document's text" if args.text else f"latents at 1:{variant.ratio} {variant.pooling}"
+    print(f"starting vLLM for {decoder_id} (reads {reads}) ...", file=sys.stderr, flush=True)
+    server.start()
+    print(f"serving {decoder_id} as {server.name} at {server.url} (log: {server.log_path}); "
+          f"use --decoder-url {server.url}", flush=True)
+    try:
+        server.process.wait()
+    finally:
+        server.stop()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "serve-decoder":
+        return serve_decoder(args)
     from app.ingest import read_file
 
     text = read_file(args.path)  # first: a bad path fails at once, and a pipe is read before any model loads
@@ -107,9 +151,12 @@ def run(args: argparse.Namespace) -> int:
         from model.errors import UserError
 
         raise UserError(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
+    urls = getattr(args, "decoder_url", None)
     settings = Settings.from_env(device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
                                  prompt_profile=getattr(args, "prompt_profile", None),
-                                 kv_residual_length=getattr(args, "kv_residual", None))
+                                 kv_residual_length=getattr(args, "kv_residual", None),
+                                 decoder="vllm" if urls else getattr(args, "decoder", None),
+                                 decoder_urls=tuple(urls) if urls else None)
     studio = Studio(settings, checkpoint=args.checkpoint)
     progress = Progress()
     use_cache = not args.no_cache

@@ -97,7 +97,7 @@ def corpus_rotations(copies: int) -> list[str]:
     return ["\n".join(lines[i:] + lines[:i]) for i in range(len(lines))] * copies
 
 
-def model_config(family: str, hidden: int, vocab_size: int, tokenizer):
+def model_config(family: str, hidden: int, vocab_size: int, tokenizer, head_dim: int = 16):
     from transformers import LlamaConfig, Qwen3Config
 
     common = dict(
@@ -107,7 +107,7 @@ def model_config(family: str, hidden: int, vocab_size: int, tokenizer):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=4096,
         initializer_range=0.3,  # well above the default 0.02, so that greedy output varies instead of repeating a token
         pad_token_id=tokenizer.pad_token_id,
@@ -125,8 +125,9 @@ def model_config(family: str, hidden: int, vocab_size: int, tokenizer):
 
 
 def build_tiny_lclm(family: str = "qwen3", ratio: int = 4, pooling: str = "mean", mask: str = "causal",
-                    window: int = 16) -> LCLM:
-    """A tiny random LCLM in memory; the same arguments always give the same weights."""
+                    window: int = 16, decoder_head_dim: int = 16) -> LCLM:
+    """A tiny random LCLM in memory; the same arguments always give the same weights.
+    `decoder_head_dim`: 32 or more for a decoder that vLLM's CPU attention serves."""
     from transformers import LlamaForCausalLM, LlamaModel, Qwen3ForCausalLM, Qwen3Model
 
     config = LCLMConfig(compression_ratio=ratio, encoder_window_size=window, pooling=pooling,
@@ -137,7 +138,8 @@ def build_tiny_lclm(family: str = "qwen3", ratio: int = 4, pooling: str = "mean"
     decoder_tokenizer = train_tokenizer(DECODER_VOCAB)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        decoder = decoder_cls(model_config(family, DECODER_HIDDEN, len(decoder_tokenizer), decoder_tokenizer))
+        decoder = decoder_cls(model_config(family, DECODER_HIDDEN, len(decoder_tokenizer), decoder_tokenizer,
+                                           head_dim=decoder_head_dim))
         decoder.generation_config.eos_token_id = decoder_tokenizer.eos_token_id
         decoder.generation_config.pad_token_id = decoder_tokenizer.pad_token_id
         add_memory_tokens(decoder_tokenizer, decoder)
@@ -173,11 +175,13 @@ def _write_lora(model, base_dir: Path, target: Path, seed: int, tokenizer=None) 
 
 
 def write_tiny_checkpoint(directory, family: str = "qwen3", ratio: int = 4, pooling: str = "mean",
-                          mask: str = "causal", window: int = 16, lora: bool = False) -> Path:
+                          mask: str = "causal", window: int = 16, lora: bool = False,
+                          decoder_head_dim: int = 16) -> Path:
     """Write a tiny random LCLM to `directory` in the published layout; returns the directory."""
     directory = Path(directory)
     with quiet_transformers():
-        lclm = build_tiny_lclm(family=family, ratio=ratio, pooling=pooling, mask=mask, window=window)
+        lclm = build_tiny_lclm(family=family, ratio=ratio, pooling=pooling, mask=mask, window=window,
+                               decoder_head_dim=decoder_head_dim)
         save_lclm(lclm, directory)
         if lora:
             _write_lora_components(lclm, directory)

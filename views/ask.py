@@ -24,6 +24,7 @@ TRANSCRIPT_COLUMNS = ["round", "prefilled", "action", "expanded", "ignored", "pr
 READOUT_COLUMNS = ["method", "status", "TTFT ms", "answer after ms", "compress ms", "prefill ms", "tokens/s",
                    "tokens", "peak above start MiB", "KV cache MiB", "positions"]
 STREAM_INTERVAL_S = 0.1  # at most this often a streamed update goes to the page
+SERVED_SLOT, SERVED_CONCURRENCY = "served-answers", 32  # questions in flight at once when vLLM decodes
 
 
 def kvpress_choices() -> list[tuple[str, str]]:
@@ -154,5 +155,8 @@ def bind(ui: SimpleNamespace, page: Page) -> None:
     inputs = [shared.document, *shared.model_inputs, ui.question, ui.latent_method, ui.full, ui.kvpress, ui.new_tokens,
               ui.profile, ui.other_ratios]
     outputs = [*ui.answers, ui.ttft, ui.readout, ui.strip, ui.transcript, ui.results, ui.at_ratios, *live_readouts]
-    page.answer_events.append(ui.run.click(ask, inputs, outputs, api_name="ask", concurrency_id=MODEL_SLOT,
-                                           concurrency_limit=1))
+    # in-process decoding: one model event at a time; vLLM servers batch many users' questions
+    served = workspace.studio.settings.decoder == "vllm"
+    page.answer_events.append(ui.run.click(ask, inputs, outputs, api_name="ask",
+                                           concurrency_id=SERVED_SLOT if served else MODEL_SLOT,
+                                           concurrency_limit=SERVED_CONCURRENCY if served else 1))

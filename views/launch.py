@@ -26,6 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
                         help="auto (default, or $LCLM_STUDIO_DTYPE): bfloat16 on CUDA and on CPUs that multiply it "
                              "fast (a short probe decides), else float32")
+    parser.add_argument("--decoder", choices=("transformers", "vllm"), default=None,
+                        help="who decodes full context, LCLM and EXPAND: transformers in this process (default, or "
+                             "$LCLM_STUDIO_DECODER; one question at a time), or vllm: vLLM servers from the serving "
+                             "environment (make serving), started on first use, many questions at once")
+    parser.add_argument("--decoder-url", action="append", default=None, metavar="URL",
+                        help="a vLLM server already running (lclm serve-decoder); implies --decoder vllm; repeatable")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return parser.parse_args(argv)
 
@@ -39,7 +45,10 @@ def create_workspace(args: argparse.Namespace):
     from app.studio.workspace import Workspace
 
     warm_umap_in_background()
-    studio = Studio(Settings.from_env(device=args.device, dtype=args.dtype), checkpoint=(args.checkpoint or [None])[0])
+    urls = tuple(args.decoder_url or ())
+    settings = Settings.from_env(device=args.device, dtype=args.dtype, decoder="vllm" if urls else args.decoder,
+                                 decoder_urls=urls or None)
+    studio = Studio(settings, checkpoint=(args.checkpoint or [None])[0])
     catalog = build_catalog(args.checkpoint)
     default = catalog.default
     print(f"loading {default.family} {default.label} (the first start converts the embedded model once) ...",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.answer import Answer, ExpandTrace, PressTrace
+from app.engine.decoder_server import DecoderServers, Streamed
 from app.engine.kv_cache import PrefixCache, PrefixEntry, PrefixKey
 from app.engine.latent_store import DocumentIds, LatentStore
 from app.engine.measure import Measurement, Meter
@@ -99,6 +100,7 @@ class Resources:
     store: LatentStore
     prefix_cache: PrefixCache
     settings: Settings
+    decoders: DecoderServers | None = None  # set: full context, LCLM and EXPAND decode through vLLM servers
 
 
 # ---- the shared pieces -----------------------------------------------------------------------
@@ -230,6 +232,48 @@ def reply(request: Request, state: PrefillState, meter: Meter, prefill_done_ms: 
     return Replied(detok.text, tokens, stopped, first_at if first_at is not None else meter.clock.ms())
 
 
+def served_reply(resources: Resources, request: Request, meter: Meter, start_ms: float, embeds: torch.Tensor,
+                 decoder: torch.nn.Module, decoder_id: str,
+                 max_new_tokens: int | None = None) -> Generator[AskEvent, None, Replied]:
+    """`reply` from a vLLM server (app/engine/decoder_server.py) that serves `decoder`, for the
+    prompt embeddings `embeds` [1, P, D] built here: the server prefills and decodes. The
+    prefill's time is measured at this end, as the time from `start_ms` to the first token."""
+    model, m = request.model, meter.measurement
+    served = resources.decoders.client(decoder, model.decoder_tokenizer, decoder_id)
+    first_reply = m.ttft_ms == 0.0
+    limit = max_new_tokens or request.max_new_tokens
+    stops = sorted(stop_token_ids(model.decoder_tokenizer, decoder)) if request.stop_at_end else []
+    guard = RepetitionGuard() if request.stop_at_repeat else None
+    done, text, pieces, stopped, first_at = Streamed(), "", 0, "end", None
+    m.prefill_positions += int(embeds.shape[1])
+    stream = served.stream(embeds[0], limit, stops, request.sampling, done)
+    for piece in stream:
+        if first_at is None:
+            first_at = meter.clock.ms()
+            if first_reply:
+                m.prefill_ms, m.ttft_ms, m.first_token_ms = first_at - start_ms, first_at, 0.0
+        text, pieces = text + piece, pieces + 1
+        yield AskEvent("token", text=piece)
+        if guard is not None and guard.repeated(text):
+            stopped = "repeat"
+            stream.close()
+            break
+    else:
+        stopped = "limit" if done.finish_reason == "length" else "end"
+    tokens = done.tokens or pieces
+    m.new_tokens += tokens
+    if first_reply and m.ttft_ms == 0.0:  # no token at all: TTFT is the reply's end
+        m.ttft_ms = meter.clock.ms()
+        m.prefill_ms = m.ttft_ms - start_ms
+    return Replied(text, tokens, stopped, first_at if first_at is not None else meter.clock.ms())
+
+
+def served_note(resources: Resources) -> list[str]:
+    """What an answer decoded by a vLLM server must say about its readouts."""
+    return (["decoded by a vLLM server: its prefill time is the time to the first token, and the memory readouts "
+             "are this process's (the server's KV cache is its own)"] if resources.decoders is not None else [])
+
+
 def reply_warnings(replied: Replied) -> list[str]:
     """What a reader must be told about one reply: an empty one, one cut at a repeat."""
     warnings = []
@@ -312,11 +356,16 @@ class FullContext(Method):
             model, len(document.encoder_ids), len(before) + len(after), request.max_new_tokens))
         start = meter.clock.ms()
         embeds = decoder.get_input_embeddings()(torch.tensor([ids], device=model.device))  # [1, P, D]
+        m.positions = len(ids)
+        if resources.decoders is not None:
+            replied = yield from served_reply(resources, request, meter, start, embeds, decoder,
+                                              request.variant.text_reader_id)
+            return self.finished(replied, served_note(resources), base_decoder=request.variant.reads_text_with_base)
         key = prefix_key(request, self.name, None, None, request.variant.text_reader_id)
         state = prefill_reusing(resources, request, key, ids, embeds, len(before) + len(document.decoder_ids), meter,
                                 decoder)
         done = meter.clock.ms()
-        m.prefill_ms, m.positions = done - start, len(ids)
+        m.prefill_ms = done - start
         replied = yield from reply(request, state, meter, done, decoder)
         return self.finished(replied, base_decoder=request.variant.reads_text_with_base)
 
@@ -338,10 +387,16 @@ class LatentContext(Method):
                         lambda: latents_too_many_hint(model, len(before) + len(after), request.max_new_tokens))
         start = meter.clock.ms()
         embeds = model.prepare_ids(ids, [latents]).inputs_embeds  # [1, P, D]
+        m.positions = len(ids)
+        if resources.decoders is not None:
+            replied = yield from served_reply(resources, request, meter, start, embeds, model.decoder,
+                                              model.checkpoint_id)
+            return self.finished(replied, served_note(resources), latents=int(latents.shape[0]), cached=cached,
+                                 trained=model.config.trained)
         key = prefix_key(request, self.name, model.config.compression_ratio, model.config.pooling)
         state = prefill_reusing(resources, request, key, ids, embeds, len(before) + len(region), meter, model.decoder)
         done = meter.clock.ms()
-        m.prefill_ms, m.positions = done - start, len(ids)
+        m.prefill_ms = done - start
         replied = yield from reply(request, state, meter, done, model.decoder)
         return self.finished(replied, latents=int(latents.shape[0]), cached=cached, trained=model.config.trained)
 
@@ -371,10 +426,15 @@ class Expand(Method):
             prepared = model.prepare(model.chat(prompt) + prefix, regions)
             check_positions(model, prepared.positions, request.max_new_tokens,
                             lambda: "use a higher compression ratio or a shorter document")
+            m.positions = max(m.positions, prepared.positions)
+            if resources.decoders is not None:
+                replied = yield from served_reply(resources, request, meter, start, prepared.inputs_embeds,
+                                                  model.decoder, model.checkpoint_id)
+                replies.append(replied)
+                return replied.text, prepared.positions
             state = prefill(model.decoder, prepared.inputs_embeds)
             done = meter.clock.ms()
             m.prefill_positions += prepared.positions
-            m.positions = max(m.positions, prepared.positions)
             if first_reply:
                 m.prefill_ms = done - start
             replied = yield from reply(request, state, meter, done, model.decoder)
@@ -401,7 +461,8 @@ class Expand(Method):
                             chunk_tokens=resources.settings.chunk_tokens, chunks=[c.to_dict() for c in chunks],
                             rounds=rounds, expanded=sorted({n for r in rounds for n in r["expanded"]}))
         return self.finished(Replied(answer, last.tokens, last.stopped, last.first_token_at_ms),
-                             expand_warnings(rounds), latents=sum(int(r.shape[0]) for r in latents), cached=cached,
+                             expand_warnings(rounds) + served_note(resources),
+                             latents=sum(int(r.shape[0]) for r in latents), cached=cached,
                              trained=model.config.trained, expand=trace)
 
 
@@ -477,7 +538,9 @@ class Pressed(Method):
         removed_fraction = press.compression_ratio  # kvpress's name for the share of KV pairs removed: 1 - 1/N
         trace = PressTrace(prefilled_positions=context_len + question_len,
                            press_ratio=round(removed_fraction, 4), kv_positions_held=held)
-        return self.finished(replied, press=trace, base_decoder=request.variant.reads_text_with_base)
+        in_process = (["a KV-cache press has no vLLM path: answered in this process with transformers"]
+                      if resources.decoders is not None else [])
+        return self.finished(replied, in_process, press=trace, base_decoder=request.variant.reads_text_with_base)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (FullContext(), LatentContext(), Expand(),

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from app.engine.answer import UNTRAINED_NOTE
+from app.engine.decoder_server import DecoderServers
 from app.engine.kv_cache import PrefixCache
 from app.engine.latent_store import LatentStore, text_document
 from app.engine.measure import PeakMemory
@@ -108,16 +109,21 @@ class Studio:
         self.models = ModelPool(self.settings, checkpoint)
         self.store = LatentStore(self.settings)
         self.prefix_cache = PrefixCache(self.settings.kv_cache_mb * 2**20)
+        self.decoders = (DecoderServers(self.settings.data_dir, self.settings.decoder_urls)
+                         if self.settings.decoder == "vllm" else None)  # None: the decoders run here
 
     # ---- shared resources --------------------------------------------------------
     @property
     def resources(self) -> Resources:
         """What the answer methods read besides their request."""
-        return Resources(self.store, self.prefix_cache, self.settings)
+        return Resources(self.store, self.prefix_cache, self.settings, self.decoders)
 
     def close(self) -> None:
-        """Close the latent cache's database (it reopens on next use)."""
+        """Close the latent cache's database (it reopens on next use) and stop the vLLM servers
+        this studio started."""
         self.store.close()
+        if self.decoders is not None:
+            self.decoders.close()
 
     def dtype_choice(self) -> DtypeChoice:
         return self.models.dtype_choice()

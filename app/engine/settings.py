@@ -17,6 +17,7 @@ from model.prompts import PROMPT_PROFILES
 
 POOLINGS = tuple(POOLING_CLASSES)  # model/pooling.py registers them
 PROFILES = tuple(PROMPT_PROFILES)
+DECODERS = ("transformers", "vllm")  # who decodes: this process, or vLLM servers (app/engine/decoder_server.py)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -34,7 +35,8 @@ class Settings:
     """Everything configurable. Environment variables (read by `from_env`):
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
     LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE, LCLM_STUDIO_DTYPE,
-    LCLM_STUDIO_KV_CACHE_MB, LCLM_STUDIO_KV_RESIDUAL, LCLM_STUDIO_STOP_AT_REPEAT (0: plain greedy)."""
+    LCLM_STUDIO_KV_CACHE_MB, LCLM_STUDIO_KV_RESIDUAL, LCLM_STUDIO_STOP_AT_REPEAT (0: plain greedy),
+    LCLM_STUDIO_DECODER (transformers or vllm), LCLM_STUDIO_DECODER_URL (vLLM servers, comma-separated)."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
@@ -49,6 +51,8 @@ class Settings:
     dtype: str = "auto"  # auto: bfloat16 where the device computes it fast (model.precision), else float32
     kv_residual_length: int = 64  # newest positions a quantized KV cache keeps in float (model.quantized_cache)
     stop_at_repeat: bool = True  # end an answer at a sentence it already wrote (the benchmarks: False, plain greedy)
+    decoder: str = "transformers"  # who decodes full context, LCLM and EXPAND: transformers here, or vllm servers
+    decoder_urls: tuple[str, ...] = ()  # vLLM servers already running (with decoder "vllm"); others start on use
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -64,6 +68,11 @@ class Settings:
             raise ValueError(f"prompt_profile must be one of {', '.join(PROMPT_PROFILES)}, got {self.prompt_profile!r}")
         if self.kv_cache_mb < 0:
             raise ValueError("kv_cache_mb must be 0 (no prefix reuse) or more")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        self.decoder_urls = tuple(self.decoder_urls)
+        if self.decoder_urls and self.decoder != "vllm":
+            raise ValueError("decoder URLs are vLLM servers: give them with decoder vllm")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
 
@@ -84,6 +93,8 @@ class Settings:
             kv_cache_mb=_env_int("LCLM_STUDIO_KV_CACHE_MB", default_size_mb()),
             kv_residual_length=_env_int("LCLM_STUDIO_KV_RESIDUAL", cls.kv_residual_length),
             stop_at_repeat=bool(_env_int("LCLM_STUDIO_STOP_AT_REPEAT", int(cls.stop_at_repeat))),
+            decoder=os.environ.get("LCLM_STUDIO_DECODER") or cls.decoder,
+            decoder_urls=tuple(u for u in os.environ.get("LCLM_STUDIO_DECODER_URL", "").split(",") if u),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -1,0 +1,88 @@
+"""The decoder served by vLLM (app/engine/decoder_server.py) against the decoder in this
+process: the same prompt embeddings give the same greedy answer, in float32 on CPU, for LCLM,
+EXPAND and full context (on a decoder LoRA's base model too); questions asked at once all come
+back; the servers end with the studio. Needs the serving environment (`make serving`, which
+`make test` runs); the tiny decoders have heads of 32 dimensions, the least vLLM's CPU
+attention serves."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from app.engine.decoder_server import serving_python
+from app.engine.service import AskRequest, Studio
+from app.engine.settings import Settings
+from model.errors import UserError
+
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
+
+DOC = ("The archive opens at nine. The vault code is 4417 and the courier is called Imre. "
+       "Nothing else happened that day. ") * 4
+QUESTIONS = ["What is the vault code?", "Who is the courier?", "When does the archive open?"]
+
+
+def serving_installed() -> bool:
+    try:
+        return serving_python().is_file()
+    except UserError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def studios(tiny_checkpoint_factory, tmp_path_factory):
+    """(in-process, served) studios over one tiny LoRA checkpoint whose decoder vLLM can serve."""
+    if not serving_installed():
+        pytest.skip("the serving environment is not installed (make serving)")
+    checkpoint = str(tiny_checkpoint_factory(family="qwen3", ratio=4, pooling="mean", window=16, lora=True,
+                                             decoder_head_dim=32))
+    data: Path = tmp_path_factory.mktemp("serving-data")
+    local = Studio(Settings(data_dir=data, dtype="float32"), checkpoint=checkpoint)
+    served = Studio(Settings(data_dir=data, dtype="float32", decoder="vllm"), checkpoint=checkpoint)
+    yield local, served
+    served.close()
+
+
+def answer(studio: Studio, question: str, method: str, tokens: int = 12):
+    return list(studio.ask(AskRequest(DOC, question, method=method, max_new_tokens=tokens)))[-1].answer
+
+
+@pytest.mark.parametrize("method", ["lclm", "full", "expand"])
+def test_vllm_gives_the_in_process_greedy_answer(studios, method):
+    local, served = studios
+    here, there = answer(local, QUESTIONS[0], method), answer(served, QUESTIONS[0], method)
+    # a random decoder may end on half of a UTF-8 character: this process shows it as U+FFFD, vLLM drops it
+    assert there.text == here.text.rstrip("\ufffd") and there.stopped == here.stopped
+    assert there.measurement.new_tokens == here.measurement.new_tokens
+    assert there.measurement.positions == here.measurement.positions  # the same prompt, built here
+    if method == "expand":
+        assert ([r["raw_output"] for r in there.expand.rounds]
+                == [r["raw_output"].rstrip("\ufffd") for r in here.expand.rounds])
+    assert any("decoded by a vLLM server" in w for w in there.warnings)
+    assert not any("vLLM" in w for w in here.warnings)
+
+
+def test_questions_asked_at_once_all_come_back_as_asked_alone(studios):
+    local, served = studios
+    alone = {q: answer(local, q, "lclm").text for q in QUESTIONS}
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda q=q: together.__setitem__(q, answer(served, q, "lclm").text))
+               for q in QUESTIONS * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == alone
+
+
+def test_the_servers_end_with_the_studio(studios, tiny_checkpoint_factory, tmp_path):
+    checkpoint = str(tiny_checkpoint_factory(family="qwen3", ratio=4, pooling="mean", window=16,
+                                             decoder_head_dim=32))
+    studio = Studio(Settings(data_dir=tmp_path, dtype="float32", decoder="vllm"), checkpoint=checkpoint)
+    assert answer(studio, QUESTIONS[0], "lclm", tokens=2).measurement.ttft_ms > 0
+    processes = [s.process for s in studio.decoders._started.values()]
+    assert len(processes) == 1 and processes[0].poll() is None
+    studio.close()
+    assert processes[0].poll() is not None
