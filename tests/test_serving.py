@@ -86,3 +86,39 @@ def test_the_servers_end_with_the_studio(studios, tiny_checkpoint_factory, tmp_p
     assert len(processes) == 1 and processes[0].poll() is None
     studio.close()
     assert processes[0].poll() is not None
+
+
+@pytest.mark.server
+def test_the_studio_answers_through_vllm_and_its_servers_end_with_it(tiny_checkpoint_factory, tmp_path):
+    """`app.py --decoder vllm`: the Ask endpoint answers through a vLLM server that the studio
+    started, several users at once; SIGTERM ends the studio and the server with it."""
+    import psutil
+    from gradio_client import Client
+
+    from tests.studio.conftest import DOCUMENT, Server
+
+    if not serving_installed():
+        pytest.skip("the serving environment is not installed (make serving)")
+    checkpoint = str(tiny_checkpoint_factory(family="qwen3", ratio=4, pooling="mean", window=16,
+                                             decoder_head_dim=32))
+    server = Server(["--checkpoint", checkpoint, "--decoder", "vllm", "--dtype", "float32"], tmp_path / "home",
+                    env={"LCLM_STUDIO_AUTH": ""})
+    try:
+        url = server.wait()
+        clients = [Client(url, verbose=False, analytics_enabled=False) for _ in range(3)]
+        model = ("--checkpoint", 4, "mean")
+        for client in clients:
+            client.predict(DOCUMENT, None, *model, api_name="/load_document")
+        jobs = [c.submit(*model, "What is the vault code?", "lclm", False, "none", 4, api_name="/ask")
+                for c in clients]
+        finals = [job.result(timeout=600) and job.outputs()[-1] for job in jobs]
+        answers = {f[7][next(iter(f[7]))]["answer"] for f in finals}  # the results JSON: one LCLM answer each
+        assert len(answers) == 1  # the same document and question: the same greedy answer for all three
+        assert all("decoded by a vLLM server" in " ".join(next(iter(f[7].values()))["warnings"]) for f in finals)
+        served = [p for p in psutil.Process(server.process.pid).children(recursive=True)
+                  if "vllm.entrypoints" in " ".join(p.cmdline())]
+        assert served
+    finally:
+        server.stop()
+    gone, alive = psutil.wait_procs(served, timeout=60)
+    assert not alive

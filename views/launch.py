@@ -9,6 +9,7 @@ also come from LCLM_STUDIO_AUTH (user:password).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -72,6 +73,9 @@ def serve(args: argparse.Namespace) -> int:
     from app.studio.serving import auth_from, bind_warning, private_upload_dir
     from model.errors import UserError
 
+    # SIGTERM ends the studio as Ctrl-C does, through exit handlers: the vLLM servers it started
+    # (app/engine/decoder_server.py) and its private upload directory go with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         auth = auth_from(args.auth)
         warning = bind_warning(args.host, auth)
