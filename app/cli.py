@@ -127,8 +127,8 @@ def serve_decoder(args: argparse.Namespace) -> int:
     reads = "the document's text" if args.text else f"latents at 1:{variant.ratio} {variant.pooling}"
     print(f"starting vLLM for {decoder_id} (reads {reads}) ...", file=sys.stderr, flush=True)
     server.start()
-    print(f"serving {decoder_id} as {server.name} at {server.url} (log: {server.log_path}); "
-          f"use --decoder-url {server.url}", flush=True)
+    print(f"serving {decoder_id} as {server.name} at {server.url} (healthy after {server.start_s:.0f} s; log: "
+          f"{server.log_path}); use --decoder-url {server.url}", flush=True)
     try:
         server.process.wait()
     finally:

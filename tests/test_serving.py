@@ -122,3 +122,46 @@ def test_the_studio_answers_through_vllm_and_its_servers_end_with_it(tiny_checkp
         server.stop()
     gone, alive = psutil.wait_procs(served, timeout=60)
     assert not alive
+
+
+def test_serve_decoder_and_ask_with_its_url_from_the_command_line(tiny_checkpoint_factory, tmp_path):
+    """`lclm serve-decoder` serves a variant's decoder; `lclm ask --decoder-url` answers through
+    it, as `lclm ask` does in-process."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not serving_installed():
+        pytest.skip("the serving environment is not installed (make serving)")
+    checkpoint = str(tiny_checkpoint_factory(family="qwen3", ratio=4, pooling="mean", window=16,
+                                             decoder_head_dim=32))
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "LCLM_STUDIO_HOME": str(tmp_path / "home")}
+    cli = [sys.executable, "-m", "app.cli"]
+    served = subprocess.Popen([*cli, "serve-decoder", "--checkpoint", checkpoint, "--dtype", "float32"], cwd=root,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = served.stdout.readline()  # "serving ... at URL (...)" once healthy
+        assert line.startswith("serving "), line
+        url = line.split(" at ", 1)[1].split()[0]
+        ask = [*cli, "ask", str(doc), "-q", QUESTIONS[0], "--checkpoint", checkpoint, "--dtype", "float32",
+               "--max-new-tokens", "8", "--json"]
+        there = subprocess.run([*ask, "--decoder-url", url], cwd=root, env=env, capture_output=True, text=True,
+                               timeout=600)
+        here = subprocess.run(ask, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert there.returncode == 0 and here.returncode == 0, there.stderr[-2000:] + here.stderr[-2000:]
+        there, here = json.loads(there.stdout), json.loads(here.stdout)
+        assert there["answer"] == here["answer"].rstrip("\ufffd") and there["positions"] == here["positions"]
+        assert any("vLLM" in w for w in there["warnings"])
+    finally:
+        served.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while served.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if served.poll() is None:
+            served.kill()

@@ -161,6 +161,7 @@ class DecoderServer:
         self.port = port or free_port()
         self.log_path = Path(log_dir or model_dir) / f"vllm-{self.port}.log"
         self.process: subprocess.Popen | None = None
+        self.start_s: float | None = None  # seconds from start to healthy
 
     @property
     def url(self) -> str:
@@ -179,13 +180,16 @@ class DecoderServer:
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise UserError(f"the vLLM server for {self.model_dir.name} exited with status "
                                 f"{self.process.returncode} before it was healthy:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    self.start_s = time.monotonic() - started
+                    log.info("vLLM server for %s healthy at %s after %.1f s", self.name, self.url, self.start_s)
                     return self
             except httpx.HTTPError:
                 pass
