@@ -11,11 +11,17 @@ from model.generation import decode, prefill, stop_token_ids
 from model.prompts import memory_region, reconstruction_prompt
 
 
+def reconstruction_embeds(lclm, latents: torch.Tensor) -> torch.Tensor:
+    """The reconstruction prompt's embeddings [1, P, D] with `latents` ([M, dec_hidden]) in its
+    one memory region."""
+    prompt = lclm.chat(reconstruction_prompt(memory_region(int(latents.shape[0]))))
+    return lclm.prepare(prompt, [latents]).inputs_embeds
+
+
 def reconstruct(lclm, latents: torch.Tensor, max_new_tokens: int) -> list[int]:
     """The decoder's greedy reproduction of the text behind `latents` ([M, dec_hidden], one
     memory region in the reconstruction prompt), up to `max_new_tokens` or its end of turn."""
-    prompt = lclm.chat(reconstruction_prompt(memory_region(int(latents.shape[0]))))
-    state = prefill(lclm.decoder, lclm.prepare(prompt, [latents]).inputs_embeds)
+    state = prefill(lclm.decoder, reconstruction_embeds(lclm, latents))
     return list(decode(lclm.decoder, state, max_new_tokens, stop_token_ids(lclm.decoder_tokenizer, lclm.decoder)))
 
 

@@ -54,7 +54,7 @@ class StandIn(BaseHTTPRequestHandler):
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             reason = ("length" if len(pieces) == body["max_tokens"] else "stop") if last else None
-            chunk = {"choices": [{"index": 0, "text": piece, "finish_reason": reason}]}
+            chunk = {"choices": [{"index": 0, "text": piece, "finish_reason": reason, "token_ids": [10 + i]}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
         usage = {"choices": [], "usage": {"completion_tokens": len(pieces)}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
@@ -76,6 +76,7 @@ def test_a_streamed_completion_comes_back_in_pieces_with_its_count_and_end(stand
     client = ServedDecoder(stand_in, "m", torch.float32)
     pieces = list(client.stream(torch.zeros(5, 8), 16, [2, 7], Sampling(), done))
     assert pieces == StandIn.pieces and done.tokens == 4 and done.finish_reason == "stop"
+    assert done.token_ids == [10, 11, 12, 13]
     sent = StandIn.bodies[-1]
     assert sent["stop_token_ids"] == [2, 7] and sent["temperature"] == 0.0 and sent["stream"] is True
     assert isinstance(sent["prompt_embeds"], str) and len(sent["prompt_embeds"]) > 5 * 8 * 4  # base64 of the tensor

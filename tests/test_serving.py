@@ -64,9 +64,16 @@ def test_vllm_gives_the_in_process_greedy_answer(studios, method):
     assert not any("vLLM" in w for w in here.warnings)
 
 
+def test_vllm_reconstructs_the_chunks_as_this_process_does(studios):
+    local, served = studios
+    here, there = (s.reconstruct(DOC, max_chunks=2, chunk_tokens=32) for s in (local, served))
+    assert [c["token_accuracy"] for c in there["chunks"]] == [c["token_accuracy"] for c in here["chunks"]]
+    assert [c["reconstructed"] for c in there["chunks"]] == [c["reconstructed"] for c in here["chunks"]]
+
+
 def test_questions_asked_at_once_all_come_back_as_asked_alone(studios):
     local, served = studios
-    alone = {q: answer(local, q, "lclm").text for q in QUESTIONS}
+    alone = {q: answer(local, q, "lclm").text.rstrip("\ufffd") for q in QUESTIONS}  # see the test above
     together: dict[str, str] = {}
     threads = [threading.Thread(target=lambda q=q: together.__setitem__(q, answer(served, q, "lclm").text))
                for q in QUESTIONS * 2]

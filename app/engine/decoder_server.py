@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -97,8 +97,9 @@ def embeds_payload(embeds: torch.Tensor) -> str:
 
 @dataclass
 class Streamed:
-    """What a streamed reply's end says: how many tokens it had and why it ended ("stop", "length")."""
+    """What a streamed reply's end says: its token ids, how many and why it ended ("stop", "length")."""
 
+    token_ids: list[int] = field(default_factory=list)
     tokens: int = 0
     finish_reason: str | None = None
 
@@ -117,7 +118,7 @@ class ServedDecoder:
                 "max_tokens": max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "top_k": sampling.top_k or -1, "repetition_penalty": sampling.repetition_penalty,
                 "seed": sampling.seed, "stop_token_ids": stop_token_ids, "skip_special_tokens": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+                "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
         done = done if done is not None else Streamed()
         try:
             with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=httpx.Timeout(600.0)) as r:
@@ -132,6 +133,7 @@ class ServedDecoder:
                         done.tokens = int(chunk["usage"].get("completion_tokens", done.tokens))
                     for choice in chunk.get("choices", []):
                         done.finish_reason = choice.get("finish_reason") or done.finish_reason
+                        done.token_ids += choice.get("token_ids") or []
                         if choice.get("text"):
                             yield choice["text"]
         except httpx.TransportError as err:

@@ -260,7 +260,8 @@ def served_reply(resources: Resources, request: Request, meter: Meter, start_ms:
             break
     else:
         stopped = "limit" if done.finish_reason == "length" else "end"
-    tokens = done.tokens or pieces
+    # the reply's tokens, without the stop token that ended it (as this process counts them)
+    tokens = len([t for t in done.token_ids if t not in stops]) if done.token_ids else done.tokens or pieces
     m.new_tokens += tokens
     if first_reply and m.ttft_ms == 0.0:  # no token at all: TTFT is the reply's end
         m.ttft_ms = meter.clock.ms()

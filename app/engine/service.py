@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from app.engine.answer import UNTRAINED_NOTE
-from app.engine.decoder_server import DecoderServers
+from app.engine.decoder_server import DecoderServers, Streamed
 from app.engine.kv_cache import PrefixCache
 from app.engine.latent_store import LatentStore, text_document
 from app.engine.measure import PeakMemory
@@ -23,8 +23,8 @@ from app.engine.methods import AskEvent, Request, Resources, method
 from app.engine.models import LoadedVariant, ModelPool, ProgressFn
 from app.engine.settings import Settings
 from model.errors import UserError
-from model.fidelity import reconstruct, token_accuracy
-from model.generation import Sampling
+from model.fidelity import reconstruct, reconstruction_embeds, token_accuracy
+from model.generation import Sampling, stop_token_ids
 from model.lclm import LCLM, DocumentTokens
 from model.precision import DtypeChoice
 from model.prompts import PromptProfile
@@ -215,6 +215,18 @@ class Studio:
             raise UserError(f"the chunk length must be at least 1 token, got {requested}")
         return requested or self.models.trained_span(model) or self.settings.chunk_tokens
 
+    def _reconstruct_chunk(self, model: LCLM, latents: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """The decoder's greedy token ids for one chunk's latents [M, D]: here, or from the vLLM
+        server that serves the decoder."""
+        if self.decoders is None:
+            return reconstruct(model, latents, max_new_tokens)
+        served = self.decoders.client(model.decoder, model.decoder_tokenizer, model.checkpoint_id)
+        done = Streamed()
+        stops = sorted(stop_token_ids(model.decoder_tokenizer, model.decoder))
+        for _ in served.stream(reconstruction_embeds(model, latents)[0], max_new_tokens, stops, Sampling(), done):
+            pass
+        return [t for t in done.token_ids if t not in stops]
+
     def _reconstruct(self, text: str, ratio: int | None, pooling: str | None, checkpoint: str | None,
                      use_cache: bool, max_chunks: int | None, progress: ProgressFn | None,
                      chunk_tokens: int | None) -> dict:
@@ -228,7 +240,7 @@ class Studio:
         for done, (chunk, region) in enumerate(zip(chunks, latents)):  # region: [M_i, D], the chunk alone
             original = chunk.text
             reference = model.decoder_tokenizer(original, add_special_tokens=False)["input_ids"]
-            generated = reconstruct(model, region, len(reference) + 8)
+            generated = self._reconstruct_chunk(model, region, len(reference) + 8)
             results.append(ChunkReconstruction(
                 index=chunk.number, original=original,
                 reconstructed=model.decoder_tokenizer.decode(generated, skip_special_tokens=True),
