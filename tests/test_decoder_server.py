@@ -144,3 +144,39 @@ def test_the_settings_refuse_urls_without_the_vllm_decoder(tmp_path):
         Settings(data_dir=tmp_path, decoder="tgi")
     with pytest.raises(ValueError, match="give them with decoder vllm"):
         Settings(data_dir=tmp_path, decoder_urls=("http://127.0.0.1:8000",))
+
+
+def test_a_server_starts_once_and_a_start_blocks_no_other_decoder(monkeypatch, tmp_path, tiny_lclm_factory):
+    """Two questions for a decoder with no server start one; a question for a decoder already
+    served is answered while another decoder's server is starting."""
+    import time
+
+    from app.engine import decoder_server
+
+    started, release = [], threading.Event()
+
+    def start(self, timeout_s=0):
+        started.append(self.name)
+        if self.name == "slow":
+            release.wait(10)
+        return self
+
+    monkeypatch.setattr(decoder_server.DecoderServer, "start", start)
+    monkeypatch.setattr(decoder_server.DecoderServer, "stop", lambda self: None)
+    monkeypatch.setattr(decoder_server, "export_decoder", lambda *a: tmp_path)
+    monkeypatch.setattr(decoder_server, "fingerprint", lambda decoder_id, dtype: decoder_id)
+    lclm = tiny_lclm_factory(family="qwen3", ratio=4, pooling="mean", window=16)
+    servers = DecoderServers(tmp_path)
+    servers.client(lclm.decoder, lclm.decoder_tokenizer, "fast")
+    slow = [threading.Thread(target=servers.client, args=(lclm.decoder, lclm.decoder_tokenizer, "slow"))
+            for _ in range(2)]
+    for t in slow:
+        t.start()
+    time.sleep(0.3)
+    begun = time.perf_counter()
+    assert servers.client(lclm.decoder, lclm.decoder_tokenizer, "fast").model == "fast"
+    assert time.perf_counter() - begun < 1.0  # not behind the slow start
+    release.set()
+    for t in slow:
+        t.join(10)
+    assert started == ["fast", "slow"]  # one start each

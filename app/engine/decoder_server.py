@@ -230,32 +230,51 @@ class DecoderServers:
         self.data_dir, self.urls, self.may_start = Path(data_dir), list(urls), start
         self.max_servers, self.max_model_len = max_servers, max_model_len
         self._started: OrderedDict[str, DecoderServer] = OrderedDict()
+        self._starting: dict[str, threading.Lock] = {}  # decoder name -> held while its server starts
         self._lock = threading.Lock()
         atexit.register(self.close)  # the servers started here end with this process
 
     def client(self, decoder: nn.Module, tokenizer, decoder_id: str) -> ServedDecoder:
-        """The client for `decoder` (whose weights `decoder_id` names), starting its server if needed."""
+        """The client for `decoder` (whose weights `decoder_id` names), starting its server if
+        needed. A start (tens of seconds) holds only that decoder's lock: questions for decoders
+        already served go on meanwhile."""
         dtype = next(decoder.parameters()).dtype
         name = fingerprint(decoder_id, dtype)
         with self._lock:
-            for url in self.urls:
-                if name in served_models(url):
-                    return ServedDecoder(url, name, dtype)
-            if name in self._started:
-                self._started.move_to_end(name)
-                return ServedDecoder(self._started[name].url, name, dtype)
+            found = self._served(name, dtype)
+            if found is not None:
+                return found
             if not self.may_start:
                 raise UserError(f"no decoder server serves {decoder_id} ({name}); start one with "
                                 f"`lclm serve-decoder` and give its address with --decoder-url")
+            starting = self._starting.setdefault(name, threading.Lock())
+        with starting:  # one start per decoder; who waited here finds it started
+            with self._lock:
+                found = self._served(name, dtype)
+            if found is not None:
+                return found
             model_dir = export_decoder(decoder, tokenizer, decoder_id, self.data_dir)
-            while len(self._started) >= self.max_servers:
-                _, oldest = self._started.popitem(last=False)
-                oldest.stop()
+            with self._lock:
+                while len(self._started) >= self.max_servers:
+                    _, oldest = self._started.popitem(last=False)
+                    oldest.stop()
             length = self.max_model_len or int(getattr(decoder.config, "max_position_embeddings", 4096))
             server = DecoderServer(model_dir, name, dtype, length, log_dir=self.data_dir / "served" / "logs")
             log.info("starting a vLLM server for %s at %s", decoder_id, server.url)
-            self._started[name] = server.start()
+            server.start()
+            with self._lock:
+                self._started[name] = server
             return ServedDecoder(server.url, name, dtype)
+
+    def _served(self, name: str, dtype: torch.dtype) -> ServedDecoder | None:
+        """The client of a server that serves `name` already (call with the lock held)."""
+        for url in self.urls:
+            if name in served_models(url):
+                return ServedDecoder(url, name, dtype)
+        if name in self._started:
+            self._started.move_to_end(name)
+            return ServedDecoder(self._started[name].url, name, dtype)
+        return None
 
     def close(self) -> None:
         with self._lock:
