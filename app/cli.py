@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="auto (default, or $LCLM_STUDIO_DTYPE): bfloat16 on CUDA and on CPUs that multiply it "
                        "fast (a short probe decides), else float32")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch threads (default, or $LCLM_STUDIO_THREADS: one per core that other processes "
+                       "leave free, measured at start: a busy core slows every thread that waits for it)")
         p.add_argument("--no-cache", action="store_true", help="neither read nor write the latent cache")
         p.add_argument("--chunk-tokens", type=int, default=None,
                        help="decoder tokens per EXPAND / reconstruction chunk (default: 256 for EXPAND, as in the "
@@ -145,18 +148,22 @@ def run(args: argparse.Namespace) -> int:
     # Heavy imports here, so that `--help`, argument errors and bad paths are instant.
     from app.engine.service import AskRequest, Studio
     from app.engine.settings import Settings
+    from model.threads import apply_threads
 
     check_press(args)
-    if args.chunk_tokens is not None and args.chunk_tokens < 1:
-        from model.errors import UserError
+    from model.errors import UserError
 
+    if args.chunk_tokens is not None and args.chunk_tokens < 1:
         raise UserError(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     urls = getattr(args, "decoder_url", None)
     settings = Settings.from_env(device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
                                  prompt_profile=getattr(args, "prompt_profile", None),
                                  kv_residual_length=getattr(args, "kv_residual", None),
                                  decoder="vllm" if urls else getattr(args, "decoder", None),
-                                 decoder_urls=tuple(urls) if urls else None)
+                                 decoder_urls=tuple(urls) if urls else None, threads=args.threads)
+    apply_threads(settings.threads)
     studio = Studio(settings, checkpoint=args.checkpoint)
     progress = Progress()
     use_cache = not args.no_cache

@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "environment (make serving), started on first use, many questions at once")
     parser.add_argument("--decoder-url", action="append", default=None, metavar="URL",
                         help="a vLLM server already running (lclm serve-decoder); implies --decoder vllm; repeatable")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default, or $LCLM_STUDIO_THREADS: one per core that other processes "
+                             "leave free at start)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return parser.parse_args(argv)
 
@@ -44,11 +47,14 @@ def create_workspace(args: argparse.Namespace):
     from app.studio.catalog import build_catalog
     from app.studio.latent_analysis import warm_umap_in_background
     from app.studio.workspace import Workspace
+    from model.threads import apply_threads
 
     warm_umap_in_background()
     urls = tuple(args.decoder_url or ())
     settings = Settings.from_env(device=args.device, dtype=args.dtype, decoder="vllm" if urls else args.decoder,
-                                 decoder_urls=urls or None)
+                                 decoder_urls=urls or None, threads=args.threads)
+    threads = apply_threads(settings.threads)
+    print(f"torch threads: {threads.threads} ({threads.reason})", flush=True)
     studio = Studio(settings, checkpoint=(args.checkpoint or [None])[0])
     catalog = build_catalog(args.checkpoint)
     default = catalog.default

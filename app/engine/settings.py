@@ -36,7 +36,8 @@ class Settings:
     LCLM_STUDIO_HOME (data dir), LCLM_STUDIO_CACHE_MB, LCLM_STUDIO_MAX_TOKENS,
     LCLM_STUDIO_CHUNK_TOKENS, LCLM_STUDIO_PROMPT_PROFILE, LCLM_STUDIO_DEVICE, LCLM_STUDIO_DTYPE,
     LCLM_STUDIO_KV_CACHE_MB, LCLM_STUDIO_KV_RESIDUAL, LCLM_STUDIO_STOP_AT_REPEAT (0: plain greedy),
-    LCLM_STUDIO_DECODER (transformers or vllm), LCLM_STUDIO_DECODER_URL (vLLM servers, comma-separated)."""
+    LCLM_STUDIO_DECODER (transformers or vllm), LCLM_STUDIO_DECODER_URL (vLLM servers, comma-separated),
+    LCLM_STUDIO_THREADS (torch threads; default: the cores other processes leave free)."""
 
     data_dir: Path = field(default_factory=default_data_dir)
     cache_size_mb: int = 2048
@@ -53,6 +54,7 @@ class Settings:
     stop_at_repeat: bool = True  # end an answer at a sentence it already wrote (the benchmarks: False, plain greedy)
     decoder: str = "transformers"  # who decodes full context, LCLM and EXPAND: transformers here, or vllm servers
     decoder_urls: tuple[str, ...] = ()  # vLLM servers already running (with decoder "vllm"); others start on use
+    threads: int | None = None  # torch threads the commands set (None: a core each that others leave free)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -68,6 +70,8 @@ class Settings:
             raise ValueError(f"prompt_profile must be one of {', '.join(PROMPT_PROFILES)}, got {self.prompt_profile!r}")
         if self.kv_cache_mb < 0:
             raise ValueError("kv_cache_mb must be 0 (no prefix reuse) or more")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         self.decoder_urls = tuple(self.decoder_urls)
@@ -95,6 +99,7 @@ class Settings:
             stop_at_repeat=bool(_env_int("LCLM_STUDIO_STOP_AT_REPEAT", int(cls.stop_at_repeat))),
             decoder=os.environ.get("LCLM_STUDIO_DECODER") or cls.decoder,
             decoder_urls=tuple(u for u in os.environ.get("LCLM_STUDIO_DECODER_URL", "").split(",") if u),
+            threads=_env_int("LCLM_STUDIO_THREADS", 0) or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
