@@ -62,7 +62,10 @@ def choose_threads(requested: int | None = None, busy: float | None = None) -> T
 
 
 def apply_threads(requested: int | None = None) -> ThreadChoice:
-    """Choose the thread count and set it for torch in this process."""
+    """Choose the thread count and set it for torch in this process. torch is left as it is when
+    it already runs that many threads: setting the count again (to the same number) before the
+    studio's worker threads run LAPACK left a float64 solve spinning forever on this machine."""
     choice = choose_threads(requested)
-    torch.set_num_threads(choice.threads)
+    if choice.threads != torch.get_num_threads():
+        torch.set_num_threads(choice.threads)
     return choice
