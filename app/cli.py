@@ -114,7 +114,7 @@ class Progress:
 
 def serve_decoder(args: argparse.Namespace) -> int:
     """Export the decoder and run its vLLM server in the foreground until interrupted."""
-    from app.engine.decoder_server import DecoderServer, export_decoder, fingerprint
+    from app.engine.decoder_server import DecoderServer, context_length, export_decoder, fingerprint
     from app.engine.service import Studio
     from app.engine.settings import Settings
 
@@ -126,7 +126,7 @@ def serve_decoder(args: argparse.Namespace) -> int:
     dtype = next(decoder.parameters()).dtype
     directory = export_decoder(decoder, model.decoder_tokenizer, decoder_id, studio.settings.data_dir)
     server = DecoderServer(directory, fingerprint(decoder_id, dtype), dtype,
-                           int(getattr(decoder.config, "max_position_embeddings", 4096)), port=args.port)
+                           context_length(decoder), port=args.port)
     reads = "the document's text" if args.text else f"latents at 1:{variant.ratio} {variant.pooling}"
     print(f"starting vLLM for {decoder_id} (reads {reads}) ...", file=sys.stderr, flush=True)
     server.start()

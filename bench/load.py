@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+
+from app.engine.decoder_server import free_port
+from model.precision import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = ("embedded SmolLM2-135M", 16, "mean")  # family, ratio, pooling
@@ -274,12 +276,6 @@ def run(url: str, pid: int, model: tuple = EMBEDDED_MODEL, sessions: int = 4, qu
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(checkpoints: list[str], timeout_s: float = 300.0, extra: list[str] = (),
            env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """`python app.py` on 127.0.0.1 and a free port; returns (process, url) once it serves."""
@@ -318,14 +314,6 @@ def sweep_markdown(result: dict, cpu: str) -> str:
     return (f"# Load: many users at once\n\n{cpu}; model {' '.join(map(str, result['model']))}; documents of about "
             f"{result['doc_tokens']:,} tokens, {result['questions_per_user']} question(s) per user, "
             f"{result['max_new_tokens']} new tokens.\n\n" + "\n".join(rows) + "\n")
-
-
-def cpu_name() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
-    except OSError:
-        return None
 
 
 def sweep_plot(result: dict, path: Path) -> None:
@@ -373,12 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-tokens", type=int, default=4000, help="with --users: tokens per user's document")
     args = parser.parse_args(argv)
     if args.users:
-        import platform
-
         out = Path(args.out or ROOT / "bench" / "results" / "load-sweep.json")
         result = sweep(args.decoders, args.users, args.doc_tokens, args.questions, args.max_new_tokens,
                        args.timeout, args.checkpoint)
-        cpu = f"{cpu_name() or platform.machine()}, {os.cpu_count()} CPUs"
+        cpu = f"{cpu_name()}, {os.cpu_count()} CPUs"
         result["cpu"] = cpu
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

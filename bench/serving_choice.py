@@ -27,7 +27,14 @@ import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.engine.decoder_server import DecoderServer, ServedDecoder, Streamed, export_decoder, fingerprint
+from app.engine.decoder_server import (
+    DecoderServer,
+    ServedDecoder,
+    Streamed,
+    context_length,
+    export_decoder,
+    fingerprint,
+)
 from app.engine.latent_store import text_document
 from app.engine.methods import memory_region_ids, prompt_parts
 from app.engine.service import Studio
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = next(model.decoder.parameters()).dtype
     merged = export_decoder(model.decoder, model.decoder_tokenizer, model.checkpoint_id, data)
     base = export_decoder(variant.text_decoder, model.decoder_tokenizer, variant.text_reader_id, data)
-    length = int(model.decoder.config.max_position_embeddings)
+    length = context_length(model.decoder)
     with tempfile.TemporaryDirectory() as scratch:
         lora = lora_without_token_rows(resolve(None, args.ratio, args.pooling).decoder_dir, Path(scratch) / "lora")
         merged_server = DecoderServer(merged, fingerprint(model.checkpoint_id, dtype), dtype, length,

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model.embedded import embedded_config, trained_dir, variant_order, variant_rank
+from model.embedded import shipped_card, variant_order, variant_rank
 from model.pooling import POOLINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,14 +23,6 @@ BEGIN, END = "<!-- status table: python -m bench.status --write -->", "<!-- end 
 HEADER = ("| variant | weights | reconstruction, teacher-forced (prior -> now) "
           "| reconstruction, free-running (untrained -> now) | answers from latents |\n|---|---|---|---|---|")
 NONE = "–"
-
-
-def card(ratio: int, pooling: str) -> dict | None:
-    """The shipped variant's model card (None: no trained weights ship for it)."""
-    try:
-        return json.loads((trained_dir(embedded_config(ratio, pooling)) / "model_card.json").read_text())
-    except OSError:
-        return None
 
 
 def suite_scores(path: Path = RULER_RESULTS) -> dict[str, float]:
@@ -62,7 +54,7 @@ def table(scores: dict[str, float] | None = None) -> str:
     """The markdown table: trained variants best first (variant_rank), then the untrained ones (a
     pooling untrained at every ratio in one row), then full context."""
     scores = suite_scores() if scores is None else scores
-    cards = {(r, p): card(r, p) for r, p in variant_order()}
+    cards = {(r, p): shipped_card(r, p) for r, p in variant_order()}
 
     def quality(c: dict | None) -> float | None:
         return c["validation"]["trained"]["free_running"] if c else None

@@ -177,13 +177,20 @@ def trained_dir(config: LCLMConfig) -> Path:
     return TRAINED_WEIGHTS / f"smollm2-135m-{config.name}"
 
 
+def shipped_card(ratio: int, pooling: str) -> dict | None:
+    """The shipped variant's model card (None: no trained weights ship for it, or no card)."""
+    try:
+        return json.loads((trained_dir(embedded_config(ratio, pooling)) / "model_card.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def shipped_quality(ratio: int, pooling: str) -> float | None:
     """The shipped variant's free-running reconstruction token accuracy on the held-back spans,
     from its model card (None: no trained weights ship for it, or its card does not say)."""
     try:
-        card = json.loads((trained_dir(embedded_config(ratio, pooling)) / "model_card.json").read_text())
-        return float(card["validation"]["trained"]["free_running"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return float(shipped_card(ratio, pooling)["validation"]["trained"]["free_running"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 

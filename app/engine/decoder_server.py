@@ -82,6 +82,11 @@ def export_decoder(decoder: nn.Module, tokenizer, decoder_id: str, data_dir: Pat
     return out
 
 
+def context_length(decoder: nn.Module) -> int:
+    """The positions a served decoder takes: its config's limit (4,096 where it names none)."""
+    return int(getattr(decoder.config, "max_position_embeddings", 4096))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,9 +144,6 @@ class ServedDecoder:
         except httpx.TransportError as err:
             raise UserError(f"the decoder server at {self.url} cannot be reached ({type(err).__name__}): "
                             "is it running?") from err
-
-    def served_models(self) -> list[str]:
-        return served_models(self.url)
 
 
 def served_models(url: str) -> list[str]:
@@ -258,7 +260,7 @@ class DecoderServers:
                 while len(self._started) >= self.max_servers:
                     _, oldest = self._started.popitem(last=False)
                     oldest.stop()
-            length = self.max_model_len or int(getattr(decoder.config, "max_position_embeddings", 4096))
+            length = self.max_model_len or context_length(decoder)
             server = DecoderServer(model_dir, name, dtype, length, log_dir=self.data_dir / "served" / "logs")
             log.info("starting a vLLM server for %s at %s", decoder_id, server.url)
             server.start()
