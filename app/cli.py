@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from app.engine.answer import Answer
 from app.engine.measure import Measurement, MiB
@@ -89,14 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """tqdm bars on stderr, one per stage; silent when stderr is not a terminal and quiet is set."""
+    """tqdm bars on stderr, one per stage (windows done, their rate, the time left), and a line per
+    stage that has no count; only where stderr is a terminal, so that a script that reads stderr
+    finds there only what went wrong."""
 
-    def __init__(self):
+    def __init__(self, shown: bool | None = None):
         self.bars: dict[str, object] = {}
+        self.shown = sys.stderr.isatty() if shown is None else shown
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
+        if not self.shown:
+            return
         if total == 0:  # a message, not a countable stage
             print(f"... {stage}", file=sys.stderr, flush=True)
             return
@@ -163,14 +169,16 @@ def run(args: argparse.Namespace) -> int:
                                  kv_residual_length=getattr(args, "kv_residual", None),
                                  decoder="vllm" if urls else getattr(args, "decoder", None),
                                  decoder_urls=tuple(urls) if urls else None, threads=args.threads)
-    apply_threads(settings.threads)
+    threads = apply_threads(settings.threads)
     studio = Studio(settings, checkpoint=args.checkpoint)
     progress = Progress()
     use_cache = not args.no_cache
     try:
+        loaded = load_models(studio, args, progress)  # before any clock of the request starts
+        process = {"load_ms": loaded, "threads": threads.threads}
         if args.command == "compress":
             result = studio.compress(text, args.ratio, args.pooling, use_cache=use_cache, progress=progress).result
-            emit(args, result.to_dict(), compress_text)
+            emit(args, {**result.to_dict(), **process}, compress_text)
         elif args.command == "ask":
             stream = not args.json and sys.stdout.isatty()
             several = len(args.question) > 1
@@ -190,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
                         answer = event.answer
                 if stream:
                     print()
-                results.append(answer.to_json())
+                results.append({**answer.to_json(), **process})
                 if not args.json:
                     print(ask_text(answer, answer_printed=stream) + ("\n" if several else ""), flush=True)
             if args.json:
@@ -198,11 +206,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = studio.reconstruct(text, args.ratio, args.pooling, use_cache=use_cache, max_chunks=args.max_chunks,
                                         progress=progress, chunk_tokens=args.chunk_tokens)
-            emit(args, result, reconstruct_text)
+            emit(args, {**result, **process}, reconstruct_text)
     finally:
         progress.close()
         studio.close()
     return 0
+
+
+def load_models(studio, args: argparse.Namespace, progress) -> float:
+    """Load what the command reads (the variant, and for a text-reading mode its decoder) and
+    return how long it took, in ms: the process's load time, reported apart from the request's TTFT."""
+    started = time.perf_counter()
+    variant = studio.variant(None, args.ratio, args.pooling, progress=progress)
+    if args.command == "ask" and args.mode not in ("lclm", "expand") and studio.decoders is None:
+        variant.text_decoder  # full context and the presses read the text with it
+    return round((time.perf_counter() - started) * 1000, 1)
 
 
 def check_press(args: argparse.Namespace) -> None:

@@ -1,6 +1,7 @@
 """The command line: JSON fields, and one clear stderr line (exit 2) for every user error."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,31 @@ def test_reconstruct_uses_the_span_length_the_card_says_it_was_trained_on(capsys
     assert (runs["none"]["chunk_tokens"], runs["none"]["trained_span"]) == (256, None)
     code, out, _ = run_cli(capsys, "reconstruct", doc, "--checkpoint", carded, "--max-chunks", "1")
     assert code == 0 and "chunks of 12 tokens (the span length it was trained on)" in out
+
+
+@pytest.mark.slow
+def test_full_context_past_the_window_is_one_line_naming_the_ratio_that_fits(tmp_path, tiny_checkpoint):
+    """The real process with a document longer than the decoder's positions: exit status 2, one
+    stderr line (no progress, no traceback) that names the limit and the LCLM ratio that reads it."""
+    path = tmp_path / "long.txt"
+    path.write_text(" ".join(f"Entry {i} reads {i * 37 % 1000} units." for i in range(1500)))
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "ask", str(path), "-q", "Which entry reads 37 units?",
+                           "--mode", "full", "--checkpoint", str(tiny_checkpoint)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LCLM_STUDIO_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: the prompt needs ") and "this decoder reads at most 4,096" in line
+    assert "an LCLM reads it: at 1:" in line
+
+
+def test_progress_is_drawn_only_on_a_terminal(capsys):
+    from app.cli import Progress
+
+    for shown in (True, False):
+        progress = Progress(shown=shown)
+        progress("loading", 0, 0)
+        progress("encoding windows", 3, 3)
+        progress.close()
+        err = capsys.readouterr().err
+        assert ("... loading" in err and "encoding windows" in err) if shown else err == ""
