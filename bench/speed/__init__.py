@@ -4,6 +4,7 @@ cached latents) against full context and kvpress presses (SnapKV, KVzip) at the 
 ratio, over a context-length sweep and the ratios 1:4, 1:8, 1:16.
 
     python -m bench.speed                  # CPU: the embedded SmolLM2-135M, 1k to 7.5k tokens
+    python -m bench.speed --preset cpu-long --name speed-cpu-long   # CPU: 7.5k to 128k tokens
     python -m bench.speed --preset gpu     # GPU: random weights shaped like the paper's pair, 4k to 1M
 
 Modules: analytic (the FLOP limit of the TTFT gain), rigs (what is measured), methods (one
