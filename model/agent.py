@@ -12,19 +12,23 @@ text) or `ANSWER: ...`:
 - an EXPAND that names no new chunk ends the loop, and so does the last decision round
   (whose new chunks are not read, as in the authors' agent);
 - unless a later round answered, one forced final round follows, told that no expansion
-  rounds remain.
+  rounds remain;
+- a `Layout` may show consecutive chunks as one section (one label, one memory region) and cap
+  the chunks read in full, so that every round fits the decoder's positions (a long document;
+  app/engine/methods.py chooses it); chunk numbers past the cap are dropped and reported.
 The prompt texts come from a prompt profile (model/prompts.py)."""
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from model.prompts import PROMPT_PROFILES, PromptProfile, memory_region
+from model.prompts import PROMPT_PROFILES, PromptProfile, Section, memory_region
 
 DEFAULT_ROUNDS = 5
 MAX_DEMOTED = 5  # chunks read when a first-round answer is demoted
@@ -95,6 +99,30 @@ class Round:
 GenerateFn = Callable[[str, list[torch.Tensor], str], Generator[Any, None, tuple[str, int]]]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a round shows the chunks: `per_section` consecutive chunks under one label and in one
+    memory region (1: each chunk its own), and at most `max_expanded` chunks in full (None: no limit)."""
+
+    per_section: int = 1
+    max_expanded: int | None = None
+
+    def show(self, chunk_latents: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+        """(the memory regions in order, the contexts a prompt profile shows for them)."""
+        if self.per_section == 1:
+            return list(chunk_latents), [memory_region(int(r.shape[0])) for r in chunk_latents]
+        regions, sections = [], []
+        for first in range(0, len(chunk_latents), self.per_section):
+            members = chunk_latents[first : first + self.per_section]
+            regions.append(torch.cat(list(members), dim=0))  # [sum M_i, dec_hidden]
+            sections.append(Section(first + 1, first + len(members), memory_region(int(regions[-1].shape[0]))))
+        return regions, sections
+
+    def room(self, expanded: int) -> int:
+        """How many more chunks may be read in full when `expanded` already are."""
+        return sys.maxsize if self.max_expanded is None else max(0, self.max_expanded - expanded)
+
+
 class ExpandAgent:
     def __init__(self, max_rounds: int = DEFAULT_ROUNDS, profile: str | PromptProfile = "paper"):
         if max_rounds < 1:
@@ -103,12 +131,14 @@ class ExpandAgent:
         self.profile = PROMPT_PROFILES[profile] if isinstance(profile, str) else profile
 
     def run(self, question: str, chunk_latents: Sequence[torch.Tensor], chunk_texts: Sequence[str],
-            generate: GenerateFn) -> Generator[Any, None, str]:
+            generate: GenerateFn, layout: Layout | None = None) -> Generator[Any, None, str]:
         """Yields what `generate` yields plus one `Round` after each round; returns the answer.
-        `chunk_latents[i]` ([M_i, dec_hidden]) and `chunk_texts[i]` are chunk number i + 1."""
-        regions = list(chunk_latents)
-        count = len(regions)
-        contexts = [memory_region(int(r.shape[0])) for r in regions]
+        `chunk_latents[i]` ([M_i, dec_hidden]) and `chunk_texts[i]` are chunk number i + 1.
+        `layout` (default: every chunk labelled, no limit) says how many chunks share a label and
+        how many chunks may be read in full, so that every round fits the decoder's positions."""
+        count = len(chunk_latents)
+        layout = layout or Layout()
+        regions, contexts = layout.show(chunk_latents)
         expanded: dict[int, str] = {}  # chunk number -> text, shown as plain text
 
         def ask(prompt: str, prefix: str):
@@ -123,7 +153,7 @@ class ExpandAgent:
                 self.profile.expand_round(contexts, expanded, question, rounds_left), prefix)
             reply = parse_reply(text, count)
             if reply.action == "answer" and not expanded:  # no answer before something was read
-                demoted = mentioned_chunks(text, count)
+                demoted = mentioned_chunks(text, count)[:layout.room(0)]
                 expanded.update({n: chunk_texts[n - 1] for n in demoted})
                 yield Round(number, text, "demoted", prefix or None, demoted, [], positions, positions)
                 if rounds_left == 0:
@@ -134,6 +164,9 @@ class ExpandAgent:
                 return reply.answer
             new = [n for n in reply.numbers if n not in expanded]
             ignored = reply.ignored + [f"{n}: already expanded" for n in reply.numbers if n in expanded]
+            room = layout.room(len(expanded))
+            ignored += [f"{n}: no room left in the decoder's positions" for n in new[room:]]
+            new = new[:room]
             if rounds_left == 0:
                 ignored += [f"{n}: no expansion rounds left" for n in new]
                 new = []

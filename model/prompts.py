@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 MEMORY_START = "<|memory_start|>"
 MEMORY = "<|memory|>"
 MEMORY_END = "<|memory_end|>"
@@ -33,11 +36,37 @@ def reconstruction_prompt(context: str) -> str:
     return f"{context}\n\nRepeat the text above exactly."
 
 
-def expand_prompt(chunk_contexts: list[str], expanded: dict[int, str], question: str) -> str:
-    """The studio's EXPAND prompt: every chunk compressed, expanded chunks in full below.
-    `expanded` maps a chunk number (from 1) to its text."""
-    lines = [f"The document is split into {len(chunk_contexts)} chunks, each shown in compressed form."]
-    lines += [f"Chunk {number}: {context}" for number, context in enumerate(chunk_contexts, start=1)]
+@dataclass(frozen=True)
+class Section:
+    """Chunks `first`..`last` (numbered from 1) shown under one label as one memory region: how an
+    EXPAND round shows a document with more chunks than the decoder's positions can label one by one."""
+
+    first: int
+    last: int
+    context: str  # one memory region holding every latent of these chunks, in order
+
+    @property
+    def label(self) -> str:
+        return f"Chunk {self.first}" if self.first == self.last else f"Chunks {self.first}-{self.last}"
+
+
+ChunkContexts = Sequence["str | Section"]  # one context per chunk (numbered from 1), or sections
+
+
+def chunk_lines(chunk_contexts: ChunkContexts) -> tuple[list[str], int]:
+    """The lines that show the compressed chunks ("Chunk 3: <region>" or "Chunks 41-48: <region>")
+    and how many chunks they cover."""
+    sections = [c if isinstance(c, Section) else Section(n, n, c) for n, c in enumerate(chunk_contexts, start=1)]
+    return [f"{s.label}: {s.context}" for s in sections], (sections[-1].last if sections else 0)
+
+
+def expand_prompt(chunk_contexts: ChunkContexts, expanded: dict[int, str], question: str) -> str:
+    """The studio's EXPAND prompt: every chunk compressed (or every section of chunks), expanded
+    chunks in full below. `expanded` maps a chunk number (from 1) to its text."""
+    shown, count = chunk_lines(chunk_contexts)
+    grouped = "" if count == len(shown) else f" (in {len(shown)} sections)"
+    lines = [f"The document is split into {count} chunks, each shown in compressed form{grouped}."]
+    lines += shown
     if expanded:
         lines.append("\nFull text of expanded chunks:")
         for number in sorted(expanded):
@@ -64,13 +93,13 @@ class PromptProfile:
         """One question over `context` (raw text or a memory region)."""
         raise NotImplementedError
 
-    def expand_round(self, chunk_contexts: list[str], expanded: dict[int, str], question: str,
+    def expand_round(self, chunk_contexts: ChunkContexts, expanded: dict[int, str], question: str,
                      rounds_left: int) -> str:
         """A decision round: every chunk as a memory region, the expanded ones (number from 1 ->
         text) as plain text, and `rounds_left` expansion rounds after this one."""
         raise NotImplementedError
 
-    def final_round(self, chunk_contexts: list[str], expanded: dict[int, str], question: str) -> str:
+    def final_round(self, chunk_contexts: ChunkContexts, expanded: dict[int, str], question: str) -> str:
         """The forced last round: the model must answer."""
         raise NotImplementedError
 
@@ -86,8 +115,10 @@ class PaperPrompts(PromptProfile):
         return f"{context}\n\n{question.strip()}"
 
     def expand_round(self, chunk_contexts, expanded, question, rounds_left):
-        parts = ["[Compressed document, one memory region per chunk]"]
-        parts += [f"Chunk {number}: {context}" for number, context in enumerate(chunk_contexts, start=1)]
+        shown, count = chunk_lines(chunk_contexts)
+        parts = ["[Compressed document, one memory region per chunk]" if count == len(shown) else
+                 f"[Compressed document: {count} chunks, one memory region per section of consecutive chunks]"]
+        parts += shown
         parts.append("")
         if expanded:
             parts.append("[Expanded chunks, as plain text]")

@@ -169,3 +169,29 @@ def iter_all(runner):
         except StopIteration:
             return
         yield item
+
+
+def test_sections_show_consecutive_chunks_under_one_label():
+    from model.prompts import Section, chunk_lines, expand_prompt
+
+    assert chunk_lines(["A", "B"]) == (["Chunk 1: A", "Chunk 2: B"], 2)
+    lines, count = chunk_lines([Section(1, 3, "R1"), Section(4, 5, "R2"), Section(6, 6, "R3")])
+    assert lines == ["Chunks 1-3: R1", "Chunks 4-5: R2", "Chunk 6: R3"] and count == 6
+    prompt = expand_prompt([Section(1, 3, "R1"), Section(4, 5, "R2")], {4: "text of four"}, "Q?")
+    assert prompt.startswith("The document is split into 5 chunks, each shown in compressed form (in 2 sections).")
+    assert "### Chunk 4\ntext of four" in prompt
+    paper = PROMPT_PROFILES["paper"].expand_round([Section(1, 2, "R")], {}, "Q?", 1)
+    assert paper.startswith("[Compressed document: 2 chunks, one memory region per section of consecutive chunks]")
+
+
+def test_a_layout_shows_sections_and_reads_no_more_chunks_than_fit():
+    from model.agent import Layout
+
+    generate, calls = scripted(["EXPAND: 5, 1, 3", "EXPAND: 6", "ANSWER: 42"])
+    latents, texts = [torch.zeros(2, 4) for _ in range(6)], [f"text {i}" for i in range(1, 7)]
+    runner = ExpandAgent(5, "paper").run("Q?", latents, texts, generate, Layout(per_section=3, max_expanded=2))
+    rounds = [item for item in iter_all(runner) if not isinstance(item, str)]
+    assert [(r.action, r.expanded) for r in rounds] == [("expand", [1, 3]), ("expand", []), ("forced", [])]
+    assert rounds[0].ignored == ["5: no room left in the decoder's positions"]
+    assert rounds[1].ignored == ["6: no room left in the decoder's positions"]
+    assert "Chunks 1-3: " in calls[0][0] and "Chunks 4-6: " in calls[0][0] and "Chunk 1: " not in calls[0][0]

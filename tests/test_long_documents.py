@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.engine.methods import EXPANDED_HEADER_TOKENS, LATER_ROUNDS_MARGIN, MIN_EXPANDED, expand_layout
 from app.engine.service import AskRequest, Studio
 from app.engine.settings import Settings
+from model.agent import Layout
 from model.errors import UserError
 
 DOC = " ".join(f"Entry {i} of the ledger reads {i * 37 % 1000} units." for i in range(60))  # ~ 40 windows of 16
@@ -83,3 +85,41 @@ def test_latents_that_do_not_fit_say_the_largest_document_the_ratio_takes(make_s
     with pytest.raises(UserError, match=r"at 1:4 this decoder takes documents of up to about [\d,]+ tokens; a higher "
                                         r"ratio \(1:16\) takes longer ones"):
         list(studio.ask(AskRequest(DOC, "Which entry reads 37 units?", "lclm", max_new_tokens=4)))
+
+
+def test_expand_shows_more_chunks_than_the_positions_can_label_in_sections(make_studio):
+    studio = make_studio()
+    model = studio.model()
+    chunks = studio.store.chunks(model, DOC)
+    latents, _, _ = studio.store.chunk_latents(model, chunks)
+    profile = studio.prompt_profile(model)
+    question, new_tokens = "Which entry reads 37 units?", 8
+
+    def first_round_positions(per_section: int) -> int:
+        _, contexts = Layout(per_section).show(latents)
+        prompt = model.chat(profile.expand_round(contexts, {}, question, 4)) + profile.first_reply_prefix
+        return len(model.decoder_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def layout_at(limit: int) -> Layout:
+        model.decoder.config.max_position_embeddings = limit
+        return expand_layout(model, profile, question, latents, studio.settings.chunk_tokens, new_tokens, 4)
+
+    labelled, one_section = first_round_positions(1), first_round_positions(len(chunks))
+    assert one_section < labelled
+    reserve = new_tokens + LATER_ROUNDS_MARGIN + MIN_EXPANDED * (studio.settings.chunk_tokens + EXPANDED_HEADER_TOKENS)
+    roomy = layout_at(labelled + reserve)
+    assert roomy.per_section == 1 and roomy.max_expanded >= MIN_EXPANDED
+    limit = (labelled + one_section) // 2 + reserve
+    tight = layout_at(limit)
+    assert 1 < tight.per_section < len(chunks) and tight.max_expanded >= MIN_EXPANDED
+    regions, sections = tight.show(latents)
+    assert torch.equal(torch.cat(regions), torch.cat(latents))  # the same latents, in order, fewer labels
+    assert [s.first for s in sections] == list(range(1, len(chunks) + 1, tight.per_section))
+    with pytest.raises(UserError, match=rf"EXPAND cannot show this document's {len(chunks)} chunks"):
+        layout_at(one_section + reserve - 1)
+
+    model.decoder.config.max_position_embeddings = limit
+    answer = list(studio.ask(AskRequest(DOC, question, "expand", max_new_tokens=new_tokens)))[-1].answer
+    assert any(f"shown in sections of {tight.per_section}" in w for w in answer.warnings)
+    assert answer.measurement.positions + new_tokens <= limit
+    assert all(len(r["expanded"]) <= tight.max_expanded for r in answer.expand.rounds)

@@ -87,9 +87,9 @@ def test_expand_reads_each_chunk_compressed_on_its_own(studio, monkeypatch):
     seen = []
     run = app.engine.methods.ExpandAgent.run
 
-    def recording(self, question, chunk_latents, chunk_texts, generate):
+    def recording(self, question, chunk_latents, chunk_texts, generate, layout=None):
         seen.append((list(chunk_latents), list(chunk_texts)))
-        return (yield from run(self, question, chunk_latents, chunk_texts, generate))
+        return (yield from run(self, question, chunk_latents, chunk_texts, generate, layout))
 
     monkeypatch.setattr(app.engine.methods.ExpandAgent, "run", recording)
     events, result = done(studio.ask(AskRequest(DOC, QUESTION, method="expand", max_new_tokens=4)))

@@ -28,7 +28,7 @@ from app.engine.latent_store import DocumentIds, LatentStore
 from app.engine.measure import Measurement, Meter
 from app.engine.models import LoadedVariant, ProgressFn
 from app.engine.settings import RATIOS, Settings
-from model.agent import ExpandAgent, Round
+from model.agent import ExpandAgent, Layout, Round
 from model.encoder import count_latents
 from model.errors import UserError
 from model.generation import (
@@ -285,6 +285,57 @@ def reply_warnings(replied: Replied) -> list[str]:
     return warnings
 
 
+MIN_EXPANDED = 4  # chunks a round must have room to read in full before chunks share a label
+EXPANDED_HEADER_TOKENS = 16  # what an expanded chunk adds besides its text (its header, blank lines)
+LATER_ROUNDS_MARGIN = 128  # positions a later or the final round's rules take beyond the first's
+
+
+def expand_layout(model: LCLM, profile: PromptProfile, question: str, chunk_latents: list[torch.Tensor],
+                  chunk_tokens: int, max_new_tokens: int, rounds: int) -> Layout:
+    """How EXPAND shows a document in the decoder's positions: each chunk under its own label
+    where that leaves room to read MIN_EXPANDED chunks in full (or all, where fewer); else the
+    fewest consecutive chunks per label that do (a binary search: fewer labels, fewer positions).
+    Then as many chunks may be read in full as the room left holds. A document whose latents
+    leave no such room even as one section is refused, with what to change."""
+    if not model.max_positions:
+        return Layout()
+    per_chunk = chunk_tokens + EXPANDED_HEADER_TOKENS
+    wanted = min(MIN_EXPANDED, len(chunk_latents))
+
+    def free(per_section: int) -> int:
+        """Positions left for chunks read in full when `per_section` chunks share each label."""
+        _, contexts = Layout(per_section).show(chunk_latents)
+        prompt = model.chat(profile.expand_round(contexts, {}, question, rounds)) + profile.first_reply_prefix
+        positions = len(model.decoder_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return model.max_positions - max_new_tokens - positions - LATER_ROUNDS_MARGIN
+
+    labelled = free(1)
+    if labelled >= wanted * per_chunk:  # the usual case: every chunk under its own label
+        return Layout(1, labelled // per_chunk)
+    low, high = 2, len(chunk_latents)
+    if free(high) < wanted * per_chunk:
+        latents = sum(int(r.shape[0]) for r in chunk_latents)
+        raise UserError(f"EXPAND cannot show this document's {len(chunk_latents):,} chunks ({latents:,} latents) "
+                        f"and read {wanted} of them in full within the decoder's {model.max_positions:,} positions "
+                        "even as one section; use a higher compression ratio or a shorter document")
+    while low < high:  # the fewest chunks per label that leave the room
+        middle = (low + high) // 2
+        if free(middle) >= wanted * per_chunk:
+            high = middle
+        else:
+            low = middle + 1
+    return Layout(low, free(low) // per_chunk)
+
+
+def layout_warnings(layout: Layout, chunks: int) -> list[str]:
+    """What a reader must be told about how a long document was shown to EXPAND."""
+    if layout.per_section == 1:
+        return []
+    return [f"the document's {chunks:,} chunks are shown in sections of {layout.per_section} under one label each "
+            f"(the decoder's positions cannot label every chunk); at most {layout.max_expanded} chunks can be read "
+            "in full"]
+
+
 def expand_warnings(rounds: list[dict]) -> list[str]:
     """EXPAND rounds a reader must be told about: a directive that read no chunk, and an answer
     that only the forced final round gave."""
@@ -443,8 +494,11 @@ class Expand(Method):
             return replied.text, prepared.positions
 
         replies: list[Replied] = []  # one per round
-        runner = ExpandAgent(resources.settings.max_expand_rounds, request.variant.profile).run(
-            request.question, latents, [c.text for c in chunks], generate)
+        rounds_allowed = resources.settings.max_expand_rounds
+        layout = expand_layout(model, request.variant.profile, request.question, latents,
+                               resources.settings.chunk_tokens, request.max_new_tokens, rounds_allowed - 1)
+        runner = ExpandAgent(rounds_allowed, request.variant.profile).run(
+            request.question, latents, [c.text for c in chunks], generate, layout)
         rounds: list[dict] = []
         while True:
             try:
@@ -462,7 +516,7 @@ class Expand(Method):
                             chunk_tokens=resources.settings.chunk_tokens, chunks=[c.to_dict() for c in chunks],
                             rounds=rounds, expanded=sorted({n for r in rounds for n in r["expanded"]}))
         return self.finished(Replied(answer, last.tokens, last.stopped, last.first_token_at_ms),
-                             expand_warnings(rounds) + served_note(resources),
+                             layout_warnings(layout, len(chunks)) + expand_warnings(rounds) + served_note(resources),
                              latents=sum(int(r.shape[0]) for r in latents), cached=cached,
                              trained=model.config.trained, expand=trace)
 
