@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--dtype", choices=DTYPE_CHOICES, default=None)
     rec = sub.add_parser("reconstruct", help="let the decoder reproduce each chunk from its latents")
     common(rec)
-    rec.add_argument("--max-chunks", type=int, default=None, help="reconstruct only the first K chunks")
+    rec.add_argument("--max-chunks", type=int, default=None, help="reconstruct only K chunks")
+    rec.add_argument("--first-chunk", type=int, default=1, help="the first chunk to reconstruct (from 1; default 1)")
     return parser
 
 
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(results if several else results[0], ensure_ascii=False))
         else:
             result = studio.reconstruct(text, args.ratio, args.pooling, use_cache=use_cache, max_chunks=args.max_chunks,
-                                        progress=progress, chunk_tokens=args.chunk_tokens)
+                                        progress=progress, chunk_tokens=args.chunk_tokens, first_chunk=args.first_chunk)
             emit(args, {**result, **process}, reconstruct_text)
     finally:
         progress.close()
@@ -314,8 +315,12 @@ def reconstruct_text(r: dict) -> str:
         lines += [f"--- chunk {c['index']}: token accuracy {c['token_accuracy']:.3f} ({c['reference_tokens']} tokens)",
                   c["reconstructed"]]
     trained = " (the span length it was trained on)" if r.get("trained_span") == r["chunk_tokens"] else ""
-    lines.append(f"overall token accuracy {r['token_accuracy']:.3f} at 1:{r['ratio']} ({r['pooling']}), "
-                 f"chunks of {r['chunk_tokens']} tokens{trained}")
+    line = (f"overall token accuracy {r['token_accuracy']:.3f} at 1:{r['ratio']} ({r['pooling']}), "
+            f"chunks of {r['chunk_tokens']} tokens{trained}")
+    if r["chunks"] and len(r["chunks"]) < r["total_chunks"]:
+        first, last = r["chunks"][0]["index"], r["chunks"][-1]["index"]
+        line += f"; {f'chunk {first}' if first == last else f'chunks {first}-{last}'} of {r['total_chunks']}"
+    lines.append(line)
     if r.get("note"):
         lines.append(f"NOTE: {r['note']}")
     return "\n".join(lines)

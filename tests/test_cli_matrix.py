@@ -74,7 +74,8 @@ def test_text_and_json_agree(capsys, doc, checkpoint, command, mode):
         for header, chunk in zip(headers, result["chunks"]):
             assert header.startswith(f"--- chunk {chunk['index']}: token accuracy {chunk['token_accuracy']:.3f}")
         assert lines[-1] == (f"overall token accuracy {result['token_accuracy']:.3f} at 1:{result['ratio']} "
-                             f"({result['pooling']}), chunks of {result['chunk_tokens']} tokens")
+                             f"({result['pooling']}), chunks of {result['chunk_tokens']} tokens; chunks 1-2 of "
+                             f"{result['total_chunks']}")
 
 
 def test_expand_rounds_print_only_the_fields_they_have():

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from app.engine.measure import MiB
 from app.engine.settings import POOLINGS, RATIOS
 from views.common import MODEL_SLOT, Page, progress_callback, user_errors
 
@@ -39,10 +40,14 @@ def summary_markdown(result: dict) -> str:
         cache = f"{result['cached_windows']:,} of {result['windows']:,} windows from the cache, the rest encoded now"
     else:
         cache = "cache miss (encoded now)"
+    rate = ""
+    if result["compress_ms"]:
+        rate = (f" ({result['tokens'] / (result['compress_ms'] / 1000):,.0f} tokens/s, peak memory "
+                f"{result['peak_mem_above_weights_bytes'] / MiB:,.0f} MiB above its start)")
     text = (
         f"**{result['latents']:,} latents** from {result['tokens']:,} tokens ({result['variant']}, window "
         f"{result['window']:,}): **{result['positions_saved']:,} decoder positions saved**; compress "
-        f"**{result['compress_ms']:,.1f} ms**; {cache}."
+        f"**{result['compress_ms']:,.1f} ms**{rate}; {cache}."
     )
     if result.get("note"):
         text += f"\n\n*Note: {result['note']}.*"

@@ -20,12 +20,13 @@ def build(page: Page) -> SimpleNamespace:
     with gr.Row():
         compare = gr.Dropdown([(NO_COMPARISON, NO_COMPARISON)] + [(f"1:{r}", str(r)) for r in RATIOS],
                               value=NO_COMPARISON, label="Side by side with ratio", elem_id="compare-ratio")
-        max_chunks = gr.Number(8, precision=0, minimum=0, label="Chunks to reconstruct (0: all)",
+        max_chunks = gr.Number(8, precision=0, minimum=0, label="Chunks per page (0: all)",
                                elem_id="max-chunks")
         chunk_tokens = gr.Number(0, precision=0, minimum=0, label="Chunk length in tokens (0: the length the "
                                  "variant was trained to reconstruct)", elem_id="chunk-tokens")
         run = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
-    chunk = gr.Slider(1, 2, value=1, step=1, label="Chunk", elem_id="chunk")
+    chunk = gr.Slider(1, 2, value=1, step=1, label="Chunk (one on another page reconstructs that page)",
+                      elem_id="chunk")
     columns = []
     with gr.Row():
         for side in ("left", "right"):
@@ -48,7 +49,7 @@ def bind(ui: SimpleNamespace, page: Page) -> None:
     catalog = workspace.catalog
 
     def side(document, variant, max_chunks, chunk_tokens, chunk, progress):
-        result = workspace.reconstruct(document, variant, max_chunks or None, progress, chunk_tokens or None)
+        result = workspace.reconstruct(document, variant, max_chunks or None, progress, chunk_tokens or None, chunk)
         strip, diff = workspace.chunk_diff(result, variant, chunk)
         trained = result.get("trained_span")
         length = f"chunks of {result['chunk_tokens']} tokens" + (
@@ -79,7 +80,7 @@ def bind(ui: SimpleNamespace, page: Page) -> None:
                 _, right, right_summary = side(document, other, int(max_chunks or 0), int(chunk_tokens or 0),
                                                int(chunk or 1), report)
                 summaries.append(right_summary)
-        last = max(2, max(c["index"] for c in result["chunks"]))  # chunks are numbered from 1
+        last = max(2, result["total_chunks"])  # chunks are numbered from 1; the slider reaches every page
         return (*left, *right, gr.Slider(maximum=last), summaries)
 
     inputs = [shared.document, *shared.model_inputs, ui.compare, ui.max_chunks, ui.chunk_tokens, ui.chunk]

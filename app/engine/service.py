@@ -201,12 +201,13 @@ class Studio:
     # ---- reconstruct -----------------------------------------------------------------
     def reconstruct(self, text: str, ratio: int | None = None, pooling: str | None = None,
                     checkpoint: str | None = None, use_cache: bool = True, max_chunks: int | None = None,
-                    progress: ProgressFn | None = None, chunk_tokens: int | None = None) -> dict:
+                    progress: ProgressFn | None = None, chunk_tokens: int | None = None, first_chunk: int = 1) -> dict:
         """The decoder reproduces each chunk from its latents; token accuracy per chunk. Chunks of
         `chunk_tokens` decoder tokens, by default the span length the variant was trained to
-        reconstruct (`reconstruction_chunk_tokens`)."""
+        reconstruct (`reconstruction_chunk_tokens`); `max_chunks` of them (None: to the end) from
+        chunk number `first_chunk` (from 1), so a long document is read a page at a time."""
         return guard_memory(self._reconstruct, text, ratio, pooling, checkpoint, use_cache, max_chunks, progress,
-                            chunk_tokens)
+                            chunk_tokens, first_chunk)
 
     def reconstruction_chunk_tokens(self, model: LCLM, requested: int | None = None) -> int:
         """The chunk length reconstruction uses: `requested` where given (at least 1), else the span
@@ -229,12 +230,15 @@ class Studio:
 
     def _reconstruct(self, text: str, ratio: int | None, pooling: str | None, checkpoint: str | None,
                      use_cache: bool, max_chunks: int | None, progress: ProgressFn | None,
-                     chunk_tokens: int | None) -> dict:
+                     chunk_tokens: int | None, first_chunk: int) -> dict:
         model = self.model(checkpoint, ratio, pooling, progress)
         chunk_tokens = self.reconstruction_chunk_tokens(model, chunk_tokens)
         document = self.tokenize(model, text)
         all_chunks = self.store.chunks(model, text, chunk_tokens)
-        chunks = all_chunks[: max_chunks or None]
+        if not 1 <= first_chunk <= len(all_chunks):
+            raise UserError(f"the document has {len(all_chunks):,} chunks of {chunk_tokens} tokens; "
+                            f"there is no chunk {first_chunk}")
+        chunks = all_chunks[first_chunk - 1 :][: max_chunks or None]
         latents, compress_ms, cached = self.store.chunk_latents(model, chunks, use_cache, progress)
         results: list[ChunkReconstruction] = []
         for done, (chunk, region) in enumerate(zip(chunks, latents)):  # region: [M_i, D], the chunk alone
@@ -256,6 +260,7 @@ class Studio:
                "compress_ms": round(compress_ms, 3), "checkpoint": model.checkpoint_id, "cached": cached,
                "trained": config.trained, "chunk_tokens": chunk_tokens,
                "trained_span": self.models.trained_span(model), "total_chunks": len(all_chunks),
+               "first_chunk": first_chunk,
                "token_accuracy": round(matched / total, 4) if total else 0.0, "chunks": [asdict(r) for r in results]}
         if not config.trained:
             out["note"] = UNTRAINED_NOTE

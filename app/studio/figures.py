@@ -31,21 +31,36 @@ class StripCell:
     selected: bool = False
 
 
+STRIP_ROW_CELLS = 50  # cells per row of a strip: a long document's hundreds of chunks wrap into rows
+
+
 def strip_html(cells: Sequence[StripCell], caption: str = "") -> str:
-    """A row of cells, widths proportional to their weights; the tooltip names each cell."""
-    parts = []
-    for cell in cells:
-        border = "2px solid #111" if cell.selected else "1px solid #fff"
-        parts.append(
-            f'<div class="lclm-cell" title="{html.escape(cell.tooltip)}" style="flex:{max(1, cell.weight)} 1 0;'
-            f"min-width:3px;background:{cell.colour};border:{border};height:34px;overflow:hidden;"
-            f'font-size:11px;line-height:34px;text-align:center;color:#111;white-space:nowrap">'
-            f"{html.escape(cell.label)}</div>"
-        )
+    """Rows of at most STRIP_ROW_CELLS cells, widths proportional to their weights within a row; the
+    tooltip names each cell. Where there is more than one row, each starts with its cells' numbers."""
+    rows = [cells[first : first + STRIP_ROW_CELLS] for first in range(0, len(cells), STRIP_ROW_CELLS)] or [[]]
+    html_rows = []
+    for number, row in enumerate(rows):
+        parts = []
+        if len(rows) > 1:
+            first, last = number * STRIP_ROW_CELLS + 1, number * STRIP_ROW_CELLS + len(row)
+            parts.append(f'<div class="lclm-row-label" style="flex:0 0 64px;font-size:11px;line-height:34px;'
+                         f'color:#555">{first}-{last}</div>')
+        for cell in row:
+            border = "2px solid #111" if cell.selected else "1px solid #fff"
+            parts.append(
+                f'<div class="lclm-cell" title="{html.escape(cell.tooltip)}" style="flex:{max(1, cell.weight)} 1 0;'
+                f"min-width:3px;background:{cell.colour};border:{border};height:34px;overflow:hidden;"
+                f'font-size:11px;line-height:34px;text-align:center;color:#111;white-space:nowrap">'
+                f"{html.escape(cell.label)}</div>"
+            )
+        if len(rows) > 1 and len(row) < STRIP_ROW_CELLS:  # the last row keeps the others' scale
+            mean_weight = sum(max(1, c.weight) for c in cells) / len(cells)
+            parts.append(f'<div style="flex:{mean_weight * (STRIP_ROW_CELLS - len(row)):.0f} 1 0"></div>')
+        html_rows.append(f'<div class="lclm-strip" style="display:flex;width:100%">{"".join(parts)}</div>')
     caption_html = ""
     if caption:
         caption_html = f'<div style="font-size:12px;color:#555;margin-top:4px">{html.escape(caption)}</div>'
-    return f'<div class="lclm-strip" style="display:flex;width:100%">{"".join(parts)}</div>{caption_html}'
+    return "".join(html_rows) + caption_html
 
 
 def document_strip(cells: Sequence[Cell], expanded: dict[int, int] | None = None) -> str:

@@ -189,31 +189,31 @@ class Workspace:
 
     # ---- reconstruction ------------------------------------------------------------------
     def reconstruct(self, doc_id: str | None, variant: Variant, max_chunks: int | None = None,
-                    progress: ProgressFn | None = None, chunk_tokens: int | None = None) -> dict:
-        """The decoder's reconstruction of each chunk (see Studio.reconstruct), kept in memory;
-        chunks of `chunk_tokens` (None: the span length the variant was trained on)."""
+                    progress: ProgressFn | None = None, chunk_tokens: int | None = None, chunk: int = 1) -> dict:
+        """The decoder's reconstruction of the page of `max_chunks` chunks (None: all) that holds
+        chunk number `chunk` (see Studio.reconstruct), kept in memory; chunks of `chunk_tokens`
+        (None: the span length the variant was trained on). A long document is read a page at a
+        time: choosing a chunk on another page reconstructs that page."""
         document = self.documents.get(doc_id)
         model = self.model(variant)
         chunk_tokens = self.studio.reconstruction_chunk_tokens(model, chunk_tokens)
-        key = (document.sha256, model.checkpoint_id, chunk_tokens)
-        cached = self._reconstructions.get(key)
         self.studio.tokenize(model, document.text)  # the document's limits first
         total = len(self.studio.store.chunks(model, document.text, chunk_tokens))
-        wanted = min(total, max_chunks or total)
-        if cached is not None and len(cached["chunks"]) >= wanted:
-            return {**cached, "chunks": cached["chunks"][:wanted], "total_chunks": total}
-        result = self.studio.reconstruct(document.text, variant.ratio, variant.pooling, variant.spec, max_chunks=wanted,
-                                         progress=progress, chunk_tokens=chunk_tokens)
-        result["variant"], result["total_chunks"] = variant.label, total
-        self._reconstructions.put(key, result)
-        return result
+        per_page = min(total, max_chunks or total)
+        first = (min(max(chunk, 1), total) - 1) // per_page * per_page + 1
+        key = (document.sha256, model.checkpoint_id, chunk_tokens, first, per_page)
+        return self._reconstructions.setdefault(key, lambda: {
+            **self.studio.reconstruct(document.text, variant.ratio, variant.pooling, variant.spec, max_chunks=per_page,
+                                      progress=progress, chunk_tokens=chunk_tokens, first_chunk=first),
+            "variant": variant.label})
 
     def chunk_diff(self, reconstruction: dict, variant: Variant, chunk: int) -> tuple[str, list[tuple[str, str]]]:
         """(fidelity strip HTML with `chunk` selected, token diff of that chunk)."""
         chunks = reconstruction["chunks"]
         chosen = next((c for c in chunks if c["index"] == chunk), chunks[0] if chunks else None)
-        caption = (f"{variant.label}: token accuracy {reconstruction['token_accuracy']:.1%} over "
-                   f"{len(chunks)} of {reconstruction['total_chunks']} chunks")
+        shown = (f"chunks {chunks[0]['index']}-{chunks[-1]['index']} of {reconstruction['total_chunks']}"
+                 if chunks and len(chunks) < reconstruction["total_chunks"] else f"{len(chunks)} chunks")
+        caption = f"{variant.label}: token accuracy {reconstruction['token_accuracy']:.1%} over {shown}"
         strip = figures.fidelity_strip(chunks, chosen["index"] if chosen else None, caption)
         if chosen is None:
             return strip, []

@@ -344,3 +344,49 @@ def test_a_long_documents_latent_map_is_subsampled_and_says_so(workspace, monkey
     assert drawn == 20 and "(subsampled)" in result.figure.layout.title.text
     assert any("20 of" in note and "drawn, evenly" in note for note in result.summary["notes"])
     assert len(result.stats_figure.data[0].x) > 20  # the curves along the document keep every latent
+
+
+def test_a_long_documents_reconstruction_is_read_a_page_at_a_time(workspace):
+    document, layout = workspace.load_document(DOCUMENT * 3, None, workspace.catalog.default)
+    variant = workspace.catalog.default
+    first_page = workspace.reconstruct(document.sha256, variant, max_chunks=2, chunk_tokens=16, chunk=1)
+    total = first_page["total_chunks"]
+    assert total > 4 and [c["index"] for c in first_page["chunks"]] == [1, 2]
+    second = workspace.reconstruct(document.sha256, variant, max_chunks=2, chunk_tokens=16, chunk=4)
+    assert [c["index"] for c in second["chunks"]] == [3, 4]  # the page that holds chunk 4
+    strip, diff = workspace.chunk_diff(second, variant, 4)
+    assert f"over chunks 3-4 of {total}" in strip and diff
+    last = workspace.reconstruct(document.sha256, variant, max_chunks=2, chunk_tokens=16, chunk=10**6)
+    assert last["chunks"][-1]["index"] == total  # past the end: the last page
+    again = workspace.reconstruct(document.sha256, variant, max_chunks=2, chunk_tokens=16, chunk=3)
+    assert again is second  # kept: choosing a chunk on a page read before reconstructs nothing
+
+
+def test_a_strip_of_hundreds_of_chunks_wraps_into_numbered_rows():
+    cells = [Cell(i, 10 + i % 7, 0, 1, "text") for i in range(1, 121)]
+    strip = figures.document_strip(cells)
+    assert strip.count('class="lclm-cell"') == 120 and strip.count('class="lclm-strip"') == 3
+    assert [f">{first}-{last}<" in strip for first, last in ((1, 50), (51, 100), (101, 120))] == [True] * 3
+    assert figures.document_strip(cells[:50]).count('class="lclm-strip"') == 1  # one row: no row numbers
+    assert "lclm-row-label" not in figures.document_strip(cells[:50])
+
+
+def test_a_long_pdf_of_the_machines_documentation_is_read_and_mapped(workspace, tmp_path):
+    """A 40-page PDF of real text: read whole, thousands of latents, the map subsampled and saying
+    so, the strip in rows, the reconstruction a page at a time."""
+    from tests.long_inputs import long_text, pdf_of
+
+    data, lines = pdf_of(long_text(40_000), pages=40)
+    path = tmp_path / "handbook.pdf"
+    path.write_bytes(data)
+    variant = workspace.catalog.default
+    document, layout = workspace.load_document(None, str(path), variant)
+    read = [line.strip() for line in document.text.splitlines() if line.strip()]
+    assert sum(a == b.strip() for a, b in zip(read, lines)) >= 0.95 * len(lines)
+    assert layout.latents > latent_analysis.MAX_MAP_LATENTS and layout.chunks > 100
+    assert figures.document_strip(layout.cells).count('class="lclm-strip"') == -(-layout.chunks // 50)
+    result = workspace.latent_map(document.sha256, variant)
+    assert result.summary["points"][f"latents {variant.label}"] == latent_analysis.MAX_MAP_LATENTS
+    assert "(subsampled)" in result.figure.layout.title.text
+    page = workspace.reconstruct(document.sha256, variant, max_chunks=3, chunk=layout.chunks)
+    assert page["chunks"][-1]["index"] == page["total_chunks"] and len(page["chunks"]) <= 3
