@@ -209,7 +209,27 @@ def series(data: dict) -> list[tuple[str, int | None, str]]:
     return [s for s in out if s[0] in data["plan"]["methods"]]
 
 
-def line_plot(data: dict, value, ylabel: str, title: str, path: Path) -> Path:
+LCLM_RATIO_STYLE = {16: ("s", 1.0), 8: ("D", 0.7), 4: ("v", 0.45)}  # marker and alpha of each ratio's line
+
+
+def full_context_predicted(data: dict) -> list[tuple[int, float]]:
+    """(tokens, bytes) of full context's peak above the weights at the lengths past the decoder's
+    positions, predicted from its bytes per position at the longest length it read."""
+    full = ok_records(data, "full", None)
+    if not full:
+        return []
+    last = full[-1]["median"]
+    per_position = last["peak_mem_above_weights_bytes"] / last["positions"]
+    prompt = last["positions"] - full[-1]["tokens"]
+    past = sorted(r["tokens"] for r in data["records"]
+                  if r["method"] == "full" and r["status"] == "exceeds_max_positions")
+    return [(tokens, per_position * (tokens + prompt)) for tokens in past]
+
+
+def line_plot(data: dict, value, ylabel: str, title: str, path: Path,
+              predicted: list[tuple[int, float]] = ()) -> Path:
+    """One line per series against the document's length (log-log); `predicted`: full context's
+    values past the decoder's positions, drawn dashed from its last measured point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,9 +241,16 @@ def line_plot(data: dict, value, ylabel: str, title: str, path: Path) -> Path:
         if not rows:
             continue
         color, style, marker = STYLE[method]
-        alpha = 1.0 if method != "lclm" or ratio == max(data["plan"]["ratios"]) else 0.55
+        alpha = 1.0
+        if method == "lclm" and ratio != max(data["plan"]["ratios"]):
+            marker, alpha = LCLM_RATIO_STYLE.get(ratio, (marker, 0.55))
         ax.plot([r["tokens"] for r in rows], [value(r) for r in rows], linestyle=style, marker=marker, color=color,
                 alpha=alpha, label=label)
+        if method == "full" and predicted:
+            ax.plot([rows[-1]["tokens"]] + [t for t, _ in predicted], [value(rows[-1])] + [v for _, v in predicted],
+                    linestyle=":", marker="o", markerfacecolor="none", color=color,
+                    label=f"full context past {data['rig']['max_positions']:,} positions\n(predicted: its bytes per "
+                          f"position at {rows[-1]['tokens']:,} tokens)")
     misses = [r for r in data["records"] if r["method"] == "full" and r["status"] in ("does_not_fit", "oom")]
     for r in misses:
         ax.axvline(r["tokens"], color="red", alpha=0.25, linewidth=6)
@@ -284,7 +311,8 @@ def plots(data: dict, stem: Path) -> list[Path]:
                   stem.with_name(stem.name + "-ttft.png")),
         line_plot(data, lambda r: max(r["median"]["peak_mem_above_weights_bytes"], 1) / MiB,
                   "peak memory above the weights (MiB)", f"Peak memory above the weights\n{where}",
-                  stem.with_name(stem.name + "-memory.png")),
+                  stem.with_name(stem.name + "-memory.png"),
+                  predicted=[(t, b / MiB) for t, b in full_context_predicted(data)]),
         compress_plot(data, f"Compression time vs ratio\n{where}", stem.with_name(stem.name + "-compress.png")),
     ]
 
