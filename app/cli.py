@@ -175,6 +175,11 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress()
     use_cache = not args.no_cache
     try:
+        asked = []  # every question checked before anything loads
+        if args.command == "ask":
+            mode = args.press if args.mode == "press" else args.mode
+            asked = [AskRequest(text, question, mode, args.ratio, args.pooling, max_new_tokens=args.max_new_tokens,
+                                use_cache=use_cache) for question in args.question]
         loaded = load_models(studio, args, progress)  # before any clock of the request starts
         process = {"load_ms": loaded, "threads": threads.threads}
         if args.command == "compress":
@@ -184,14 +189,11 @@ def run(args: argparse.Namespace) -> int:
             stream = not args.json and sys.stdout.isatty()
             several = len(args.question) > 1
             results = []
-            for question in args.question:
+            for request in asked:
                 if several and not args.json:
-                    print(f"Q: {question}", flush=True)
+                    print(f"Q: {request.question}", flush=True)
                 answer = None
-                mode = args.press if args.mode == "press" else args.mode
-                asked = AskRequest(text, question, mode, args.ratio, args.pooling,
-                                   max_new_tokens=args.max_new_tokens, use_cache=use_cache)
-                events = studio.ask(asked, progress=progress)
+                events = studio.ask(request, progress=progress)
                 for event in events:
                     if event.kind == "token" and stream:
                         print(event.text, end="", flush=True)

@@ -4,21 +4,26 @@
 resumed run says how many windows it took from the cache, and its latents must equal the
 uninterrupted run's), then one question over its latents: the time to first token against the
 prediction from the encoder's and the decoder's costs measured on short inputs in the same run,
-and the decoding rate after that long prefill. Full context's refusal is recorded too.
+and the decoding rate after that long prefill. Full context's refusal is recorded too. With
+--studio-pdf, the studio's services instead, with PDFs of so many pages (`machine_pdf`): load,
+compress, the latent map and one page of reconstruction, timed.
 
     python -m bench.long_document [--tokens 100000] [--ratio 16] [--pooling mean]
+    python -m bench.long_document --studio-pdf 150 300
 
-Results: bench/results/long-document.{json,md}."""
+Results: bench/results/long-document.{json,md}, bench/results/long-document-studio.json."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from model.precision import cpu_name
 DOC_SOURCES = (Path("/usr/share/common-licenses"), Path("/usr/share/doc"))
 QUESTION = "Which licence does this document begin with?"
 CHARS_PER_TOKEN = 3.5  # a first guess of the text to gather; the tokenizer then trims it exactly
+LINES_PER_PAGE, CHARS_PER_LINE = 50, 90  # a page of machine_pdf
 
 
 def machine_text(tokens: int, tokenizer=None) -> str:
@@ -55,10 +61,38 @@ def machine_text(tokens: int, tokenizer=None) -> str:
     text = "\n".join(parts)
     if tokenizer is None:
         return text
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     if len(enc["input_ids"]) <= tokens:
         return text
     return text[: enc["offset_mapping"][tokens - 1][1]]
+
+
+def machine_pdf(text: str, pages: int) -> tuple[bytes, list[str]]:
+    """A PDF of `pages` pages of `text`'s lines (wrapped, Latin-1, Helvetica), and the lines it holds."""
+    from pypdf import PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    lines = [piece for line in text.encode("latin-1", "replace").decode("latin-1").splitlines()
+             for piece in textwrap.wrap(line, CHARS_PER_LINE)]
+    lines = lines[: pages * LINES_PER_PAGE]
+    if len(lines) < pages * LINES_PER_PAGE:
+        raise ValueError(f"{len(lines)} lines fill fewer than {pages} pages")
+    writer = PdfWriter()
+    font = writer._add_object(DictionaryObject({
+        NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
+        NameObject("/BaseFont"): NameObject("/Helvetica")}))
+    for first in range(0, len(lines), LINES_PER_PAGE):
+        page = writer.add_blank_page(width=612, height=792)
+        page[NameObject("/Resources")] = DictionaryObject(
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})})
+        shown = [b"(" + line.encode("latin-1").replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
+                 + b") Tj 0 -14 Td" for line in lines[first : first + LINES_PER_PAGE]]
+        stream = DecodedStreamObject()
+        stream.set_data(b"BT /F1 9 Tf 36 756 Td " + b" ".join(shown) + b" ET")
+        page[NameObject("/Contents")] = writer._add_object(stream)
+    buffer = io.BytesIO()
+    writer.write(buffer)
+    return buffer.getvalue(), lines
 
 
 def cli(args: list[str], home: str, timeout_s: float = 1800) -> tuple[int, dict | str | None, str]:
@@ -122,6 +156,44 @@ def predicted_ttft_ms(short: dict, long_tokens: int, long_positions: int, decode
             "encoder_ms_per_token": round(encoder_ms_per_token, 4)}
 
 
+def studio_with_pdf(pages: int, ratio: int, pooling: str) -> dict:
+    """The studio's services (no browser) with a PDF of `pages` pages of the machine's
+    documentation, as the Document, Compress, Latents and Reconstruction tabs use them: the time
+    each takes, or the message that refuses the document."""
+    from app.engine.service import Studio
+    from app.engine.settings import Settings
+    from app.studio.catalog import EMBEDDED_FAMILY, build_catalog
+    from app.studio.workspace import Workspace
+    from model.errors import UserError
+
+    data, _ = machine_pdf(machine_text(pages * LINES_PER_PAGE * CHARS_PER_LINE // 3), pages)
+    workspace = Workspace(Studio(Settings.from_env()), build_catalog())
+    variant = workspace.variant(EMBEDDED_FAMILY, ratio, pooling)
+    out: dict = {"pages": pages, "pdf_bytes": len(data), "variant": variant.label}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "handbook.pdf"
+        path.write_bytes(data)
+        started = time.perf_counter()
+        try:
+            document, layout = workspace.load_document(None, str(path), variant)
+        except UserError as refused:
+            return {**out, "refused": str(refused)}
+    out.update(load_s=round(time.perf_counter() - started, 2), tokens=layout.tokens, chunks=layout.chunks,
+               latents=layout.latents)
+    steps = {"compress": lambda: workspace.compress(document.sha256, variant),
+             "latent_map": lambda: workspace.latent_map(document.sha256, variant),
+             "reconstruct_page": lambda: workspace.reconstruct(document.sha256, variant, max_chunks=8,
+                                                               chunk=layout.chunks // 2)}
+    for name, step in steps.items():
+        started = time.perf_counter()
+        result = step()
+        out[f"{name}_s"] = round(time.perf_counter() - started, 2)
+        if name == "latent_map":
+            out["map_points"] = result.summary["points"]
+            out["map_title"] = result.figure.layout.title.text
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.long_document", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,8 +203,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pooling", default="mean")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--kill-at", type=float, default=0.5, help="share of the compression time to kill -9 at")
+    parser.add_argument("--studio-pdf", type=int, nargs="+", metavar="PAGES",
+                        help="instead: the studio's services with PDFs of these many pages (bench/results/"
+                             "long-document-studio.json)")
     parser.add_argument("--out", default="bench/results/long-document")
     args = parser.parse_args(argv)
+    if args.studio_pdf:
+        runs = [studio_with_pdf(pages, args.ratio, args.pooling) for pages in args.studio_pdf]
+        result = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "runs": runs}
+        Path(args.out + "-studio.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return result
     from app.engine.service import Studio
     from app.engine.settings import Settings
 

@@ -13,8 +13,6 @@ from model.config import LCLMConfig
 from model.encoder import LatentEncoder, WindowProgress, count_latents, latent_spans, split_windows
 from model.prompts import CHATML_TEMPLATE, MEMORY, MEMORY_END, MEMORY_START
 
-UNBOUNDED_TOKENS = 2**62  # a tokenizer limit no document reaches
-
 
 @dataclass
 class DocumentTokens:
@@ -68,10 +66,6 @@ class LCLM(nn.Module):
             adapter = make_adapter(config.adapter_type, self.encoder.latent_dim, self.decoder_hidden_size)
         self.adapter = adapter
         self.checkpoint_id = checkpoint_id
-        for tokenizer in (encoder_tokenizer, decoder_tokenizer):
-            # Documents are tokenized whole and read in windows (or refused where they do not fit):
-            # the tokenizer's own limit would only print a warning about indexing errors.
-            tokenizer.model_max_length = UNBOUNDED_TOKENS
         vocab = decoder_tokenizer.get_vocab()
         missing = [t for t in (MEMORY_START, MEMORY, MEMORY_END) if t not in vocab]
         if missing:
