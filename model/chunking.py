@@ -38,12 +38,13 @@ class _Counter:
         self.tokenizer = tokenizer
 
     def count(self, start: int, end: int) -> int:
-        return len(self.tokenizer(self.text[start:end], add_special_tokens=False)["input_ids"])
+        # verbose=False: a long span is only counted, never fed to a model whole
+        return len(self.tokenizer(self.text[start:end], add_special_tokens=False, verbose=False)["input_ids"])
 
     def counts(self, spans: list[tuple[int, int]]) -> list[int]:
         if not spans:
             return []
-        ids = self.tokenizer([self.text[a:b] for a, b in spans], add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer([self.text[a:b] for a, b in spans], add_special_tokens=False, verbose=False)["input_ids"]
         return [len(i) for i in ids]
 
 
@@ -71,8 +72,8 @@ def cut_span(counter: _Counter, start: int, end: int, max_tokens: int) -> list[t
     """A span longer than `max_tokens` cut into pieces of at most that many tokens:
     (start, end, tokens) each, stripped, in order."""
     text = counter.text
-    offsets = counter.tokenizer(text[start:end], add_special_tokens=False,
-                                return_offsets_mapping=True)["offset_mapping"]
+    offsets = counter.tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True,
+                                verbose=False)["offset_mapping"]
     token_ends = [start + e for _, e in offsets]  # char end of each token, non-decreasing
     pieces, at, first = [], start, 0
     while True:

@@ -92,7 +92,8 @@ class LCLM(nn.Module):
 
     # ---- encoder side -------------------------------------------------------
     def tokenize_document(self, text: str) -> DocumentTokens:
-        enc = self.encoder_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.encoder_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                                     verbose=False)  # read in windows: no warning about the model's length
         return DocumentTokens(text=text, ids=list(enc["input_ids"]), offsets=[tuple(o) for o in enc["offset_mapping"]])
 
     def latent_spans(self, num_tokens: int) -> list[tuple[int, int]]:

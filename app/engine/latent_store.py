@@ -51,7 +51,7 @@ class DocumentIds:
 
     @cached_property
     def decoder_ids(self) -> list[int]:
-        return self._decoder_tokenizer(self.text, add_special_tokens=False)["input_ids"]
+        return self._decoder_tokenizer(self.text, add_special_tokens=False, verbose=False)["input_ids"]  # any length
 
     def __len__(self) -> int:
         return len(self.encoder_ids)

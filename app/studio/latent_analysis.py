@@ -99,7 +99,7 @@ def subsample(points: PointSet, limit: int = MAX_MAP_LATENTS) -> PointSet:
 
 def source_token_set(model, text: str, limit: int = MAX_SOURCE_POINTS) -> PointSet:
     """The decoder's input embeddings of the document's decoder tokens, evenly subsampled."""
-    encoded = model.decoder_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = model.decoder_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     keep = np.unique(np.linspace(0, len(ids) - 1, num=min(limit, len(ids))).astype(int)) if ids else []
     weight = model.decoder.get_input_embeddings().weight  # [vocab, D]
@@ -170,7 +170,7 @@ def latent_statistics(latents: torch.Tensor) -> dict[str, np.ndarray]:
 # ---- token-level diff of a reconstruction -------------------------------------------------
 def token_pieces(tokenizer, text: str) -> tuple[list[int], list[str]]:
     """Token ids of `text` and the source text of each token (pieces join back to `text`)."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     starts = [0] + [start for start, _ in offsets[1:]]
     ends = starts[1:] + [len(text)]
