@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench import save_results
 from bench.load import long_document
 from model.precision import cpu_name
 
@@ -116,10 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
               "summary": summary,
               "lclm_sooner": {s: round(full[f"{s}_ttft_ms"] / lclm[f"{s}_ttft_ms"], 2) for s in states},
               "dtype_starts": {"busy_cores": args.dtype_busy, "chosen": dtypes}, "rows": rows}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_results(args.out, result, markdown(result))
     return result
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench import save_results
 from bench.speed.analytic import Shape
 from model.embedded import default_data_dir
 from model.precision import cpu_name
@@ -268,10 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["prediction"] = prediction
     out["ttft_over_prediction"] = round(long["ttft_ms"] / prediction["ttft_ms"], 3)
     out["full_context"] = {"exit_status": status, "stderr": refusal.strip()}
-    path = Path(args.out)
-    path.with_suffix(".json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-    path.with_suffix(".md").write_text(markdown(out))
-    print(markdown(out))
+    save_results(args.out, out, markdown(out))
     return out
 
 

@@ -16,10 +16,10 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from bench import save_results
 from bench.speed.report import matmul_peaks
 from bench.speed.rigs import checkpoint_rig
 from model.generation import prefill
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(rows[-1]), flush=True)
     result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "dtype": args.dtype, "runs": args.runs,
               f"{args.dtype}_matmul_peak_gflops": peak, "torch": torch.__version__, "rows": rows}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_results(args.out, result, markdown(result))
     return result
 
 
