@@ -175,8 +175,11 @@ def test_ctrl_c_on_a_pipe_without_a_writer(tmp_path):
     """Waiting for a writer as `cat` does; Ctrl-C (SIGINT) ends it with one line, exit status 130."""
     fifo = tmp_path / "nobody-writes.fifo"
     os.mkfifo(fifo)
+    # A terminal's Ctrl-C: SIGINT at its default in the child even where this run inherited it ignored
+    # (a shell ignores SIGINT in the jobs it starts in the background, and Python then keeps ignoring it).
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "compress", str(fifo)], cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120  # a bound on the wait only: nothing about time is asserted
     while wait_channel(process.pid) != "wait_for_partner":  # until it blocks opening the pipe
         if process.poll() is not None or time.monotonic() > deadline:

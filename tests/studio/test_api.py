@@ -212,3 +212,21 @@ def test_ask_at_other_ratios_fills_its_own_box(loaded):
     assert at_ratios["visible"] is True and at_ratios["value"].startswith("LCLM 1:8 mean: ")
     assert set(results) == {"LCLM 1:4 mean", "LCLM 1:8 mean"}
     assert outputs[1]["visible"] is False and outputs[2]["visible"] is False  # no full context, no press asked
+
+
+@pytest.mark.slow
+def test_a_long_pdf_through_the_endpoints(client, tmp_path):
+    """A 40-page PDF of the machine's documentation, thousands of latents: the upload, compress and
+    latent-map endpoints answer, the strip wraps into rows and the map says it is subsampled."""
+    from tests.long_inputs import long_text, pdf_of
+
+    data, _ = pdf_of(long_text(40_000), pages=40)
+    path = tmp_path / "handbook.pdf"
+    path.write_bytes(data)
+    _, _, summary, strip, _ = client.predict("", handle_file(str(path)), *MODEL, api_name="/upload_document")
+    assert "**handbook.pdf**" in summary and strip.count('class="lclm-strip"') > 1
+    _, details = client.predict(*MODEL, api_name="/compress")
+    assert details["latents"] > 3000
+    summary, figure, _ = client.predict(*MODEL, [], False, api_name="/latent_map")
+    assert json.loads(figure["plot"])["layout"]["title"]["text"].endswith("(subsampled)")
+    assert "3,000 of" in summary
