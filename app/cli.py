@@ -319,10 +319,10 @@ def reconstruct_text(r: dict) -> str:
     trained = " (the span length it was trained on)" if r.get("trained_span") == r["chunk_tokens"] else ""
     line = (f"overall token accuracy {r['token_accuracy']:.3f} at 1:{r['ratio']} ({r['pooling']}), "
             f"chunks of {r['chunk_tokens']} tokens{trained}")
-    if r["chunks"] and len(r["chunks"]) < r["total_chunks"]:
-        first, last = r["chunks"][0]["index"], r["chunks"][-1]["index"]
-        line += f"; {f'chunk {first}' if first == last else f'chunks {first}-{last}'} of {r['total_chunks']}"
-    lines.append(line)
+    from app.engine.service import chunks_shown
+
+    page = chunks_shown(r)
+    lines.append(line + (f"; {page}" if page else ""))
     if r.get("note"):
         lines.append(f"NOTE: {r['note']}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench import save_results
 from bench.load import long_document
+from bench.long_document import cli
 from model.precision import cpu_name
 
 QUESTION = "What is the code of this report?"
@@ -49,13 +50,12 @@ def busy_cores(count: int):
 
 def ask_once(path: Path, method_args: list[str], new_tokens: int) -> dict:
     """One `lclm ask` process: its JSON answer, with the process's wall time."""
-    command = [sys.executable, "-m", "app.cli", "ask", str(path), "-q", QUESTION, *method_args, "--dtype", "auto",
-               "--max-new-tokens", str(new_tokens), "--json", "--no-cache"]
+    args = ["ask", str(path), "-q", QUESTION, *method_args, "--dtype", "auto", "--max-new-tokens", str(new_tokens),
+            "--json", "--no-cache"]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    answer = json.loads(done.stdout)
+    status, answer, stderr = cli(args)
+    if status != 0:
+        raise SystemExit(f"lclm {' '.join(args)} failed:\n{stderr[-2000:]}")
     answer["process_s"] = time.perf_counter() - started
     return answer
 

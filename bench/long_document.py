@@ -97,11 +97,12 @@ def machine_pdf(text: str, pages: int) -> tuple[bytes, list[str]]:
     return buffer.getvalue(), lines
 
 
-def cli(args: list[str], home: str, timeout_s: float = 1800) -> tuple[int, dict | str | None, str]:
-    """One `lclm` process: (exit status, its JSON (its text without --json; None on failure), its
-    standard error)."""
-    done = subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "LCLM_STUDIO_HOME": home}, timeout=timeout_s)
+def cli(args: list[str], home: str | None = None, timeout_s: float = 1800) -> tuple[int, dict | str | None, str]:
+    """One `lclm` process, with its data directory at `home` (None: the environment's): (exit
+    status, its JSON (its text without --json; None on failure), its standard error)."""
+    env = os.environ if home is None else {**os.environ, "LCLM_STUDIO_HOME": home}
+    done = subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout_s)
     if done.returncode != 0:
         return done.returncode, None, done.stderr
     return done.returncode, (json.loads(done.stdout) if "--json" in args else done.stdout), done.stderr

@@ -1,12 +1,12 @@
 """Long real inputs for the tests: text from this machine's own documentation
-(`bench.long_document.machine_text`: the licence texts and the packages' copyright files) and a
-PDF of many pages made of it (`machine_pdf`, built in code with pypdf)."""
+(`bench.long_document.machine_text`: the licence texts and the packages' copyright files), or
+the test is skipped; `bench.long_document.machine_pdf` makes a PDF of many pages of it."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.long_document import machine_pdf, machine_text
+from bench.long_document import machine_text
 
 
 def long_text(tokens: int, tokenizer=None) -> str:
@@ -16,8 +16,3 @@ def long_text(tokens: int, tokenizer=None) -> str:
         return machine_text(tokens, tokenizer)
     except SystemExit as missing:
         pytest.skip(str(missing))
-
-
-def pdf_of(text: str, pages: int) -> tuple[bytes, list[str]]:
-    """A PDF of `pages` pages of `text`'s lines, and the lines it holds."""
-    return machine_pdf(text, pages)

@@ -16,6 +16,7 @@ region of latents. Adding a press is one line in model/presses.py (docs/architec
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
@@ -302,6 +303,7 @@ def expand_layout(model: LCLM, profile: PromptProfile, question: str, chunk_late
     per_chunk = chunk_tokens + EXPANDED_HEADER_TOKENS
     wanted = min(MIN_EXPANDED, len(chunk_latents))
 
+    @functools.cache  # the search and the answer read some layouts twice; each is a long tokenization
     def free(per_section: int) -> int:
         """Positions left for chunks read in full when `per_section` chunks share each label."""
         _, contexts = Layout(per_section).show(chunk_latents)

@@ -101,6 +101,16 @@ class ChunkReconstruction:
     reference_tokens: int
 
 
+def chunks_shown(reconstruction: dict) -> str | None:
+    """Which chunks a reconstruction covers ("chunks 3-4 of 48", "chunk 48 of 48") where it is not
+    all of the document's; None where it is."""
+    chunks, total = reconstruction["chunks"], reconstruction["total_chunks"]
+    if not chunks or len(chunks) >= total:
+        return None
+    first, last = chunks[0]["index"], chunks[-1]["index"]
+    return f"{f'chunk {first}' if first == last else f'chunks {first}-{last}'} of {total}"
+
+
 class Studio:
     """Process-wide state: the model pool, the latent cache and the prefix KV cache."""
 

@@ -21,7 +21,7 @@ from app.engine.lru import BoundedLRU
 from app.engine.measure import MiB
 from app.engine.methods import LATENT_METHODS, METHODS
 from app.engine.models import ProgressFn, validate_choice
-from app.engine.service import AskRequest, Studio
+from app.engine.service import AskRequest, Studio, chunks_shown
 from app.studio import figures, latent_analysis
 from app.studio.catalog import Catalog, Variant
 from app.studio.documents import Document, DocumentStore, Layout, layout
@@ -211,8 +211,7 @@ class Workspace:
         """(fidelity strip HTML with `chunk` selected, token diff of that chunk)."""
         chunks = reconstruction["chunks"]
         chosen = next((c for c in chunks if c["index"] == chunk), chunks[0] if chunks else None)
-        shown = (f"chunks {chunks[0]['index']}-{chunks[-1]['index']} of {reconstruction['total_chunks']}"
-                 if chunks and len(chunks) < reconstruction["total_chunks"] else f"{len(chunks)} chunks")
+        shown = chunks_shown(reconstruction) or f"{len(chunks)} chunks"
         caption = f"{variant.label}: token accuracy {reconstruction['token_accuracy']:.1%} over {shown}"
         strip = figures.fidelity_strip(chunks, chosen["index"] if chosen else None, caption)
         if chosen is None:

@@ -218,9 +218,10 @@ def test_ask_at_other_ratios_fills_its_own_box(loaded):
 def test_a_long_pdf_through_the_endpoints(client, tmp_path):
     """A 40-page PDF of the machine's documentation, thousands of latents: the upload, compress and
     latent-map endpoints answer, the strip wraps into rows and the map says it is subsampled."""
-    from tests.long_inputs import long_text, pdf_of
+    from bench.long_document import machine_pdf
+    from tests.long_inputs import long_text
 
-    data, _ = pdf_of(long_text(40_000), pages=40)
+    data, _ = machine_pdf(long_text(40_000), pages=40)
     path = tmp_path / "handbook.pdf"
     path.write_bytes(data)
     _, _, summary, strip, _ = client.predict("", handle_file(str(path)), *MODEL, api_name="/upload_document")

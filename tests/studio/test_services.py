@@ -374,9 +374,10 @@ def test_a_strip_of_hundreds_of_chunks_wraps_into_numbered_rows():
 def test_a_long_pdf_of_the_machines_documentation_is_read_and_mapped(workspace, tmp_path):
     """A 40-page PDF of real text: read whole, thousands of latents, the map subsampled and saying
     so, the strip in rows, the reconstruction a page at a time."""
-    from tests.long_inputs import long_text, pdf_of
+    from bench.long_document import machine_pdf
+    from tests.long_inputs import long_text
 
-    data, lines = pdf_of(long_text(40_000), pages=40)
+    data, lines = machine_pdf(long_text(40_000), pages=40)
     path = tmp_path / "handbook.pdf"
     path.write_bytes(data)
     variant = workspace.catalog.default
